@@ -1,0 +1,1 @@
+"""Store-and-forward to the cloud over MQTT."""

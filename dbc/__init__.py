@@ -1,0 +1,1 @@
+"""DBC files and signal maps shipped with bmsgw (package data)."""

@@ -1,0 +1,1 @@
+"""Adapters to the outside: CAN buses, the simulated pack, SLCAN over TCP."""

@@ -1,0 +1,192 @@
+"""CAN adapters: any python-can interface, a receive thread, reconnect with backoff.
+
+The receive thread hands each frame straight to a sink (the decoder) without
+passing through the event loop, so frames are decoded in arrival order with
+their adapter/kernel timestamps, whatever the loop is busy with.  When the
+adapter disappears (USB unplugged, TCP peer gone, interface down) the thread
+closes it, counts the failure and reopens it with exponential backoff and
+jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import can
+
+log = logging.getLogger(__name__)
+
+# SocketCAN error-frame classes (linux/can/error.h), carried in the ID of error frames
+CAN_ERR_CRTL = 0x00000004
+CAN_ERR_BUSOFF = 0x00000040
+CAN_ERR_CRTL_RX_OVERFLOW = 0x01
+CAN_ERR_CRTL_TX_OVERFLOW = 0x02
+
+Sink = Callable[[can.Message], object]
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """How to open one bus with python-can."""
+
+    name: str
+    interface: str
+    channel: str
+    bitrate: int = 500_000
+    fd: bool = False
+    data_bitrate: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def bus_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"interface": self.interface, "channel": self.channel}
+        # socketcan and virtual take their bitrate from the system / ignore it
+        if self.interface not in ("socketcan", "virtual"):
+            kw["bitrate"] = self.bitrate
+        if self.fd:
+            kw["fd"] = True
+            if self.data_bitrate and self.interface not in ("socketcan", "virtual"):
+                kw["data_bitrate"] = self.data_bitrate
+        kw.update(self.options)
+        return kw
+
+
+@dataclass
+class AdapterStats:
+    """Counters of one adapter (monotonic; rates are derived by the reader)."""
+
+    state: str = "starting"  # starting, up, down, stopped
+    frames: int = 0
+    error_frames: int = 0
+    bus_off: int = 0
+    rx_overflow: int = 0
+    tx_overflow: int = 0
+    tx_frames: int = 0
+    tx_errors: int = 0
+    opens: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_frame_mono: float = float("-inf")
+
+
+class CanAdapter:
+    """One CAN bus: opens it, runs the receive thread, sends, reconnects."""
+
+    def __init__(self, settings: AdapterSettings, sink: Sink,
+                 open_bus: Callable[..., can.BusABC] = can.Bus) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.stats = AdapterStats()
+        self.taps: list[Sink] = []  # extra observers (live candump); must not block
+        self._open_bus = open_bus
+        self._bus: can.BusABC | None = None
+        self._tx_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the receive thread (it opens the bus)."""
+        self._thread = threading.Thread(target=self._run, name=f"can-rx-{self.settings.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread and close the bus."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._close()
+        self.stats.state = "stopped"
+
+    def send(self, msg: can.Message) -> bool:
+        """Send a frame; False (and counted) when the bus is down or refuses it."""
+        bus = self._bus
+        if bus is None:
+            self.stats.tx_errors += 1
+            return False
+        try:
+            with self._tx_lock:
+                bus.send(msg, timeout=0.05)
+        except (can.CanError, OSError, ValueError) as exc:
+            self.stats.tx_errors += 1
+            self.stats.last_error = f"send: {exc}"
+            return False
+        self.stats.tx_frames += 1
+        return True
+
+    def _open(self) -> bool:
+        try:
+            self._bus = self._open_bus(**self.settings.bus_kwargs())
+        except Exception as exc:  # python-can raises many types for a missing adapter
+            self._fail(f"open: {exc}")
+            return False
+        self.stats.opens += 1
+        self.stats.state = "up"
+        log.info("bus %s up (%s %s)", self.settings.name, self.settings.interface, self.settings.channel)
+        return True
+
+    def _close(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            try:
+                bus.shutdown()
+            except Exception as exc:  # closing a dead adapter may fail; nothing to do about it
+                log.debug("bus %s shutdown: %s", self.settings.name, exc)
+
+    def _fail(self, reason: str) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = reason
+        if self.stats.state != "down":
+            log.warning("bus %s down: %s", self.settings.name, reason)
+        self.stats.state = "down"
+
+    def _run(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while not self._stop.is_set():
+            if self._bus is None and not self._open():
+                # jitter keeps several gateways from hammering a shared resource in step
+                self._stop.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+                continue
+            delay = self.settings.reconnect_min_s
+            self._receive()
+
+    def _receive(self) -> None:
+        bus = self._bus
+        assert bus is not None
+        recv, sink, stats, stop = bus.recv, self.sink, self.stats, self._stop
+        while not stop.is_set():
+            try:
+                msg = recv(0.2)
+            except Exception as exc:  # adapter gone: reopen from _run
+                self._fail(f"receive: {exc}")
+                self._close()
+                return
+            if msg is None:
+                continue
+            stats.frames += 1
+            stats.last_frame_mono = time.monotonic()
+            if msg.is_error_frame:
+                self._error_frame(msg)
+                continue
+            sink(msg)
+            for tap in self.taps:
+                tap(msg)
+
+    def _error_frame(self, msg: can.Message) -> None:
+        s = self.stats
+        s.error_frames += 1
+        cls = msg.arbitration_id
+        if cls & CAN_ERR_BUSOFF:
+            s.bus_off += 1
+        if cls & CAN_ERR_CRTL and len(msg.data) > 1:
+            s.rx_overflow += bool(msg.data[1] & CAN_ERR_CRTL_RX_OVERFLOW)
+            s.tx_overflow += bool(msg.data[1] & CAN_ERR_CRTL_TX_OVERFLOW)
+        for tap in self.taps:
+            tap(msg)

@@ -1,0 +1,1 @@
+"""Pure numerical estimators (numpy only, no I/O)."""

@@ -1,0 +1,319 @@
+"""`bmsgw`: run the gateway and diagnose it over SSH.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad config/DBC/map/arguments,
+3 the daemon is not running (or its socket is not reachable), 4 the daemon
+refused the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.schema import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    from gateway.config import default_socket, load_config, socket_path
+
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        return socket_path(load_config(args.config).config)
+    return default_socket()
+
+
+# -- run -----------------------------------------------------------------------
+
+
+def setup_logging(level: str) -> None:
+    # journald adds its own timestamps; a terminal wants them
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from gateway.config import load_config, shipped_config
+    from gateway.daemon import Gateway
+
+    path = Path(args.config) if args.config else shipped_config()
+    if not args.config and not args.sim:
+        print("bmsgw run: give --config FILE, or --sim for the built-in simulated battery", file=sys.stderr)
+        return EXIT_CONFIG
+    loaded = load_config(path)
+    setup_logging(loaded.config.gateway.log_level)
+    for w in loaded.warnings:
+        logging.getLogger("bmsgw").warning("%s", w)
+    gw = Gateway(loaded, simulate=args.sim)
+    try:
+        import uvloop  # noqa: F401
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    anyio.run(gw.run, backend_options=options)
+    return EXIT_OK
+
+
+# -- config --------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    import tomli_w
+
+    from gateway.config import load_config
+    from gateway.schema import to_plain
+
+    loaded = load_config(args.file)
+    resolved = to_plain(loaded.config)
+    for bus, dbcs in zip(resolved["bus"], loaded.config.bus, strict=True):
+        bus["dbc"] = [str(d.path) for d in loaded.dbcs[dbcs.name]]
+    summary = {
+        "file": str(loaded.path),
+        "warnings": loaded.warnings,
+        "buses": [{"name": s.bus, "messages": len(s.messages), "bound_signals": len(s.signal_map.bindings),
+                   "map": s.signal_map.source} for s in loaded.sources],
+        "image": {"signals": loaded.image.size, "sources": len(loaded.image.slot_names)},
+    }
+    if args.json:
+        _print_json({"ok": True, "config": resolved, **summary})
+        return EXIT_OK
+    print(f"# {loaded.path}: OK")
+    for w in loaded.warnings:
+        print(f"# warning: {w}")
+    for b in summary["buses"]:
+        print(f"# bus {b['name']}: {b['messages']} messages, {b['bound_signals']} signals bound by {b['map']}")
+    print(f"# process image: {summary['image']['signals']} signals from {summary['image']['sources']} sources")
+    print(tomli_w.dumps(resolved), end="")
+    return EXIT_OK
+
+
+# -- diagnostics over the control socket ---------------------------------------------
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    st = request(_socket(args), "status")
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    p = st["pack"]
+    cv, t = p["cell_voltage"], p["temperature"]
+    lines = [
+        f"bmsgw {st['version']}  gateway {st['gateway']}  up {st['uptime_s']:.0f} s",
+        f"pack     {_fmt(p.get('voltage_v'), '.2f')} V ({p.get('voltage_quality', 'n/a')})   "
+        f"{_fmt(p.get('current_a'), '.2f')} A ({p.get('current_quality', 'n/a')})   {_fmt(p.get('power_w'), '.0f')} W",
+        f"cell V   min {_fmt(cv['min'])} V (cell {cv['min_index']})   max {_fmt(cv['max'])} V (cell {cv['max_index']})"
+        f"   spread {_fmt(cv.get('spread') and cv['spread'] * 1000, '.0f')} mV   not good {cv['not_good']}",
+        f"temp     min {_fmt(t['min'], '.1f')} C (module {t.get('min_module')})   "
+        f"max {_fmt(t['max'], '.1f')} C (module {t.get('max_module')})   not good {t['not_good']}",
+    ]
+    for b in st["buses"]:
+        errs = b["decode_errors"]
+        lines.append(f"bus {b['name']:<8} {b['state']:<6} {b['frames_per_s']:8.0f} frames/s  total {b['frames']}  "
+                     f"unknown IDs {errs['unknown']}  bad length {errs['bad_length']}  bad mux {errs['bad_mux']}  "
+                     f"error frames {b['error_frames']}  bus-off {b['bus_off']}  overruns {b['rx_overflow']}")
+        if b["last_error"]:
+            lines.append(f"         last error: {b['last_error']}")
+    for lp in st["loops"]:
+        lines.append(f"loop {lp['name']:<12} {lp['lane']} every {lp['period_ms']:.0f} ms  runs {lp['runs']}  "
+                     f"overruns {lp['overruns']}  jitter p99 {lp['jitter_p99_ms']:.2f} ms  max {lp['jitter_max_ms']:.2f} ms")
+    if st.get("simulator"):
+        sim = st["simulator"]
+        lines.append(f"simulator  time of day {sim['sim_time_h']:.2f} h  faults: {', '.join(sim['faults']) or 'none'}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_signals(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    rows = request(_socket(args), "signals", {"glob": args.glob})
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        age = "never" if r["age_s"] is None else f"{r['age_s']:.2f} s"
+        print(f"{r['name']:<{width}}  {_fmt(r['value'], '.4g'):>10}  {r['quality']:<7}  age {age}")
+    return EXIT_OK
+
+
+def _frame_line(rec: dict[str, Any]) -> str:
+    ident = f"{rec['id']:08X}" if rec["extended"] else f"{rec['id']:03X}"
+    data = " ".join(rec["data"][i:i + 2] for i in range(0, len(rec["data"]), 2))
+    line = f"({rec['timestamp']:.6f}) {rec['bus']}  {ident}  [{len(rec['data']) // 2}]  {data}"
+    if rec.get("error"):
+        line += "  ERRORFRAME"
+    if "signals" in rec:
+        line += f"  {rec['name']}: " + " ".join(f"{k}={v:g}" for k, v in rec["signals"].items())
+    elif "decode_error" in rec:
+        line += f"  ({rec['decode_error']})"
+    return line
+
+
+def cmd_candump(args: argparse.Namespace) -> int:
+    from gateway.control import stream
+
+    n = 0
+    try:
+        for rec in stream(_socket(args), "candump", {"bus": args.bus, "decode": args.decode}):
+            print(json.dumps(rec) if args.json else _frame_line(rec), flush=True)
+            n += 1
+            if args.count and n >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        # the reader of our output went away (e.g. `| head`)
+        sys.stderr.close()
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gateway.replay import Replay
+    from gateway.tracefile import read_trace
+
+    trace = read_trace(args.file, args.format)
+    rp = Replay(trace, [Path(p) for p in args.dbc], Path(args.map) if args.map else None)
+    for w in rp.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    frames = []
+    for rec in rp.frames():
+        if args.json:
+            if args.frames:
+                frames.append(rec)
+        elif not args.summary:
+            print(_frame_line(rec))
+    result = {"file": str(args.file), "format": trace.format, **rp.stats.as_dict(), "bad_lines": trace.bad,
+              "trace_problems": [str(p) for p in trace.errors[:20]]}
+    if args.json:
+        _print_json({"summary": result, "signals": rp.signals(), **({"frames": frames} if args.frames else {})})
+        return EXIT_OK
+    if args.map:
+        for s in rp.signals():
+            print(f"{s['name']:<32} {_fmt(s['value'], '.4g'):>10}  {s['quality']}")
+    print(f"{result['frames']} frames: {result['decoded']} decoded, {result['unknown_id_frames']} unknown ID, "
+          f"{result['decode_error_frames']} not decodable, {result['error_frames']} error frames, "
+          f"{result['bad_lines']} unreadable lines")
+    for k in ("unknown_ids", "decode_errors"):
+        if result[k]:
+            print(f"  {k.replace('_', ' ')}: " + ", ".join(f"{i} x{n}" for i, n in result[k].items()))
+    return EXIT_OK
+
+
+def cmd_sim_fault(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    print(request(_socket(args), "sim.fault", {"fault": args.fault, "target": args.target, "value": args.value}))
+    return EXIT_OK
+
+
+def cmd_sim_serve(args: argparse.Namespace) -> int:
+    from drivers.sim_serve import serve
+
+    return serve(args.port, args.config, args.host)
+
+
+# -- parser ----------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="bmsgw", description="Edge gateway for stationary batteries.",
+                                  epilog="Exit codes: 0 ok, 1 failure, 2 bad config/arguments, "
+                                         "3 daemon not running, 4 request refused.")
+    top.add_argument("--version", action="version", version=f"bmsgw {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, daemon: bool = False,
+            json_flag: bool = True, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        if daemon:
+            p.add_argument("--socket", help="control socket (default: from --config, $BMSGW_SOCKET or per-user)")
+            p.add_argument("--config", help="config file whose control socket to use")
+        return p
+
+    p = add("run", cmd_run, "run the gateway daemon", json_flag=False)
+    p.add_argument("--config", help="config file (TOML)")
+    p.add_argument("--sim", action="store_true", help="run the built-in simulated battery (shipped config if no --config)")
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = add("check", cmd_config_check, "validate a config and print it resolved", parent=cfg)
+    p.add_argument("file")
+
+    add("status", cmd_status, "pack, buses, loops and uptime of the running gateway", daemon=True)
+    p = add("signals", cmd_signals, "live signals of the process image", daemon=True)
+    p.add_argument("glob", nargs="?", default="*", help="shell-style pattern, e.g. 'cell[1*].voltage' or 'pack.*'")
+    p = add("candump", cmd_candump, "live frames from the running gateway", daemon=True)
+    p.add_argument("--decode", action="store_true", help="decode with the bus's DBC")
+    p.add_argument("--bus", help="only this bus")
+    p.add_argument("--count", type=int, default=0, help="stop after N frames")
+
+    p = add("replay", cmd_replay, "decode a recorded trace (candump -L, ASC, BLF, CSV, TRC, printed python-can)")
+    p.add_argument("file")
+    p.add_argument("--dbc", action="append", required=True, help="DBC file (repeatable)")
+    p.add_argument("--map", help="signal map: also show the resulting process image")
+    p.add_argument("--format", help="force the trace format (candump, printed, asc, blf, csv, trc)")
+    p.add_argument("--summary", action="store_true", help="only the summary, not every frame")
+    p.add_argument("--frames", action="store_true", help="with --json: include every frame")
+
+    sim = sub.add_parser("sim", help="the simulated battery").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, json_flag=False, parent=sim)
+    p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded or clear")
+    p.add_argument("--target", type=int, default=0, help="cell, module or contactor index")
+    p.add_argument("--value", type=float, default=0.0, help="mV/s, W or A depending on the fault")
+    p = add("serve", cmd_sim_serve, "serve the simulated pack as SLCAN over loopback TCP", json_flag=False, parent=sim)
+    p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port, printed on start)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    p.add_argument("--config", help="config with the [site] and [sim] sections (default: the shipped sim config)")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `bmsgw` command."""
+    from gateway.control import ControlError, NotRunning
+    from gateway.tracefile import TraceError
+
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"bmsgw: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TraceError as exc:
+        print(f"bmsgw: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NotRunning as exc:
+        print(f"bmsgw: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"bmsgw: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The gateway configuration: one TOML file, validated completely before any bus is opened.
+
+``load_config`` parses the file, checks every key and type, resolves DBC and
+signal-map paths (next to the config first, then the DBCs shipped in ``dbc/``),
+parses the DBCs and resolves the maps against them.  Any problem raises a
+ConfigError naming the file, the key path (and line where known) and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from drivers.canbus import AdapterSettings
+from gateway.dbcfile import LoadedDbc, load_dbc, merge
+from gateway.image import ProcessImage
+from gateway.ingest import Ingest
+from gateway.pipeline import BusSource, Layout, build
+from gateway.schema import ConfigError, Loader, read_toml
+from gateway.signalmap import resolve
+
+Chemistry = Literal["NMC", "LFP", "LTO"]
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    """Identity and local paths of this gateway."""
+
+    id: str = "bmsgw"
+    site: str = "site"
+    state_dir: str = ""  # empty: the default for this user (see default_state_dir)
+    control_socket: str = ""  # empty: the default for this user (see default_socket)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stale_cycles: float = 3.0  # a signal is stale after this many missed cycle times
+
+    def check(self) -> None:
+        if self.stale_cycles < 1:
+            raise ValueError("stale_cycles: must be >= 1")
+        if not self.id.strip():
+            raise ValueError("id: must not be empty")
+
+
+@dataclass(frozen=True)
+class SiteSection(Layout):
+    """The battery: layout and chemistry."""
+
+    chemistry: Chemistry = "NMC"
+
+
+@dataclass(frozen=True)
+class BusSection(AdapterSettings):
+    """One CAN bus: the python-can adapter, its DBC files and signal map."""
+
+    dbc: list[str] = field(default_factory=list)
+    map: str = ""
+    strict_dbc: bool = False  # refuse DBCs that only parse leniently
+
+    def check(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name: must not be empty")
+        if not self.dbc:
+            raise ValueError("dbc: at least one DBC file is needed")
+        if not 10_000 <= self.bitrate <= 1_000_000:
+            raise ValueError("bitrate: must be 10000..1000000 bit/s")
+        if self.data_bitrate and not self.fd:
+            raise ValueError("data_bitrate: only with fd = true")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("reconnect_min_s: must be > 0 and <= reconnect_max_s")
+
+
+@dataclass(frozen=True)
+class SimSection:
+    """The built-in simulated pack (``bmsgw run --sim``)."""
+
+    speed: float = 1.0  # simulated seconds per wall-clock second
+    seed: int = 1
+    start_hour: float = 12.0  # time of day the simulation starts at
+    initial_soc: float = 0.5
+    ambient_c: float = 25.0
+    peak_charge_a: float = 30.0
+    peak_discharge_a: float = 40.0
+    bus: str = "pack"  # the bus it talks on
+
+    def check(self) -> None:
+        if not 0 < self.speed <= 1000:
+            raise ValueError("speed: must be in (0, 1000]")
+        if not 0 <= self.start_hour < 24:
+            raise ValueError("start_hour: must be in [0, 24)")
+        if not 0 <= self.initial_soc <= 1:
+            raise ValueError("initial_soc: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    site: SiteSection = field(default_factory=SiteSection)
+    bus: list[BusSection] = field(default_factory=list)
+    sim: SimSection | None = None
+
+    def check(self) -> None:
+        if not self.bus:
+            raise ValueError("bus: at least one [[bus]] is needed")
+        names = [b.name for b in self.bus]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"bus[{i}].name: '{n}' is used twice")
+        if self.sim is not None and self.sim.bus not in names:
+            raise ValueError(f"sim.bus: no [[bus]] named '{self.sim.bus}'")
+
+
+@dataclass
+class Loaded:
+    """A validated config with its DBCs and maps resolved and the decode pipeline built."""
+
+    path: Path
+    config: Config
+    dbcs: dict[str, list[LoadedDbc]]
+    sources: list[BusSource]
+    warnings: list[str]
+    image: ProcessImage
+    ingests: dict[str, Ingest]
+
+
+def shipped_dbc_dir() -> Path:
+    return Path(str(resources.files("dbc")))
+
+
+def shipped_config(name: str = "sim.toml") -> Path:
+    return Path(str(resources.files("gateway") / "configs" / name))
+
+
+def find_file(name: str, base: Path, sub: str = "") -> Path | None:
+    """A file next to the config, else among the shipped DBCs/maps."""
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for cand in (base / p, shipped_dbc_dir() / sub / p):
+        if cand.is_file():
+            return cand.resolve()
+    return None
+
+
+def load_config(path: str | Path) -> Loaded:
+    """Parse, validate and resolve a config file (raises ConfigError)."""
+    path = Path(path)
+    data, text = read_toml(path)
+    loader = Loader(path, text)
+    cfg = loader.load(Config, data)
+    base = path.resolve().parent
+    warnings: list[str] = []
+    dbcs: dict[str, list[LoadedDbc]] = {}
+    sources = []
+    for i, bus in enumerate(cfg.bus):
+        loaded = []
+        for j, name in enumerate(bus.dbc):
+            found = find_file(name, base)
+            if found is None:
+                raise loader.error(f"bus[{i}].dbc[{j}]", f"DBC file '{name}' not found (looked in {base} and {shipped_dbc_dir()})")
+            d = load_dbc(found, strict_only=bus.strict_dbc)
+            warnings += [f"{found}: {w}" for w in d.warnings]
+            loaded.append(d)
+        dbcs[bus.name] = loaded
+        messages = merge(loaded, f"bus[{i}].dbc")
+        if not bus.map:
+            raise loader.error(f"bus[{i}].map", "a signal map is needed (see dbc/maps/)")
+        map_path = find_file(bus.map, base, "maps")
+        if map_path is None:
+            raise loader.error(f"bus[{i}].map", f"map file '{bus.map}' not found (looked in {base} and {shipped_dbc_dir() / 'maps'})")
+        sources.append(BusSource(bus.name, messages, resolve(map_path, messages)))
+    try:
+        image, ingests = build(cfg.site.families(), sources, cfg.gateway.stale_cycles)
+    except ValueError as exc:
+        raise loader.error("site", f"the signal maps do not fit the site layout: {exc}") from None
+    return Loaded(path, cfg, dbcs, sources, warnings, image, ingests)
+
+
+def _user_dir(kind: str) -> Path:
+    if os.geteuid() == 0:
+        return Path({"run": "/run/bmsgw", "state": "/var/lib/bmsgw"}[kind])
+    env = {"run": "XDG_RUNTIME_DIR", "state": "XDG_STATE_HOME"}[kind]
+    if os.environ.get(env):
+        return Path(os.environ[env]) / "bmsgw"
+    if kind == "state":
+        return Path.home() / ".local" / "state" / "bmsgw"
+    return Path(tempfile.gettempdir()) / f"bmsgw-{os.getuid()}"
+
+
+def default_socket() -> Path:
+    """Where the daemon listens and the CLI looks when the config does not say."""
+    env = os.environ.get("BMSGW_SOCKET")
+    return Path(env) if env else _user_dir("run") / "control.sock"
+
+
+def socket_path(cfg: Config) -> Path:
+    return Path(cfg.gateway.control_socket) if cfg.gateway.control_socket else default_socket()
+
+
+def state_dir(cfg: Config) -> Path:
+    return Path(cfg.gateway.state_dir) if cfg.gateway.state_dir else _user_dir("state")

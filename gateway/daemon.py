@@ -1,0 +1,235 @@
+"""The gateway daemon: buses, process image, loops and the control socket in one task group."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+import can
+import numpy as np
+
+from drivers.canbus import CanAdapter
+from drivers.sim_pack import SimRunner, virtual_bus_sim
+from gateway import __version__
+from gateway.config import Loaded, socket_path
+from gateway.control import ControlError, ControlServer
+from gateway.decode import Decoder, frame_record
+from gateway.image import Quality
+from gateway.loops import LoopStats, run_periodic
+
+log = logging.getLogger(__name__)
+
+RATE_PERIOD_S = 1.0
+CANDUMP_QUEUE = 10_000
+
+
+class FrameTap:
+    """Collects frames from a receive thread for a live candump without ever blocking it."""
+
+    def __init__(self, bus: str) -> None:
+        self.bus = bus
+        self.frames: deque[can.Message] = deque()
+        self.dropped = 0
+
+    def __call__(self, msg: can.Message) -> None:
+        if len(self.frames) >= CANDUMP_QUEUE:
+            self.dropped += 1
+        else:
+            self.frames.append(msg)
+
+
+class Gateway:
+    """Everything the daemon runs, built from a validated config."""
+
+    def __init__(self, loaded: Loaded, simulate: bool = False) -> None:
+        self.loaded = loaded
+        cfg = loaded.config
+        self.image, self.ingests = loaded.image, loaded.ingests
+        self.decoders = {s.bus: Decoder(s.messages) for s in loaded.sources}
+        self.adapters = {b.name: CanAdapter(b, self.ingests[b.name].on_frame) for b in cfg.bus}
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
+        self.loops = [LoopStats("bus-rates", RATE_PERIOD_S, "P3")]
+        self.rates: dict[str, float] = {b: 0.0 for b in self.adapters}
+        self._last_frames = {b: 0 for b in self.adapters}
+        self.sim: SimRunner | None = None
+        self._sim_parts: tuple[Any, ...] = ()
+        if simulate:
+            self._make_sim()
+        self.control = ControlServer(socket_path(cfg), {
+            "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
+            "version": self.cmd_version,
+        }, {"candump": self.stream_candump})
+
+    def _make_sim(self) -> None:
+        cfg = self.loaded.config
+        sim = cfg.sim
+        if sim is None:
+            raise ControlError("--sim needs a [sim] section in the config")
+        bus = next(b for b in cfg.bus if b.name == sim.bus)
+        if bus.interface != "virtual":
+            raise ControlError(f"--sim runs the simulated pack on a 'virtual' bus; bus '{bus.name}' is '{bus.interface}'")
+        dbc = self.loaded.dbcs[bus.name][0].path
+        runner, notifier, vbus = virtual_bus_sim(
+            bus.channel, str(dbc), modules=cfg.site.modules, cells_per_module=cfg.site.cells_per_module,
+            sensors_per_module=cfg.site.sensors_per_module, chemistry=cfg.site.chemistry, speed=sim.speed,
+            start_hour=sim.start_hour, initial_soc=sim.initial_soc, ambient_c=sim.ambient_c,
+            peak_charge_a=sim.peak_charge_a, peak_discharge_a=sim.peak_discharge_a, seed=sim.seed)
+        self.sim = runner
+        self._sim_parts = (notifier, vbus)
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT; every thread and task is stopped on the way out."""
+        for adapter in self.adapters.values():
+            adapter.start()
+        if self.sim is not None:
+            self.sim.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.control.serve)
+                tg.start_soon(run_periodic, self.loops[0], self._update_rates)
+                tg.start_soon(self._wait_for_signal, tg.cancel_scope)
+                log.info("bmsgw %s running: %d buses, %d signals, control socket %s", __version__,
+                         len(self.adapters), self.image.size, self.control.path)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.sim is not None:
+            self.sim.stop()
+            notifier, vbus = self._sim_parts
+            notifier.stop()
+            vbus.shutdown()
+            self.sim = None
+        for adapter in self.adapters.values():
+            adapter.stop()
+
+    async def _wait_for_signal(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s received, shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    def _update_rates(self) -> None:
+        for name, adapter in self.adapters.items():
+            frames = adapter.stats.frames
+            self.rates[name] = (frames - self._last_frames[name]) / RATE_PERIOD_S
+            self._last_frames[name] = frames
+
+    # -- control commands ------------------------------------------------------
+
+    async def cmd_version(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"version": __version__, "config": str(self.loaded.path)}
+
+    async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Pack summary, buses, decode problems, loops and uptime."""
+        return {
+            "version": __version__,
+            "gateway": self.loaded.config.gateway.id,
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "pack": pack_summary(self),
+            "buses": [self._bus_status(name) for name in self.adapters],
+            "loops": [s.summary() for s in self.loops],
+            "simulator": None if self.sim is None else {
+                "sim_time_h": round(self.sim.sim.sim_time_s / 3600.0 % 24, 3),
+                "faults": list(self.sim.sim.pack.active_faults) + [f"module {m} silent" for m in sorted(self.sim.sim.silent_modules)],
+            },
+        }
+
+    def _bus_status(self, name: str) -> dict[str, Any]:
+        a, ing = self.adapters[name], self.ingests[name]
+        return {"name": name, "interface": a.settings.interface, "channel": a.settings.channel,
+                "frames_per_s": self.rates[name], **{k: v for k, v in asdict(a.stats).items() if k != "last_frame_mono"},
+                "decode_errors": ing.counters.total(),
+                "unknown_ids": {f"0x{k & 0x1FFFFFFF:X}": v for k, v in sorted(ing.counters.unknown.items())[:50]}}
+
+    async def cmd_signals(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every signal matching a glob with value, quality, age and timestamp."""
+        pattern = str(args.get("glob") or "*")
+        img = self.image
+        now = time.monotonic()
+        names = img.select(pattern)
+        if not names:
+            raise ControlError(f"no signal matches '{pattern}'")
+        idx = np.array([img.index(n) for n in names], dtype=np.intp)
+        q = img.quality(idx, now)
+        slots = img.slots(idx)
+        ages = now - img.rx_mono[slots]
+        return [{"name": n, "value": _num(img.value[i]), "quality": Quality(int(qq)).name.lower(),
+                 "age_s": _num(a), "timestamp": _num(img.rx_time[s])}
+                for n, i, qq, a, s in zip(names, idx, q, ages, slots, strict=True)]
+
+    async def cmd_sim_fault(self, args: dict[str, Any]) -> str:
+        if self.sim is None:
+            raise ControlError("the gateway is not running the simulator (start it with --sim)")
+        try:
+            return self.sim.sim.inject(str(args.get("fault", "")), int(args.get("target", 0)), float(args.get("value", 0.0)))
+        except (IndexError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+
+    async def stream_candump(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Live frames of one or all buses, decoded on request."""
+        wanted = args.get("bus")
+        if wanted and wanted not in self.adapters:
+            raise ControlError(f"no bus '{wanted}' (buses: {', '.join(self.adapters)})")
+        decode = bool(args.get("decode"))
+        taps = [FrameTap(n) for n in self.adapters if not wanted or n == wanted]
+        for t in taps:
+            self.adapters[t.bus].taps.append(t)
+        try:
+            while True:
+                await anyio.sleep(0.05)
+                for t in taps:
+                    while t.frames:
+                        yield frame_record(t.frames.popleft(), t.bus, self.decoders[t.bus] if decode else None)
+        finally:
+            for t in taps:
+                self.adapters[t.bus].taps.remove(t)
+
+
+def _num(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def pack_summary(gw: Gateway) -> dict[str, Any]:
+    """Pack V/I/P and min/max cell voltage and temperature with their indices."""
+    img = gw.image
+    now = time.monotonic()
+    out: dict[str, Any] = {}
+    for key, name in (("voltage_v", "pack.voltage"), ("current_a", "pack.current")):
+        if name in img.scalars:
+            r = img.read(name, now)
+            out[key] = _num(r.value)
+            out[key.split("_")[0] + "_quality"] = r.quality.name.lower()
+    if out.get("voltage_v") is not None and out.get("current_a") is not None:
+        out["power_w"] = round(out["voltage_v"] * out["current_a"], 1)
+    for key, family in (("cell_voltage", "cell.voltage"), ("temperature", "module.temperature")):
+        values = img.array(family).ravel()
+        good = img.family_quality(family, now).ravel() == Quality.GOOD
+        out[key] = extremes(values, good)
+        if family == "module.temperature" and out[key]["min"] is not None:
+            per = max(1, img.families[family].shape[1])
+            for k in ("min", "max"):
+                out[key][f"{k}_module"] = out[key][f"{k}_index"] // per
+    return out
+
+
+def extremes(values: np.ndarray, good: np.ndarray) -> dict[str, Any]:
+    """Min/max over the good values with their indices, and how many are not good."""
+    n_bad = int((~good).sum())
+    if not good.any():
+        return {"min": None, "max": None, "min_index": None, "max_index": None, "not_good": n_bad}
+    masked_lo = np.where(good, values, np.inf)
+    masked_hi = np.where(good, values, -np.inf)
+    lo, hi = int(masked_lo.argmin()), int(masked_hi.argmax())
+    return {"min": float(values[lo]), "max": float(values[hi]), "min_index": lo, "max_index": hi,
+            "spread": float(values[hi] - values[lo]), "not_good": n_bad}

@@ -1,0 +1,213 @@
+"""The process image: latest value, timestamp and quality of every canonical signal.
+
+Writers (the CAN receive threads) store into ``array.array`` buffers, whose
+item assignment is several times cheaper from Python than numpy's; readers get
+zero-copy numpy views of the same memory, so protection, estimators, OPC UA and
+the recorder read per-cell arrays without copying anything per frame.
+
+Timestamps are kept per *slot* (one slot per frame ID and multiplexer page),
+not per signal: every signal a frame carries shares the frame's time, so a
+frame costs one timestamp write however many signals it holds.  A signal's
+quality is derived when read: INVALID when its validity flag says so or its
+value is NaN, STALE when its slot has not been refreshed within
+``stale_cycles`` cycle times (or never), GOOD otherwise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import time
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import numpy.typing as npt
+
+_NAME = re.compile(r"^([a-z_][a-z0-9_]*)(\[\d+\])?(\.[a-z_][a-z0-9_]*(\[\d+\])?)*$")
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+class Quality(IntEnum):
+    """Quality of a value; the worst of these wins everywhere downstream."""
+
+    GOOD = 0
+    STALE = 1
+    INVALID = 2
+
+
+def family_of(name: str) -> tuple[str, tuple[int, ...]]:
+    """Split ``module[3].temperature[1]`` into (``module.temperature``, (3, 1))."""
+    if not _NAME.match(name):
+        raise ValueError(f"'{name}' is not a canonical signal name (like pack.current or cell[3].voltage)")
+    return _INDEX.sub("", name), tuple(int(i) for i in _INDEX.findall(name))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A block of signals with one shape, e.g. cell.voltage of shape (224,)."""
+
+    name: str
+    start: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def element(self, index: tuple[int, ...]) -> int:
+        """Flat position of an element, or ValueError when outside the shape."""
+        if len(index) != len(self.shape) or any(not 0 <= i < n for i, n in zip(index, self.shape, strict=True)):
+            raise ValueError(f"index {list(index)} is outside {self.name} of shape {list(self.shape)}")
+        return self.start + int(np.ravel_multi_index(index, self.shape))
+
+    def element_name(self, flat: int) -> str:
+        idx = iter(np.unravel_index(flat - self.start, self.shape))
+        parts = self.name.split(".")
+        return ".".join(f"{p}[{next(idx)}]" if k < len(self.shape) else p for k, p in enumerate(parts))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One signal as read from the image."""
+
+    name: str
+    value: float
+    quality: Quality
+    timestamp: float  # adapter receive time (wall clock, s); NaN when never received
+    age_s: float  # monotonic seconds since the last update; inf when never received
+
+
+class ProcessImage:
+    """Latest values of all canonical signals, shaped by families and scalars."""
+
+    def __init__(self, families: dict[str, tuple[int, ...]], scalars: Iterable[str], stale_cycles: float = 3.0) -> None:
+        self.stale_cycles = stale_cycles
+        self.families: dict[str, Family] = {}
+        pos = 0
+        for name, shape in families.items():
+            fam = Family(name, pos, tuple(shape))
+            self.families[name] = fam
+            pos += fam.size
+        self.scalars: dict[str, int] = {}
+        for name in scalars:
+            if name not in self.scalars:
+                self.scalars[name] = pos
+                pos += 1
+        self.size = pos
+        # writer side: array buffers; reader side: numpy views of the same memory
+        self.w_value = array("d", [math.nan]) * pos
+        self.w_valid = array("b", [1]) * pos
+        self.w_slot = array("i", [-1]) * pos
+        self.value: npt.NDArray[np.float64] = np.frombuffer(self.w_value, dtype=np.float64)
+        self.valid: npt.NDArray[np.int8] = np.frombuffer(self.w_valid, dtype=np.int8)
+        self.slot_of: npt.NDArray[np.int32] = np.frombuffer(self.w_slot, dtype=np.int32)
+        self.slot_names: list[str] = []
+        self._slot_period: list[float] = []
+        self._frozen = False
+
+    # -- building ---------------------------------------------------------
+
+    def index(self, name: str) -> int:
+        """Flat position of a canonical signal; KeyError names what exists."""
+        if name in self.scalars:
+            return self.scalars[name]
+        fam_name, idx = family_of(name)
+        fam = self.families.get(fam_name)
+        if fam is None or not idx:
+            raise KeyError(f"no signal '{name}' in the process image")
+        return fam.element(idx)
+
+    def add_slot(self, name: str, period_s: float | None) -> int:
+        """Register a source (frame ID + page) and its expected cycle time."""
+        if self._frozen:
+            raise RuntimeError("slots must be added before freeze()")
+        self.slot_names.append(name)
+        self._slot_period.append(period_s if period_s and period_s > 0 else math.inf)
+        return len(self.slot_names) - 1
+
+    def bind(self, signal: int, slot: int) -> None:
+        """Declare that a slot's frames carry a signal."""
+        if self.w_slot[signal] not in (-1, slot):
+            raise ValueError(f"{self.name_of(signal)} already has a source ({self.slot_names[self.w_slot[signal]]})")
+        self.w_slot[signal] = slot
+
+    def freeze(self) -> None:
+        """Allocate the per-slot buffers once every slot is known."""
+        n = len(self.slot_names) + 1  # last slot: "never" for unbound signals
+        self.w_rx_time = array("d", [math.nan]) * n
+        self.w_rx_mono = array("d", [-math.inf]) * n
+        self.w_seq = array("Q", [0]) * n
+        self.rx_time: npt.NDArray[np.float64] = np.frombuffer(self.w_rx_time, dtype=np.float64)
+        self.rx_mono: npt.NDArray[np.float64] = np.frombuffer(self.w_rx_mono, dtype=np.float64)
+        self.seq: npt.NDArray[np.uint64] = np.frombuffer(self.w_seq, dtype=np.uint64)
+        self.stale_after = np.array([*self._slot_period, math.inf], dtype=np.float64) * self.stale_cycles
+        self._slot_idx = np.where(self.slot_of < 0, n - 1, self.slot_of).astype(np.intp)
+        self._frozen = True
+
+    # -- reading ----------------------------------------------------------
+
+    def slots(self, sel: slice | npt.NDArray[np.intp] | Sequence[int]) -> npt.NDArray[np.intp]:
+        """Slot of each selected signal (unbound signals point at a never-updated slot)."""
+        return self._slot_idx[sel]
+
+    def name_of(self, flat: int) -> str:
+        for fam in self.families.values():
+            if fam.start <= flat < fam.start + fam.size:
+                return fam.element_name(flat)
+        for name, pos in self.scalars.items():
+            if pos == flat:
+                return name
+        raise IndexError(flat)
+
+    def names(self) -> list[str]:
+        """Every canonical signal name, in image order."""
+        out = [fam.element_name(i) for fam in self.families.values() for i in range(fam.start, fam.start + fam.size)]
+        return out + list(self.scalars)
+
+    def span(self, family: str) -> slice:
+        fam = self.families[family]
+        return slice(fam.start, fam.start + fam.size)
+
+    def array(self, family: str) -> npt.NDArray[np.float64]:
+        """Zero-copy view of a family's values in its shape (do not write to it)."""
+        fam = self.families[family]
+        return self.value[fam.start : fam.start + fam.size].reshape(fam.shape)
+
+    def quality(self, sel: slice | npt.NDArray[np.intp] | Sequence[int], now: float | None = None) -> npt.NDArray[np.int8]:
+        """Quality codes of the selected signals (vectorised)."""
+        now = time.monotonic() if now is None else now
+        slots = self._slot_idx[sel]
+        stale = (now - self.rx_mono[slots]) > self.stale_after[slots]
+        invalid = (self.valid[sel] == 0) | np.isnan(self.value[sel])
+        return np.where(invalid, Quality.INVALID, np.where(stale, Quality.STALE, Quality.GOOD)).astype(np.int8)
+
+    def family_quality(self, family: str, now: float | None = None) -> npt.NDArray[np.int8]:
+        fam = self.families[family]
+        return self.quality(self.span(family), now).reshape(fam.shape)
+
+    def read(self, name: str, now: float | None = None) -> Reading:
+        """One signal with its quality and age."""
+        i = self.index(name)
+        now = time.monotonic() if now is None else now
+        slot = self._slot_idx[i]
+        return Reading(
+            name,
+            float(self.value[i]),
+            Quality(int(self.quality([i], now)[0])),
+            float(self.rx_time[slot]),
+            float(now - self.rx_mono[slot]),
+        )
+
+    def select(self, pattern: str = "*") -> list[str]:
+        """Names matching a shell-style glob (``cell[1*].voltage``, ``pack.*``)."""
+        names = self.names()
+        if pattern == "*":
+            return names
+        # [ and ] are literal in our names, not glob character classes
+        literal = "".join({"[": "[[]", "]": "[]]"}.get(c, c) for c in pattern)
+        rx = re.compile(fnmatch.translate(literal))
+        return [n for n in names if rx.match(n)]

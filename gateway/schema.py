@@ -1,0 +1,186 @@
+"""Typed loading of TOML files into frozen dataclasses, with errors that point.
+
+Every error names the file, the key path and, where it can be found, the line,
+so a technician can fix a config over SSH without guessing.  Sections are plain
+dataclasses; their field types drive the conversion (bool, int, float, str,
+Literal, tuples/lists, dicts, nested dataclasses, optionals).  Unknown keys are
+errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A bad config, map or DBC: file, key path, line (when known) and reason."""
+
+    def __init__(self, file: str | Path, key: str, reason: str, line: int | None = None) -> None:
+        self.file = str(file)
+        self.key = key
+        self.reason = reason
+        self.line = line
+        where = f"{self.file}:{line}" if line else self.file
+        super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse a TOML file; syntax errors become ConfigError with the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(path, "", f"TOML syntax: {exc}", int(m.group(1)) if m else None) from None
+
+
+def locate(text: str, key: str) -> int | None:
+    """Best-effort line of a key path such as ``bus[1].interface`` in TOML text."""
+    parts = [p for p in re.split(r"\.(?![^\[]*\])", key) if p]
+    lines = text.splitlines()
+    start, table = 0, ""
+    for depth, part in enumerate(parts):
+        name, _, idx = part.partition("[")
+        table = f"{table}.{name}" if table else name
+        nth = int(idx.rstrip("]")) if idx else None
+        header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*(#.*)?$")
+        assign = re.compile(rf"^\s*[\"']?{re.escape(name)}[\"']?\s*=")
+        count = -1
+        for i in range(start, len(lines)):
+            if header.match(lines[i]):
+                count += 1
+                if nth is None or count == nth:
+                    start = i + 1
+                    break
+            elif assign.match(lines[i]) and (depth == len(parts) - 1 or nth is None):
+                return i + 1
+        else:
+            return start or None
+    return start or None
+
+
+class Loader:
+    """Converts parsed TOML into dataclasses, collecting the file and text for errors."""
+
+    def __init__(self, file: str | Path, text: str = "") -> None:
+        self.file = str(file)
+        self.text = text
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.file, key, reason, locate(self.text, key) if self.text else None)
+
+    def load(self, cls: type[T], data: Any, key: str = "") -> T:
+        """Build ``cls`` from a TOML table, checking every key and type."""
+        if not isinstance(data, dict):
+            raise self.error(key, f"expected a table, got {_kind(data)}")
+        hints = get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for k in data:
+            if k not in fields:
+                close = difflib.get_close_matches(k, fields, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
+                raise self.error(_join(key, k), f"unknown key{hint}")
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            sub = _join(key, name)
+            if name in data:
+                kwargs[name] = self.convert(hints[name], data[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise self.error(sub, "missing required key")
+        try:
+            obj = cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise self.error(key, str(exc)) from None
+        check: Callable[[], None] | None = getattr(obj, "check", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as exc:
+                # a check may name a sub-key as "key: reason"
+                sub, sep, reason = str(exc).partition(": ")
+                if sep and re.fullmatch(r"[\w\[\].]+", sub):
+                    raise self.error(_join(key, sub), reason) from None
+                raise self.error(key, str(exc)) from None
+        return obj
+
+    def convert(self, tp: Any, value: Any, key: str) -> Any:
+        origin = get_origin(tp)
+        args = get_args(tp)
+        if tp is Any:
+            return value
+        if origin in (typing.Union, types.UnionType):
+            errors = []
+            for alt in args:
+                if alt is type(None):
+                    continue
+                try:
+                    return self.convert(alt, value, key)
+                except ConfigError as exc:
+                    errors.append(exc.reason)
+            raise self.error(key, " or ".join(dict.fromkeys(errors)))
+        if origin is typing.Literal:
+            if value not in args:
+                raise self.error(key, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.load(tp, value, key)  # type: ignore[arg-type]
+        if origin in (list, tuple):
+            if not isinstance(value, list):
+                raise self.error(key, f"expected an array, got {_kind(value)}")
+            item = args[0] if args else Any
+            items = [self.convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise self.error(key, f"expected a table, got {_kind(value)}")
+            return {k: self.convert(args[1], v, _join(key, k)) for k, v in value.items()}
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self.error(key, f"expected a number, got {_kind(value)}")
+            return float(value)
+        if tp in (int, str, bool):
+            if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+                raise self.error(key, f"expected {_NAMES[tp]}, got {_kind(value)}")
+            return value
+        raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), type(value).__name__) + (f" ({value!r})" if not isinstance(value, list | dict) else "")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass tree as plain TOML-compatible data (for printing, hashing)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if getattr(obj, f.name) is not None}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
