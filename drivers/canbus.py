@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +72,6 @@ class AdapterStats:
     opens: int = 0
     failures: int = 0
     last_error: str = ""
-    last_frame_mono: float = float("-inf")
 
 
 class CanAdapter:
@@ -160,7 +158,7 @@ class CanAdapter:
     def _receive(self) -> None:
         bus = self._bus
         assert bus is not None
-        recv, sink, stats, stop = bus.recv, self.sink, self.stats, self._stop
+        recv, sink, stats, stop, taps = bus.recv, self.sink, self.stats, self._stop, self.taps
         while not stop.is_set():
             try:
                 msg = recv(0.2)
@@ -171,13 +169,13 @@ class CanAdapter:
             if msg is None:
                 continue
             stats.frames += 1
-            stats.last_frame_mono = time.monotonic()
             if msg.is_error_frame:
                 self._error_frame(msg)
                 continue
             sink(msg)
-            for tap in self.taps:
-                tap(msg)
+            if taps:
+                for tap in taps:
+                    tap(msg)
 
     def _error_frame(self, msg: can.Message) -> None:
         s = self.stats

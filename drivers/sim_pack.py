@@ -103,13 +103,14 @@ class SimPack:
         self._counter = 0
         self._link_v = self.pack.pack_voltage_v if contactors_closed else 0.0
         self._msg = {m.name: m for m in self.db.messages}
+        self._ranges = {m.name: {s.name: (s.minimum, s.maximum) for s in m.signals} for m in self.db.messages}
 
     # -- inputs -------------------------------------------------------------
 
     def receive(self, msg: can.Message) -> None:
         """A frame from the bus (contactor and balancing commands)."""
         self.frames_received += 1
-        now = time.monotonic()
+        now = self.now
         try:
             if msg.arbitration_id == self._msg["CONTACTOR_Command"].frame_id:
                 v = self.db.decode_message(msg.arbitration_id, msg.data, decode_choices=False)
@@ -160,7 +161,7 @@ class SimPack:
 
     def tick(self) -> None:
         """Advance one TICK_S of wall time: physics, contactors, frames due now."""
-        now = time.monotonic()
+        now = self.now
         for c in self.contactors.values():
             c.update(now)
         self._step_physics()
@@ -189,9 +190,9 @@ class SimPack:
         self.tick_count += 1
 
     @property
-    def current_flows(self) -> bool:
-        c = self.contactors
-        return c["main_negative"].closed and (c["main_positive"].closed or c["precharge"].closed)
+    def now(self) -> float:
+        """The node's own clock (s of wall time since start), so tests can tick it without sleeping."""
+        return self.tick_count * TICK_S
 
     def _step_physics(self) -> None:
         dt = TICK_S * self.speed
@@ -201,8 +202,7 @@ class SimPack:
         if c["main_negative"].closed and c["main_positive"].closed:
             v = p.cell_voltages_v
             current = self.profile.derated_current_at(self.sim_time_s, float(v.max()), float(v.min()), p.chemistry)
-        now = time.monotonic()
-        active = self._balancing_until > now
+        active = self._balancing_until > self.now
         p.set_balancing_currents(np.where(self.balancing_mask & active[:, None], BALANCING_CURRENT_A, 0.0).ravel())
         p.step(dt, current)
         self.sim_time_s += dt
@@ -218,7 +218,10 @@ class SimPack:
 
     def _send(self, name: str, values: dict[str, float]) -> None:
         msg = self._msg[name]
-        data = msg.encode(values, strict=False)
+        # real electronics saturate at the ends of a field's range (noise around 0 V, > 8.191 V)
+        lo_hi = self._ranges[name]
+        clipped = {k: min(max(v, lo_hi[k][0]), lo_hi[k][1]) for k, v in values.items()}
+        data = msg.encode(clipped, strict=False)
         self.send(can.Message(arbitration_id=msg.frame_id, data=data, is_extended_id=False, timestamp=time.time()))
         self.frames_sent += 1
 
@@ -234,7 +237,7 @@ class SimPack:
         for page in range(-(-n // 4)):
             values: dict[str, float] = {"Page": page, "AliveCounter": self._counter}
             for c in range(page * 4, min(page * 4 + 4, n)):
-                values[f"Cell{c:02d}_Voltage"] = float(np.clip(cells[c], 0.0, 8.191))
+                values[f"Cell{c:02d}_Voltage"] = float(cells[c])
                 values[f"Cell{c:02d}_Invalid"] = 0
             self._send(f"MMU{m:02d}_CellVoltages", values)
 
@@ -247,9 +250,9 @@ class SimPack:
 
     def _send_module_status(self, m: int) -> None:
         n = self.pack.cells_per_module
-        mask = int((self.balancing_mask[m] << np.arange(n)).sum()) if self._balancing_until[m] > time.monotonic() else 0
+        mask = int((self.balancing_mask[m] << np.arange(n)).sum()) if self._balancing_until[m] > self.now else 0
         volts = float(self._meas.cell_voltages_v[m * n:(m + 1) * n].sum())
-        self._send(f"MMU{m:02d}_Status", {"BalancingActive": mask, "ModuleVoltage": min(volts, 131.07),
+        self._send(f"MMU{m:02d}_Status", {"BalancingActive": mask, "ModuleVoltage": volts,
                                           "MmuState": 1, "MmuFault": 0, "AliveCounter": self._counter})
 
 

@@ -66,8 +66,9 @@ class ControlServer:
         try:
             await listener.serve(self._client)
         finally:
-            await listener.aclose()
             self.path.unlink(missing_ok=True)
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
 
     async def _client(self, stream: SocketStream) -> None:
         async with stream:

@@ -23,6 +23,7 @@ from gateway.control import ControlError, ControlServer
 from gateway.decode import Decoder, frame_record
 from gateway.image import Quality
 from gateway.loops import LoopStats, run_periodic
+from gateway.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ class Gateway:
         cfg = self.loaded.config
         sim = cfg.sim
         if sim is None:
-            raise ControlError("--sim needs a [sim] section in the config")
+            raise ConfigError(self.loaded.path, "sim", "--sim needs a [sim] section in the config")
         bus = next(b for b in cfg.bus if b.name == sim.bus)
         if bus.interface != "virtual":
-            raise ControlError(f"--sim runs the simulated pack on a 'virtual' bus; bus '{bus.name}' is '{bus.interface}'")
+            raise ConfigError(self.loaded.path, "sim.bus",
+                              f"--sim runs the simulated pack on a 'virtual' bus; bus '{bus.name}' is '{bus.interface}'")
         dbc = self.loaded.dbcs[bus.name][0].path
         runner, notifier, vbus = virtual_bus_sim(
             bus.channel, str(dbc), modules=cfg.site.modules, cells_per_module=cfg.site.cells_per_module,
@@ -147,7 +149,7 @@ class Gateway:
     def _bus_status(self, name: str) -> dict[str, Any]:
         a, ing = self.adapters[name], self.ingests[name]
         return {"name": name, "interface": a.settings.interface, "channel": a.settings.channel,
-                "frames_per_s": self.rates[name], **{k: v for k, v in asdict(a.stats).items() if k != "last_frame_mono"},
+                "frames_per_s": self.rates[name], **asdict(a.stats),
                 "decode_errors": ing.counters.total(),
                 "unknown_ids": {f"0x{k & 0x1FFFFFFF:X}": v for k, v in sorted(ing.counters.unknown.items())[:50]}}
 

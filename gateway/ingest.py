@@ -120,7 +120,6 @@ class Ingest:
         self.bus = bus
         self.image = image
         self.counters = IdCounters()
-        self.frames = 0
         self.clock: Callable[[], float] = time.monotonic  # replay substitutes the trace's clock
         self.handlers: dict[int, Handler] = {}
         by_msg: dict[int, list[Binding]] = {}
@@ -140,7 +139,6 @@ class Ingest:
 
     def on_frame(self, msg: can.Message) -> int:
         """Handle one received frame; returns the refreshed slot or a negative code."""
-        self.frames += 1
         key = msg.arbitration_id | (1 << 31) if msg.is_extended_id else msg.arbitration_id
         handler = self.handlers.get(key)
         if handler is None:

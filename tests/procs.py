@@ -1,0 +1,104 @@
+"""Real gateway and simulator processes for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bmsgw_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll until cond() is truthy; fail with what was awaited (no timing is asserted)."""
+    end = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < end:
+        try:
+            last = cond()
+        except Exception as exc:  # the thing polled may not be up yet
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+class Daemon:
+    """`bmsgw run` in a subprocess with its own control socket and state dir."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.socket = tmp / "control.sock"
+        self.env = {**os.environ, "BMSGW_SOCKET": str(self.socket), "XDG_STATE_HOME": str(tmp / "state"),
+                    "XDG_RUNTIME_DIR": str(tmp)}
+        self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(bmsgw_cmd("run", *args), env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT)
+        wait_for(lambda: self.cli("status").returncode == 0 or self._died(), 30, "the daemon's control socket")
+        self._died()
+
+    def _died(self) -> bool:
+        if self.proc.poll() is not None:
+            self.log.seek(0)
+            raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read()}")
+        return False
+
+    def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(bmsgw_cmd(*args), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    def json(self, *args: str) -> Any:
+        r = self.cli(*args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return (self.socket.parent / "daemon.log").read_text()
+
+
+class SimServer:
+    """`bmsgw sim serve` in a subprocess: the simulated pack as SLCAN on loopback TCP."""
+
+    def __init__(self, port: int = 0, config: Path | None = None) -> None:
+        args = ["sim", "serve", "--port", str(port)] + (["--config", str(config)] if config else [])
+        self.proc = subprocess.Popen(bmsgw_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("socket://127.0.0.1:"):
+            raise AssertionError(f"sim serve did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.url = line
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
