@@ -15,11 +15,13 @@ It runs in its own thread: in process on a python-can ``virtual`` bus for
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import cast
 
 import can
 import cantools
@@ -83,7 +85,9 @@ class SimPack:
                  speed: float = 1.0, start_hour: float = 12.0, initial_soc: float = 0.5, ambient_c: float = 25.0,
                  peak_charge_a: float = 30.0, peak_discharge_a: float = 40.0, seed: int = 1,
                  contactors_closed: bool = True) -> None:
-        self.db = cantools.database.load_file(dbc_path)
+        db = cantools.database.load_file(dbc_path)
+        assert isinstance(db, cantools.database.can.Database)
+        self.db = db
         self.send = send
         self.speed = speed
         self.pack = SimBatteryPack(modules=modules, cells_per_module=cells_per_module,
@@ -103,7 +107,8 @@ class SimPack:
         self._counter = 0
         self._link_v = self.pack.pack_voltage_v if contactors_closed else 0.0
         self._msg = {m.name: m for m in self.db.messages}
-        self._ranges = {m.name: {s.name: (s.minimum, s.maximum) for s in m.signals} for m in self.db.messages}
+        self._ranges = {m.name: {s.name: (_or(s.minimum, -math.inf), _or(s.maximum, math.inf)) for s in m.signals}
+                        for m in self.db.messages}
 
     # -- inputs -------------------------------------------------------------
 
@@ -113,12 +118,12 @@ class SimPack:
         now = self.now
         try:
             if msg.arbitration_id == self._msg["CONTACTOR_Command"].frame_id:
-                v = self.db.decode_message(msg.arbitration_id, msg.data, decode_choices=False)
+                v = self._decode("CONTACTOR_Command", msg)
                 self.contactors["main_positive"].command(bool(v["MainPositiveRequest"]), now)
                 self.contactors["main_negative"].command(bool(v["MainNegativeRequest"]), now)
                 self.contactors["precharge"].command(bool(v["PrechargeRequest"]), now)
             elif msg.arbitration_id == self._msg["BALANCING_Command"].frame_id:
-                v = self.db.decode_message(msg.arbitration_id, msg.data, decode_choices=False)
+                v = self._decode("BALANCING_Command", msg)
                 m = int(v["BalancingModule"])
                 mask = int(v[f"BalancingMask{m:02d}"])
                 bits = (mask >> np.arange(self.pack.cells_per_module)) & 1
@@ -126,6 +131,9 @@ class SimPack:
                 self._balancing_until[m] = now + BALANCING_TIMEOUT_S
         except (cantools.database.DecodeError, KeyError, ValueError) as exc:
             log.debug("sim: ignoring bad command frame: %s", exc)
+
+    def _decode(self, name: str, msg: can.Message) -> dict[str, float]:
+        return cast(dict[str, float], self._msg[name].decode(bytes(msg.data), decode_choices=False))
 
     def inject(self, fault: str, target: int = 0, value: float = 0.0) -> str:
         """Inject a fault by name (see FAULTS); returns a description."""
@@ -254,6 +262,10 @@ class SimPack:
         volts = float(self._meas.cell_voltages_v[m * n:(m + 1) * n].sum())
         self._send(f"MMU{m:02d}_Status", {"BalancingActive": mask, "ModuleVoltage": volts,
                                           "MmuState": 1, "MmuFault": 0, "AliveCounter": self._counter})
+
+
+def _or(x: float | None, default: float) -> float:
+    return default if x is None else float(x)
 
 
 class SimRunner:

@@ -84,7 +84,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     resolved = to_plain(loaded.config)
     for bus, dbcs in zip(resolved["bus"], loaded.config.bus, strict=True):
         bus["dbc"] = [str(d.path) for d in loaded.dbcs[dbcs.name]]
-    summary = {
+    summary: dict[str, Any] = {
         "file": str(loaded.path),
         "warnings": loaded.warnings,
         "buses": [{"name": s.bus, "messages": len(s.messages), "bound_signals": len(s.signal_map.bindings),
@@ -185,9 +185,6 @@ def cmd_candump(args: argparse.Namespace) -> int:
                 break
     except KeyboardInterrupt:
         pass
-    except BrokenPipeError:
-        # the reader of our output went away (e.g. `| head`)
-        sys.stderr.close()
     return EXIT_OK
 
 
@@ -313,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"bmsgw: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except BrokenPipeError:
+        # our reader went away (`bmsgw replay ... | head`): not an error; silence the final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from gateway.dbcfile import LoadedDbc, load_dbc, merge
 from gateway.image import ProcessImage
 from gateway.ingest import Ingest
 from gateway.pipeline import BusSource, Layout, build
-from gateway.schema import ConfigError, Loader, read_toml
+from gateway.schema import Loader, read_toml
 from gateway.signalmap import resolve
 
 Chemistry = Literal["NMC", "LFP", "LTO"]

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import can
-
 import cantools.database
 from cantools.database.can import Message, Signal
 

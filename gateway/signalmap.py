@@ -31,7 +31,7 @@ from cantools.database.can import Message, Signal
 
 from gateway.decode import page_tree, walk_pages
 from gateway.image import family_of
-from gateway.schema import ConfigError, Loader, read_toml
+from gateway.schema import Loader, read_toml
 
 MuxPath = tuple[tuple[Signal, int], ...]
 
