@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,10 @@ def sim_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def _all_cells_good(d: Daemon) -> bool:
     st = d.json("status")
     return st["pack"]["cell_voltage"]["not_good"] == 0 and st["buses"][0]["frames_per_s"] > 500
+
+
+def test_control_socket_is_group_accessible_only(sim_daemon: Daemon) -> None:
+    assert stat.S_IMODE(os.stat(sim_daemon.socket).st_mode) == 0o660
 
 
 def test_status_shows_the_live_pack(sim_daemon: Daemon) -> None:
