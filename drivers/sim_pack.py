@@ -104,7 +104,7 @@ class SimPack:
         self.tick_count = 0
         self.frames_sent = 0
         self.frames_received = 0
-        self._counter = 0
+        self._alive: dict[str, int] = {}
         self._link_v = self.pack.pack_voltage_v if contactors_closed else 0.0
         self._msg = {m.name: m for m in self.db.messages}
         self._ranges = {m.name: {s.name: (_or(s.minimum, -math.inf), _or(s.maximum, math.inf)) for s in m.signals}
@@ -174,14 +174,12 @@ class SimPack:
             c.update(now)
         self._step_physics()
         k = self.tick_count
-        self._counter = (self._counter + 1) % 16
         self._send_pack_measurement()
         if k % 10 == 0:
             self._send("CONTACTOR_Feedback", {
                 "MainPositiveState": self.contactors["main_positive"].feedback,
                 "MainNegativeState": self.contactors["main_negative"].feedback,
-                "PrechargeState": self.contactors["precharge"].feedback,
-                "AliveCounter": self._counter})
+                "PrechargeState": self.contactors["precharge"].feedback})
         # spread the module traffic over the 10 ticks of each 100 ms
         for m in range(k % 10, self.pack.modules, 10):
             if m not in self.silent_modules:
@@ -193,8 +191,7 @@ class SimPack:
             meas = self._meas
             self._send("PACK_Temperatures", {"AmbientTemperature": meas.ambient_temp_c,
                                               "CoolantInletTemperature": meas.ambient_temp_c,
-                                              "CoolantOutletTemperature": meas.pack_temp_c,
-                                              "AliveCounter": self._counter})
+                                              "CoolantOutletTemperature": meas.pack_temp_c})
         self.tick_count += 1
 
     @property
@@ -226,6 +223,9 @@ class SimPack:
 
     def _send(self, name: str, values: dict[str, float]) -> None:
         msg = self._msg[name]
+        if "AliveCounter" in self._ranges[name]:
+            count = self._alive[name] = (self._alive.get(name, -1) + 1) % 16
+            values["AliveCounter"] = count
         # real electronics saturate at the ends of a field's range (noise around 0 V, > 8.191 V)
         lo_hi = self._ranges[name]
         clipped = {k: min(max(v, lo_hi[k][0]), lo_hi[k][1]) for k, v in values.items()}
@@ -236,14 +236,13 @@ class SimPack:
     def _send_pack_measurement(self) -> None:
         meas = self._meas
         self._send("PACK_Measurement", {"PackCurrent": meas.pack_current_a, "PackVoltage": meas.pack_voltage_v,
-                                        "LinkVoltage": meas.dc_link_voltage_v, "CurrentValid": 1, "VoltageValid": 1,
-                                        "AliveCounter": self._counter})
+                                        "LinkVoltage": meas.dc_link_voltage_v, "CurrentValid": 1, "VoltageValid": 1})
 
     def _send_cell_voltages(self, m: int) -> None:
         n = self.pack.cells_per_module
         cells = self._meas.cell_voltages_v[m * n:(m + 1) * n]
         for page in range(-(-n // 4)):
-            values: dict[str, float] = {"Page": page, "AliveCounter": self._counter}
+            values: dict[str, float] = {"Page": page}
             for c in range(page * 4, min(page * 4 + 4, n)):
                 values[f"Cell{c:02d}_Voltage"] = float(cells[c])
                 values[f"Cell{c:02d}_Invalid"] = 0
@@ -253,15 +252,14 @@ class SimPack:
         t = self._meas.module_temps_c[m]
         self._send(f"MMU{m:02d}_Temperatures", {
             "Sensor0_Temperature": float(t[0]), "Sensor1_Temperature": float(t[1]) if len(t) > 1 else 0.0,
-            "Board_Temperature": float(t.mean()), "Sensor0_Invalid": 0, "Sensor1_Invalid": 0,
-            "AliveCounter": self._counter})
+            "Board_Temperature": float(t.mean()), "Sensor0_Invalid": 0, "Sensor1_Invalid": 0})
 
     def _send_module_status(self, m: int) -> None:
         n = self.pack.cells_per_module
         mask = int((self.balancing_mask[m] << np.arange(n)).sum()) if self._balancing_until[m] > self.now else 0
         volts = float(self._meas.cell_voltages_v[m * n:(m + 1) * n].sum())
         self._send(f"MMU{m:02d}_Status", {"BalancingActive": mask, "ModuleVoltage": volts,
-                                          "MmuState": 1, "MmuFault": 0, "AliveCounter": self._counter})
+                                          "MmuState": 1, "MmuFault": 0})
 
 
 def _or(x: float | None, default: float) -> float:

@@ -124,6 +124,9 @@ class Loader:
         if tp is Any:
             return value
         if origin in (typing.Union, types.UnionType):
+            alts = [a for a in args if a is not type(None)]
+            if len(alts) == 1:  # Optional[X]: X's own errors are the precise ones
+                return self.convert(alts[0], value, key)
             errors = []
             for alt in args:
                 if alt is type(None):

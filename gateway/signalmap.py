@@ -164,7 +164,7 @@ def load_map(path: Path) -> MapFile:
     return Loader(path, text).load(MapFile, data)
 
 
-def _choice_values(flag: Signal, when: Iterable[str | int], where: str) -> frozenset[int]:
+def _choice_values(flag: Signal, when: Iterable[str | int]) -> frozenset[int]:
     choices = {str(v): int(k) for k, v in (flag.conversion.choices or {}).items()}
     out = set()
     for w in when:
@@ -174,7 +174,7 @@ def _choice_values(flag: Signal, when: Iterable[str | int], where: str) -> froze
             out.add(choices[w])
         else:
             known = ", ".join(choices) or "none"
-            raise ValueError(f"{where}: '{w}' is not a value of {flag.name} (its value table has: {known})")
+            raise ValueError(f"'{w}' is not a value of {flag.name} (its value table has: {known})")
     return frozenset(out)
 
 
@@ -209,10 +209,9 @@ def resolve(path: Path, messages: Iterable[Message]) -> SignalMap:
                     if mux_path:
                         env["mux"] = str(mux_path[-1][1])
                     try:
-                        new = _bind(entry, msg, mux_path, page.signals, sig, env, key)
-                    except ValueError as exc:
-                        sub, sep, reason = str(exc).partition(": ")
-                        raise loader.error(f"{key}.{sub}" if sep else key, reason if sep else str(exc)) from None
+                        new = _bind(entry, msg, mux_path, page.signals, sig, env)
+                    except EntryError as exc:
+                        raise loader.error(f"{key}.{exc.key}", f"{exc.reason} (at {msg.name}.{sig.name})") from None
                     for b in new:
                         where = f"{msg.name}.{sig.name}"
                         if b.target in seen:
@@ -225,24 +224,38 @@ def resolve(path: Path, messages: Iterable[Message]) -> SignalMap:
     return SignalMap(bindings, cycle, str(path))
 
 
+class EntryError(ValueError):
+    """A problem with one key of a map entry."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 def _bind(entry: SignalEntry, msg: Message, path: MuxPath, page: tuple[Signal, ...], sig: Signal,
-          env: dict[str, str], key: str) -> list[Binding]:
+          env: dict[str, str]) -> list[Binding]:
     valid = None
     if entry.valid is not None:
-        flag_name = expand(entry.valid.signal, env)
+        try:
+            flag_name = expand(entry.valid.signal, env)
+        except ValueError as exc:
+            raise EntryError("valid.signal", str(exc)) from None
         flag = next((s for s in page if s.name == flag_name), None)
         if flag is None:
-            raise ValueError(f"valid.signal: no signal '{flag_name}' on the same page of {msg.name}")
-        valid = (flag, _choice_values(flag, entry.valid.when, "valid.when"))
-    bits = range(entry.bits) if entry.bits else [None]
-    if entry.bits > sig.length:
-        raise ValueError(f"bits: {sig.name} has only {sig.length} bits")
-    out = []
-    for bit in bits:
-        target = expand(entry.to, env if bit is None else {**env, "bit": str(bit)})
+            raise EntryError("valid.signal", f"no signal '{flag_name}' on the same page of {msg.name}")
         try:
+            valid = (flag, _choice_values(flag, entry.valid.when))
+        except ValueError as exc:
+            raise EntryError("valid.when", str(exc)) from None
+    if entry.bits > sig.length:
+        raise EntryError("bits", f"{sig.name} has only {sig.length} bits")
+    out = []
+    for bit in range(entry.bits) if entry.bits else [None]:
+        try:
+            target = expand(entry.to, env if bit is None else {**env, "bit": str(bit)})
             family_of(target)
         except ValueError as exc:
-            raise ValueError(f"to: {exc}") from None
+            raise EntryError("to", str(exc)) from None
         out.append(Binding(msg, path, sig, target, entry.scale, entry.offset, bit, valid))
     return out
