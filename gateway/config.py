@@ -20,7 +20,7 @@ from gateway.dbcfile import LoadedDbc, load_dbc, merge
 from gateway.image import ProcessImage
 from gateway.ingest import Ingest
 from gateway.pipeline import BusSource, Layout, build
-from gateway.schema import Loader, read_toml
+from gateway.schema import ConfigError, Loader, read_toml
 from gateway.signalmap import resolve
 
 Chemistry = Literal["NMC", "LFP", "LTO"]
@@ -162,7 +162,11 @@ def load_config(path: str | Path) -> Loaded:
             found = find_file(name, base)
             if found is None:
                 raise loader.error(f"bus[{i}].dbc[{j}]", f"DBC file '{name}' not found (looked in {base} and {shipped_dbc_dir()})")
-            d = load_dbc(found, strict_only=bus.strict_dbc)
+            try:
+                d = load_dbc(found, strict_only=bus.strict_dbc)
+            except ConfigError as exc:
+                raise ConfigError(exc.file, exc.key, f"{exc.reason} (loaded by {path}: bus[{i}].dbc[{j}])",
+                                  exc.line) from None
             warnings += [f"{found}: {w}" for w in d.warnings]
             loaded.append(d)
         dbcs[bus.name] = loaded

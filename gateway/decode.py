@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import can
-import cantools.database
 from cantools.database.can import Message, Signal
+from cantools.database.conversion import BaseConversion, IdentityConversion
 
 Value = int | float
 DecodedFrame = dict[str, Value]
@@ -66,6 +66,13 @@ def raw_expr(sig: Signal, length: int) -> str:
     return expr
 
 
+def selector_expr(mux: Signal, length: int) -> str:
+    """Expression of the multiplexer value that selects a page: cantools compares the
+    *scaled* value with the DBC's page IDs (identical to the raw value in practice)."""
+    expr = value_expr(mux, length)
+    return expr if expr == raw_expr(mux, length) else f"int({expr})"
+
+
 def value_expr(sig: Signal, length: int, factor: float = 1.0, add: float = 0.0) -> str:
     """Expression of the scaled value, as cantools computes it.
 
@@ -78,9 +85,9 @@ def value_expr(sig: Signal, length: int, factor: float = 1.0, add: float = 0.0) 
         if fn is None:
             raise ValueError(f"float signal {sig.name} has length {sig.length}")
         expr = f"{fn}({expr})"
-    conv = sig.conversion
-    identity = isinstance(conv, cantools.database.conversion.IdentityConversion)
-    if not identity:
+    # the numeric conversion cantools applies (a value table keeps integer arithmetic, for example)
+    conv = BaseConversion.factory(sig.conversion.scale, sig.conversion.offset, None, sig.is_float)
+    if not isinstance(conv, IdentityConversion):
         expr = f"({expr} * {conv.scale!r} + {conv.offset!r})"
     if factor != 1.0 or add != 0.0:
         expr = f"({expr} * {factor!r} + {add!r})"
@@ -152,7 +159,7 @@ def _dict_source(message: Message) -> tuple[str, dict[str, Any]]:
             lines.append(f"{indent}out[{key}] = {value_expr(sig, length)}")
         for mux, children in page.muxes:
             sel = f"_m{next(counter)}"
-            lines.append(f"{indent}{sel} = {raw_expr(mux, length)}")
+            lines.append(f"{indent}{sel} = {selector_expr(mux, length)}")
             for n, (mux_id, child) in enumerate(children.items()):
                 lines.append(f"{indent}{'if' if n == 0 else 'elif'} {sel} == {mux_id}:")
                 emit(child, indent + "    ")

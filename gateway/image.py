@@ -181,8 +181,10 @@ class ProcessImage:
         """Quality codes of the selected signals (vectorised)."""
         now = time.monotonic() if now is None else now
         slots = self._slot_idx[sel]
-        stale = (now - self.rx_mono[slots]) > self.stale_after[slots]
-        invalid = (self.valid[sel] == 0) | np.isnan(self.value[sel])
+        # never received is missing data (stale), not a bad value
+        received = self.seq[slots] > 0
+        stale = ~received | ((now - self.rx_mono[slots]) > self.stale_after[slots])
+        invalid = (self.valid[sel] == 0) | (np.isnan(self.value[sel]) & received)
         return np.where(invalid, Quality.INVALID, np.where(stale, Quality.STALE, Quality.GOOD)).astype(np.int8)
 
     def family_quality(self, family: str, now: float | None = None) -> npt.NDArray[np.int8]:

@@ -18,7 +18,7 @@ from typing import Any
 import can
 from cantools.database.can import Message
 
-from gateway.decode import Page, compile_function, page_tree, raw_expr, value_expr, wire_length
+from gateway.decode import Page, compile_function, page_tree, raw_expr, selector_expr, value_expr, wire_length
 from gateway.image import ProcessImage
 from gateway.signalmap import Binding, MuxPath
 
@@ -86,7 +86,7 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
             table = f"_c{next(names)}"
             child_fns = {v: page_fn(child, (*path, (mux, v))) for v, child in children.items()}
             blocks.append(f"{table} = {{{', '.join(f'{v}: {f}' for v, f in child_fns.items())}}}")
-            body += [f"f = {table}.get({raw_expr(mux, length)})", "if f is None:", f"    return {BAD_MUX}",
+            body += [f"f = {table}.get({selector_expr(mux, length)})", "if f is None:", f"    return {BAD_MUX}",
                      "r = f(le, be, ts, mono)", f"if r != {NOTHING_MAPPED}:", "    return r"]
         body.append(f"return {ret}")
         blocks.append(f"def {fn}(le, be, ts, mono):\n" + "\n".join("    " + line for line in body))

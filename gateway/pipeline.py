@@ -91,11 +91,11 @@ def build(families: dict[str, tuple[int, ...]], sources: Sequence[BusSource],
                                  f"(known: {', '.join(families)})")
     image = ProcessImage(families, scalars, stale_cycles)
     for src in sources:
-        for target in src.signal_map.targets():
+        for b in src.signal_map.bindings:
             try:
-                image.index(target)
+                image.index(b.target)
             except (KeyError, ValueError) as exc:
-                raise ValueError(f"{src.signal_map.source}: {target}: {exc}") from None
+                raise ValueError(f"{src.signal_map.source}: {b.entry}.to: {b.target}: {exc}") from None
     ingests = {}
     for src in sources:
         try:

