@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from time import monotonic
+from time import time as wall_clock
 from typing import Any, Protocol
 
 
@@ -49,8 +50,8 @@ class Event:
     value: float | None = None
     limit: float | None = None
     message: str = ""
-    time: float = field(default_factory=time.time)  # wall clock, for records
-    mono: float = field(default_factory=time.monotonic)  # for ordering and ages
+    time: float = field(default_factory=wall_clock)  # wall clock, for records
+    mono: float = field(default_factory=monotonic)  # for ordering and ages
     id: int = field(default_factory=lambda: next(_ids))
 
     def as_dict(self) -> dict[str, Any]:
