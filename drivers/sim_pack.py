@@ -36,6 +36,7 @@ PRECHARGE_TAU_S = 0.25  # DC-link RC through the precharge resistor
 CONTACTOR_DELAY_S = 0.03
 BALANCING_CURRENT_A = 0.15
 BALANCING_TIMEOUT_S = 3.0
+COMMAND_TIMEOUT_S = 0.3  # the PCU opens everything when the gateway's commands stop (its heartbeat)
 
 
 class ContactorState(IntEnum):
@@ -84,7 +85,7 @@ class SimPack:
                  cells_per_module: int = 14, sensors_per_module: int = 2, chemistry: str = "NMC",
                  speed: float = 1.0, start_hour: float = 12.0, initial_soc: float = 0.5, ambient_c: float = 25.0,
                  peak_charge_a: float = 30.0, peak_discharge_a: float = 40.0, seed: int = 1,
-                 contactors_closed: bool = True) -> None:
+                 contactors_closed: bool = False) -> None:
         db = cantools.database.load_file(dbc_path)
         assert isinstance(db, cantools.database.can.Database)
         self.db = db
@@ -99,6 +100,7 @@ class SimPack:
                            for k in ("main_positive", "main_negative", "precharge")}
         self.contactors["precharge"] = Contactor()
         self.silent_modules: set[int] = set()
+        self.last_command: float | None = None
         self.balancing_mask = np.zeros((modules, cells_per_module), dtype=bool)
         self._balancing_until = np.zeros(modules)
         self.tick_count = 0
@@ -119,6 +121,7 @@ class SimPack:
         try:
             if msg.arbitration_id == self._msg["CONTACTOR_Command"].frame_id:
                 v = self._decode("CONTACTOR_Command", msg)
+                self.last_command = now
                 self.contactors["main_positive"].command(bool(v["MainPositiveRequest"]), now)
                 self.contactors["main_negative"].command(bool(v["MainNegativeRequest"]), now)
                 self.contactors["precharge"].command(bool(v["PrechargeRequest"]), now)
@@ -170,6 +173,9 @@ class SimPack:
     def tick(self) -> None:
         """Advance one TICK_S of wall time: physics, contactors, frames due now."""
         now = self.now
+        if self.last_command is not None and now - self.last_command > COMMAND_TIMEOUT_S:
+            for c in self.contactors.values():
+                c.command(False, now)
         for c in self.contactors.values():
             c.update(now)
         self._step_physics()

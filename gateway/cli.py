@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for lp in st["loops"]:
         lines.append(f"loop {lp['name']:<12} {lp['lane']} every {lp['period_ms']:.0f} ms  runs {lp['runs']}  "
                      f"overruns {lp['overruns']}  jitter p99 {lp['jitter_p99_ms']:.2f} ms  max {lp['jitter_max_ms']:.2f} ms")
+    prot = st.get("protection")
+    if prot:
+        c = prot["contactors"]
+        lines.append(f"contactors {c['state']}  active alarms {prot['active_alarms']}  trips {c['trips']}  "
+                     f"missed deadlines {prot['missed_deadlines']}" +
+                     (f"  causes: {_first(c['error_causes'])}" if c["error_causes"] else ""))
     if st.get("simulator"):
         sim = st["simulator"]
         lines.append(f"simulator  time of day {sim['sim_time_h']:.2f} h  faults: {', '.join(sim['faults']) or 'none'}")
@@ -220,6 +227,59 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    res = request(_socket(args), "alarms", {"recent": args.recent})
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
+    c = res["contactors"]
+    print(f"contactors {c['state']}" + (f"  causes: {_first(c['error_causes'])}" if c["error_causes"] else ""))
+    print(f"active: {len(res['active'])}")
+    for a in res["active"]:
+        print(f"  {a['level']:<4} {a['check']:<34} element {a['element']}")
+    print("recent events:")
+    for e in res["recent"]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(e["time"])) + f".{int(e['time'] % 1 * 1000):03d}"
+        state = "" if e["active"] else " (cleared)"
+        print(f"  {stamp} {e['kind']:<9} {e['level']:<4} {e['message'] or e['name']}{state}")
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    res = request(_socket(args), "reset", {"clear_deep_discharge": args.clear_deep_discharge})
+    print(json.dumps(res) if args.json else res["reason"])
+    return EXIT_OK
+
+
+def cmd_contactors(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    res = request(_socket(args), "contactors", {"action": args.action})
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
+    print(f"state {res['state']} for {res['since_s']:.1f} s   trips {res['trips']}   "
+          f"precharge attempt {res['precharge_attempt']}")
+    for name, cmd in res["commanded"].items():
+        fb = res["feedback"].get(name)
+        fb_text = "n/a" if fb is None else {0: "open", 1: "closed", 2: "WELDED", 3: "FAULT"}.get(int(fb), str(fb))
+        print(f"  {name:<14} commanded {'closed' if cmd else 'open':<7} feedback {fb_text}")
+    for cause in res["error_causes"]:
+        print(f"  error cause: {cause}")
+    if res["deep_discharge_latched"]:
+        print(f"  deep discharge latched: {res['deep_discharge_latched']}")
+    return EXIT_OK
+
+
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
@@ -270,6 +330,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bus", help="only this bus")
     p.add_argument("--count", type=int, default=0, help="stop after N frames")
 
+    p = add("alarms", cmd_alarms, "active alarms and recent protection events", daemon=True)
+    p.add_argument("--recent", type=int, default=30, help="how many recent events")
+    p = add("reset", cmd_reset, "request leaving ERROR (refused while a cause remains)", daemon=True)
+    p.add_argument("--clear-deep-discharge", action="store_true",
+                   help="also clear a latched deep discharge (only after checking the cells)")
+    p = add("contactors", cmd_contactors, "contactor state; request open or close", daemon=True)
+    p.add_argument("action", nargs="?", choices=["open", "close"])
     p = add("replay", cmd_replay, "decode a recorded trace (candump -L, ASC, BLF, CSV, TRC, printed python-can)")
     p.add_argument("file")
     p.add_argument("--dbc", action="append", required=True, help="DBC file (repeatable)")

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Literal
 
 from drivers.canbus import AdapterSettings
+from gateway.contactors import ContactorSettings
 from gateway.dbcfile import LoadedDbc, load_dbc, merge
 from gateway.image import ProcessImage
 from gateway.ingest import Ingest
+from gateway.lane import LaneSettings
+from gateway.limits import PRESETS, Debounce, HardwareLimits, LevelOverride, LimitTable, validate, with_overrides
 from gateway.pipeline import BusSource, Layout, build
+from gateway.protection import PlausibleRanges, Protection
 from gateway.schema import ConfigError, Loader, read_toml
 from gateway.signalmap import resolve
 
@@ -95,13 +99,45 @@ class SimSection:
 
 
 @dataclass(frozen=True)
+class ProtectionSection:
+    """Limits, debounce, contactors and timing of the protection lane (docs/protection.md)."""
+
+    enabled: bool = True
+    preset: Literal["", "NMC", "LFP", "LTO"] = ""  # empty: the site's chemistry
+    limits: dict[str, LevelOverride] = field(default_factory=dict)  # per-check overrides of the preset
+    deep_discharge_v: float | None = None  # empty: the preset's
+    debounce: Debounce = field(default_factory=Debounce)
+    plausible: PlausibleRanges = field(default_factory=PlausibleRanges)
+    contactors: ContactorSettings = field(default_factory=ContactorSettings)
+    contactor_bus: str = ""  # empty: the first bus
+    contactor_message: str = "CONTACTOR_Command"
+    charge_threshold_a: float = 0.5  # above this the charge temperature limits apply
+    lane: LaneSettings = field(default_factory=LaneSettings)
+    switch_interval_ms: float = 0.5  # Python's GIL switch interval; see docs/design.md
+
+    def check(self) -> None:
+        if not 0.05 <= self.switch_interval_ms <= 5:
+            raise ValueError("switch_interval_ms: must be 0.05..5")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
     gateway: GatewaySection = field(default_factory=GatewaySection)
     site: SiteSection = field(default_factory=SiteSection)
     bus: list[BusSection] = field(default_factory=list)
+    hardware_limits: HardwareLimits = field(default_factory=HardwareLimits)
+    protection: ProtectionSection = field(default_factory=ProtectionSection)
     sim: SimSection | None = None
+
+    def limit_table(self) -> LimitTable:
+        """The preset of the site's chemistry with the configured overrides (not yet validated)."""
+        p = self.protection
+        return with_overrides(PRESETS[p.preset or self.site.chemistry], p.limits, p.deep_discharge_v)
+
+    def contactor_bus(self) -> str:
+        return self.protection.contactor_bus or self.bus[0].name
 
     def check(self) -> None:
         if not self.bus:
@@ -112,6 +148,16 @@ class Config:
                 raise ValueError(f"bus[{i}].name: '{n}' is used twice")
         if self.sim is not None and self.sim.bus not in names:
             raise ValueError(f"sim.bus: no [[bus]] named '{self.sim.bus}'")
+        if self.protection.contactor_bus and self.protection.contactor_bus not in names:
+            raise ValueError(f"protection.contactor_bus: no [[bus]] named '{self.protection.contactor_bus}'")
+        try:
+            table = self.limit_table()
+        except ValueError as exc:
+            raise ValueError(f"protection.limits.{exc}") from None
+        for problem in validate(table, self.hardware_limits):
+            key = problem.split(":", 1)[0]
+            prefix = "protection." if key == "deep_discharge_v" else "protection.limits."
+            raise ValueError(f"{prefix}{problem}")
 
 
 @dataclass
@@ -181,7 +227,24 @@ def load_config(path: str | Path) -> Loaded:
         image, ingests = build(cfg.site.families(), sources, cfg.gateway.stale_cycles)
     except ValueError as exc:
         raise loader.error("site", f"the signal maps do not fit the site layout: {exc}") from None
+    if cfg.protection.enabled:
+        _check_protection(cfg, image, sources, loader)
     return Loaded(path, cfg, dbcs, sources, warnings, image, ingests)
+
+
+def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource], loader: Loader) -> None:
+    """What protection needs from the maps and DBCs is there (else it could not protect)."""
+    p = cfg.protection
+    try:
+        Protection(image, cfg.limit_table(), p.debounce, p.plausible, lambda e: None, lambda e: None,
+                   p.charge_threshold_a, p.lane.tick_ms / 1000.0)
+    except ValueError as exc:
+        raise loader.error("protection", f"{exc} (or set protection.enabled = false)") from None
+    bus = cfg.contactor_bus()
+    messages = next(s.messages for s in sources if s.bus == bus)
+    if not any(m.name == p.contactor_message for m in messages):
+        raise loader.error("protection.contactor_message",
+                           f"bus '{bus}' has no message '{p.contactor_message}' in its DBC to command the contactors")
 
 
 def _user_dir(kind: str) -> Path:

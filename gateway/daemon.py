@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -18,11 +20,15 @@ import numpy as np
 from drivers.canbus import CanAdapter
 from drivers.sim_pack import SimRunner, virtual_bus_sim
 from gateway import __version__
-from gateway.config import Loaded, socket_path
+from gateway.config import Loaded, socket_path, state_dir
+from gateway.contactors import CanContactorDriver, ContactorMachine, DeepDischargeLatch
 from gateway.control import ControlError, ControlServer
 from gateway.decode import Decoder, frame_record
+from gateway.events import Recorder
 from gateway.image import Quality
+from gateway.lane import ProtectionLane
 from gateway.loops import LoopStats, run_periodic
+from gateway.protection import Protection
 from gateway.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,14 @@ class Gateway:
         cfg = loaded.config
         self.image, self.ingests = loaded.image, loaded.ingests
         self.decoders = {s.bus: Decoder(s.messages) for s in loaded.sources}
-        self.adapters = {b.name: CanAdapter(b, self.ingests[b.name].on_frame) for b in cfg.bus}
+        self.recorder = Recorder()
+        self.adapters: dict[str, CanAdapter] = {}
+        self.lane: ProtectionLane | None = None
+        sinks: dict[str, Callable[[can.Message], object]] = {b.name: self.ingests[b.name].on_frame for b in cfg.bus}
+        if cfg.protection.enabled:
+            self.lane = self._make_lane()
+            sinks = {b.name: self.lane.sink(b.name, self.ingests[b.name], b.fd) for b in cfg.bus}
+        self.adapters.update({b.name: CanAdapter(b, sinks[b.name]) for b in cfg.bus})
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
         self.loops = [LoopStats("bus-rates", RATE_PERIOD_S, "P3")]
@@ -66,8 +79,27 @@ class Gateway:
             self._make_sim()
         self.control = ControlServer(socket_path(cfg), {
             "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
-            "version": self.cmd_version,
+            "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
+            "contactors": self.cmd_contactors,
         }, {"candump": self.stream_candump})
+
+    def _make_lane(self) -> ProtectionLane:
+        cfg = self.loaded.config
+        p = cfg.protection
+        bus = cfg.contactor_bus()
+        message = next(m for s in self.loaded.sources if s.bus == bus for m in s.messages
+                       if m.name == p.contactor_message)
+
+        def send(values: dict[str, int]) -> bool:
+            return self.adapters[bus].send(can.Message(arbitration_id=message.frame_id, data=message.encode(values),
+                                                       is_extended_id=message.is_extended_frame))
+
+        protection = Protection(self.image, cfg.limit_table(), p.debounce, p.plausible, self.recorder, self.recorder,
+                                p.charge_threshold_a, p.lane.tick_ms / 1000.0)
+        machine = ContactorMachine(self.image, CanContactorDriver(send), p.contactors,
+                                   DeepDischargeLatch(state_dir(cfg)), self.recorder, protection.trip_causes)
+        protection.on_deep_discharge = lambda cell, v: machine.latch.set(cell, v)
+        return ProtectionLane(protection, machine, self.recorder, p.lane)
 
     def _make_sim(self) -> None:
         cfg = self.loaded.config
@@ -89,8 +121,15 @@ class Gateway:
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT; every thread and task is stopped on the way out."""
+        # the P0 lane's threads must get the GIL within a fraction of a millisecond, and a
+        # full collection must not walk the start-up heap (docs/design.md has the measurements)
+        sys.setswitchinterval(self.loaded.config.protection.switch_interval_ms / 1000.0)
+        gc.collect()
+        gc.freeze()
         for adapter in self.adapters.values():
             adapter.start()
+        if self.lane is not None:
+            self.lane.start()
         if self.sim is not None:
             self.sim.start()
         try:
@@ -110,6 +149,8 @@ class Gateway:
             notifier.stop()
             vbus.shutdown()
             self.sim = None
+        if self.lane is not None:
+            self.lane.stop()
         for adapter in self.adapters.values():
             adapter.stop()
 
@@ -139,12 +180,51 @@ class Gateway:
             "uptime_s": round(time.monotonic() - self.started_mono, 1),
             "pack": pack_summary(self),
             "buses": [self._bus_status(name) for name in self.adapters],
-            "loops": [s.summary() for s in self.loops],
+            "loops": [s.summary() for s in self._all_loops()],
+            "protection": None if self.lane is None else {
+                **self.lane.status(), "contactors": self.lane.machine.status(),
+                "active_alarms": len(self.lane.protection.active())},
             "simulator": None if self.sim is None else {
                 "sim_time_h": round(self.sim.sim.sim_time_s / 3600.0 % 24, 3),
                 "faults": list(self.sim.sim.pack.active_faults) + [f"module {m} silent" for m in sorted(self.sim.sim.silent_modules)],
             },
         }
+
+    def _all_loops(self) -> list[LoopStats]:
+        return ([self.lane.loop] if self.lane is not None else []) + self.loops
+
+    def _lane(self) -> ProtectionLane:
+        if self.lane is None:
+            raise ControlError("protection is disabled in the config (protection.enabled = false)")
+        return self.lane
+
+    async def cmd_alarms(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Active conditions and recent events."""
+        lane = self._lane()
+        n = int(args.get("recent", 50))
+        return {"active": lane.protection.active(), "contactors": lane.machine.status(),
+                "recent": [e.as_dict() for e in self.recorder.recent(n)]}
+
+    async def cmd_reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Request leaving ERROR; refused with the causes that remain."""
+        ok, reason = self._lane().machine.reset(bool(args.get("clear_deep_discharge")))
+        if not ok:
+            raise ControlError(reason)
+        return {"ok": ok, "reason": reason}
+
+    async def cmd_contactors(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Contactor state, or an open/close request."""
+        machine = self._lane().machine
+        action = args.get("action")
+        if action in ("open", "close"):
+            ok, reason = machine.request_open() if action == "open" else machine.request_close()
+            if not ok:
+                raise ControlError(reason)
+        elif action:
+            raise ControlError(f"unknown action '{action}' (open or close)")
+        fb = {c: self.image.read(f"contactor.{c}").value if f"contactor.{c}" in self.image.scalars else None
+              for c in ("main_positive", "main_negative", "precharge")}
+        return {**machine.status(), "feedback": fb}
 
     def _bus_status(self, name: str) -> dict[str, Any]:
         a, ing = self.adapters[name], self.ingests[name]

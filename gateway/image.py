@@ -129,6 +129,10 @@ class ProcessImage:
         self._slot_period.append(period_s if period_s and period_s > 0 else math.inf)
         return len(self.slot_names) - 1
 
+    def period(self, slot: int) -> float:
+        """Expected cycle time of a slot in seconds (inf when unknown or unbound)."""
+        return self._slot_period[slot] if 0 <= slot < len(self._slot_period) else math.inf
+
     def bind(self, signal: int, slot: int) -> None:
         """Declare that a slot's frames carry a signal."""
         if self.w_slot[signal] not in (-1, slot):

@@ -26,6 +26,7 @@ class Rig:
         self.ingest = loaded.ingests["pack"]
         self.t = 0.0
         self.ingest.clock = lambda: self.t
+        kwargs.setdefault("contactors_closed", True)
         self.sim = SimPack(DBC, self._deliver, **kwargs)  # type: ignore[arg-type]
         self.db = cantools.database.load_file(DBC)
         self.results: list[int] = []
@@ -104,10 +105,21 @@ def test_precharge_brings_the_link_up_to_the_pack() -> None:
     rig = Rig(contactors_closed=False)
     rig.run(0.3)
     assert rig.value("pack.link_voltage") < 5
-    rig.command("CONTACTOR_Command", {"MainPositiveRequest": 0, "MainNegativeRequest": 1, "PrechargeRequest": 1,
-                                      "AliveCounter": 0})
-    rig.run(2.0)
+    for _ in range(20):  # the gateway repeats its command every 100 ms
+        rig.command("CONTACTOR_Command", {"MainPositiveRequest": 0, "MainNegativeRequest": 1, "PrechargeRequest": 1,
+                                          "AliveCounter": 0})
+        rig.run(0.1)
     assert rig.value("pack.link_voltage") > 0.95 * rig.value("pack.voltage")
+
+
+def test_pcu_opens_everything_when_the_gateway_commands_stop() -> None:
+    rig = Rig()
+    rig.command("CONTACTOR_Command", {"MainPositiveRequest": 1, "MainNegativeRequest": 1, "PrechargeRequest": 0,
+                                      "AliveCounter": 0})
+    rig.run(0.2)
+    assert rig.value("contactor.main_positive") == ContactorState.CLOSED
+    rig.run(0.3)  # no further command: the gateway is gone
+    assert rig.value("contactor.main_positive") == ContactorState.OPEN
 
 
 def test_welded_contactor_reports_welded_and_stays_closed() -> None:

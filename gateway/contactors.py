@@ -1,0 +1,350 @@
+"""The contactor state machine: INIT -> STANDBY -> PRECHARGE -> NORMAL, OPEN_REQUESTED, ERROR.
+
+ERROR is latched: it is left only when every cause is gone AND a reset is
+requested. Feedback is supervised (a contactor that does not follow its command
+within the feedback timeout, or reports itself welded, is a fault), precharge
+is bounded in time and retries, and an oscillation guard refuses rapid re-close
+requests. A deep discharge is latched in the state directory so a restart does
+not clear it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.events import Event, Kind, Level
+from gateway.image import ProcessImage, Quality
+
+CONTACTORS = ("main_positive", "main_negative", "precharge")
+FB_OPEN, FB_CLOSED, FB_WELDED, FB_FAULT = 0, 1, 2, 3
+
+
+class State(Enum):
+    INIT = "INIT"
+    STANDBY = "STANDBY"
+    PRECHARGE = "PRECHARGE"
+    NORMAL = "NORMAL"
+    OPEN_REQUESTED = "OPEN_REQUESTED"
+    ERROR = "ERROR"
+
+
+class ContactorDriver(Protocol):
+    """Whatever moves the contactors: CAN command frames, or GPIO lines on the edge box."""
+
+    def command(self, main_positive: bool, main_negative: bool, precharge: bool) -> bool:
+        """Command all three; True when the command went out."""
+        ...
+
+
+@dataclass(frozen=True)
+class ContactorSettings:
+    """Precharge, feedback supervision and oscillation guard."""
+
+    auto_close: bool = False  # close (precharge) by itself once data are good and no fault is active
+    precharge_max_voltage_diff_v: float = 10.0
+    precharge_max_current_a: float = 2.0
+    precharge_timeout_s: float = 3.0
+    precharge_retries: int = 2
+    precharge_retry_delay_s: float = 2.0
+    feedback_timeout_s: float = 0.5
+    open_current_a: float = 5.0  # an operator open waits for the current to fall below this...
+    open_timeout_s: float = 2.0  # ...for at most this long
+    min_close_interval_s: float = 10.0
+    max_closes_per_hour: int = 20
+    command_period_s: float = 0.1
+
+    def check(self) -> None:
+        for name in ("precharge_max_voltage_diff_v", "precharge_timeout_s", "feedback_timeout_s", "command_period_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.precharge_retries < 0:
+            raise ValueError("precharge_retries: must be >= 0")
+        if self.max_closes_per_hour < 1:
+            raise ValueError("max_closes_per_hour: must be >= 1")
+
+
+class DeepDischargeLatch:
+    """A deep discharge recorded on disk (atomically, fsynced) so that restarts keep it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "deep_discharge.json"
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # unreadable: stay safe, treat as latched
+            return {"cell": None, "value": None, "time": None, "note": f"latch file unreadable: {exc}"}
+        return data
+
+    def set(self, cell: int, value: float) -> None:
+        if self.read() is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"cell": cell, "value": value, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class ContactorMachine:
+    """Drives the contactors from protection state, feedback and requests. Call tick() every 10 ms."""
+
+    def __init__(self, image: ProcessImage, driver: ContactorDriver, settings: ContactorSettings,
+                 latch: DeepDischargeLatch, on_event: Callable[[Event], None],
+                 trip_causes: Callable[[], list[str]]) -> None:
+        self.image = image
+        self.driver = driver
+        self.settings = settings
+        self.latch = latch
+        self.on_event = on_event
+        self.trip_causes = trip_causes
+        self.lock = threading.RLock()
+        self.state = State.INIT
+        self.since = time.monotonic()
+        self.commanded = dict.fromkeys(CONTACTORS, False)
+        self.commanded_at = dict.fromkeys(CONTACTORS, 0.0)
+        self.error_causes: list[str] = []
+        self.close_requested = settings.auto_close
+        self.attempt = 0
+        self.step = ""
+        self.closes: deque[float] = deque()
+        self.last_sent = 0.0
+        self.trips = 0
+        self.feedback_faults: dict[str, str] = {}
+        self._fb_index = {c: image.index(f"contactor.{c}") for c in CONTACTORS if f"contactor.{c}" in image.scalars}
+        latched = latch.read()
+        if latched is not None:
+            self._enter(State.ERROR, time.monotonic(), f"deep discharge latched (cell {latched.get('cell')})")
+
+    # -- outputs ---------------------------------------------------------------------
+
+    def _set(self, now: float, **wanted: bool) -> None:
+        changed = False
+        for name, closed in wanted.items():
+            if self.commanded[name] != closed:
+                self.commanded[name] = closed
+                self.commanded_at[name] = now
+                changed = True
+        if changed:
+            self._send(now)
+
+    def _send(self, now: float) -> None:
+        c = self.commanded
+        self.driver.command(c["main_positive"], c["main_negative"], c["precharge"])
+        self.last_sent = now
+
+    def _enter(self, state: State, now: float, reason: str) -> None:
+        old = self.state
+        self.state = state
+        self.since = now
+        level = Level.MSL if state is State.ERROR else Level.INFO
+        self.on_event(Event(Kind.STATE, "contactors", level, True, message=f"{old.value} -> {state.value}: {reason}"))
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def trip(self, cause: str, now: float | None = None) -> bool:
+        """Open everything at once and latch ERROR; True when this trip left a non-ERROR state."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            self._set(now, main_positive=False, main_negative=False, precharge=False)
+            if cause not in self.error_causes:
+                self.error_causes.append(cause)
+            if self.state is State.ERROR:
+                return False
+            self.trips += 1
+            self._enter(State.ERROR, now, cause)
+            return True
+
+    def request_close(self, now: float | None = None) -> tuple[bool, str]:
+        """Operator (or auto_close) asks for the contactors to close."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if self.state is State.ERROR:
+                return False, "in ERROR: reset first"
+            if self.state in (State.PRECHARGE, State.NORMAL):
+                return True, f"already {self.state.value}"
+            refused = self._guard(now)
+            if refused:
+                return False, refused
+            self.close_requested = True
+            return True, "close requested"
+
+    def request_open(self, now: float | None = None) -> tuple[bool, str]:
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            self.close_requested = False
+            if self.state in (State.NORMAL, State.PRECHARGE):
+                self._enter(State.OPEN_REQUESTED, now, "open requested")
+            return True, "open requested"
+
+    def reset(self, clear_deep_discharge: bool = False, now: float | None = None) -> tuple[bool, str]:
+        """Leave ERROR when every cause is gone; says which cause remains otherwise."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if self.state is not State.ERROR:
+                return False, f"not in ERROR (state {self.state.value})"
+            remaining = list(self.trip_causes()) + [f"contactor {c}: {r}" for c, r in self.feedback_faults.items()]
+            latched = self.latch.read()
+            if latched is not None and not clear_deep_discharge:
+                remaining.append("deep discharge latched: check the cells, then reset with --clear-deep-discharge")
+            if remaining:
+                reason = "; ".join(remaining)
+                self.on_event(Event(Kind.RESET, "reset", Level.INFO, False, message=f"refused: {reason}"))
+                return False, reason
+            if latched is not None:
+                self.latch.clear()
+            self.error_causes.clear()
+            self.close_requested = self.settings.auto_close
+            self.attempt = 0
+            self.on_event(Event(Kind.RESET, "reset", Level.INFO, True, message="accepted"))
+            self._enter(State.STANDBY, now, "reset")
+            return True, "reset: STANDBY"
+
+    def _guard(self, now: float) -> str:
+        s = self.settings
+        while self.closes and now - self.closes[0] > 3600:
+            self.closes.popleft()
+        if self.closes and now - self.closes[-1] < s.min_close_interval_s:
+            return f"oscillation guard: last close {now - self.closes[-1]:.1f} s ago (min {s.min_close_interval_s} s)"
+        if len(self.closes) >= s.max_closes_per_hour:
+            return f"oscillation guard: {len(self.closes)} closes in the last hour (max {s.max_closes_per_hour})"
+        return ""
+
+    # -- the tick --------------------------------------------------------------------
+
+    def _feedback(self, now: float) -> None:
+        """Compare feedback with commands; a mismatch beyond the timeout, or a weld, is a fault."""
+        for name, i in self._fb_index.items():
+            r = self.image.read(f"contactor.{name}", now)
+            if r.quality != Quality.GOOD:
+                continue  # missing feedback is caught as stale data by protection
+            fb = int(r.value)
+            want = self.commanded[name]
+            late = now - self.commanded_at[name] > self.settings.feedback_timeout_s
+            fault = ""
+            if fb == FB_WELDED or (fb == FB_CLOSED and not want and late):
+                fault = "welded (closed while commanded open)"
+            elif fb == FB_FAULT:
+                fault = "reports a fault"
+            elif fb == FB_OPEN and want and late:
+                fault = "did not close"
+            if fault and self.feedback_faults.get(name) != fault:
+                self.feedback_faults[name] = fault
+                self.on_event(Event(Kind.CONTACTOR, name, Level.MSL, True, message=f"contactor {name} {fault}"))
+                self.trip(f"contactor {name} {fault}", now)
+            elif not fault and name in self.feedback_faults and not late:
+                del self.feedback_faults[name]
+                self.on_event(Event(Kind.CONTACTOR, name, Level.MSL, False, message=f"contactor {name} follows again"))
+
+    def tick(self, now: float, data_ready: bool) -> None:
+        """Advance the machine; resend the command every command_period_s (a heartbeat for the PCU)."""
+        with self.lock:
+            self._feedback(now)
+            st, s = self.state, self.settings
+            if st is State.INIT:
+                if data_ready:
+                    self._enter(State.STANDBY, now, "measurements valid")
+            elif st is State.STANDBY:
+                self._set(now, main_positive=False, main_negative=False, precharge=False)
+                if self.close_requested and data_ready and not self.trip_causes():
+                    refused = self._guard(now)
+                    if not refused:
+                        self.closes.append(now)
+                        self.attempt = 1
+                        self._start_precharge(now)
+            elif st is State.PRECHARGE:
+                self._precharge(now)
+            elif st is State.NORMAL:
+                self._set(now, main_positive=True, main_negative=True, precharge=False)
+            elif st is State.OPEN_REQUESTED:
+                current = abs(self.image.read("pack.current", now).value)
+                if current < s.open_current_a or now - self.since > s.open_timeout_s:
+                    self._set(now, main_positive=False, main_negative=False, precharge=False)
+                    self._enter(State.STANDBY, now, f"opened at {current:.1f} A")
+            if now - self.last_sent >= s.command_period_s:
+                self._send(now)
+
+    def _start_precharge(self, now: float) -> None:
+        self.step = "precharging"
+        self._enter(State.PRECHARGE, now, f"attempt {self.attempt}")
+        self._set(now, main_positive=False, main_negative=True, precharge=True)
+
+    def _precharge(self, now: float) -> None:
+        s = self.settings
+        elapsed = now - self.since
+        if self.step == "waiting":
+            if elapsed >= s.precharge_retry_delay_s:
+                self._start_precharge(now)
+            return
+        if self.step == "closing":
+            fb = self._fb_index.get("main_positive")
+            closed = fb is None or int(self.image.value[fb]) == FB_CLOSED
+            if closed:
+                self._set(now, main_positive=True, main_negative=True, precharge=False)
+                self._enter(State.NORMAL, now, "precharge complete")
+            return
+        img = self.image
+        diff = abs(img.read("pack.voltage", now).value - img.read("pack.link_voltage", now).value)
+        current = abs(img.read("pack.current", now).value)
+        if diff < s.precharge_max_voltage_diff_v and current < s.precharge_max_current_a:
+            self.step = "closing"
+            self._set(now, main_positive=True, main_negative=True, precharge=True)
+        elif elapsed > s.precharge_timeout_s:
+            self._set(now, main_positive=False, main_negative=False, precharge=False)
+            reason = f"precharge timed out (link differs by {diff:.1f} V, current {current:.1f} A)"
+            if self.attempt > s.precharge_retries:
+                self.trip(f"precharge failed after {self.attempt} attempts: {reason}", now)
+                return
+            self.attempt += 1
+            self.step = "waiting"
+            self.since = now
+            self.on_event(Event(Kind.STATE, "precharge", Level.RSL, True, message=f"{reason}; retrying"))
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"state": self.state.value, "since_s": round(time.monotonic() - self.since, 1),
+                    "commanded": dict(self.commanded), "error_causes": list(self.error_causes),
+                    "feedback_faults": dict(self.feedback_faults), "precharge_attempt": self.attempt,
+                    "close_requested": self.close_requested, "trips": self.trips,
+                    "deep_discharge_latched": self.latch.read()}
+
+
+class CanContactorDriver:
+    """Contactor commands as frames (CONTACTOR_Command of our pack DBC), with a rolling alive counter."""
+
+    def __init__(self, send: Callable[[dict[str, int]], bool]) -> None:
+        self.send = send
+        self.counter = 0
+        self.sent = 0
+        self.failed = 0
+
+    def command(self, main_positive: bool, main_negative: bool, precharge: bool) -> bool:
+        self.counter = (self.counter + 1) % 16
+        ok = self.send({"MainPositiveRequest": int(main_positive), "MainNegativeRequest": int(main_negative),
+                        "PrechargeRequest": int(precharge), "AliveCounter": self.counter})
+        if ok:
+            self.sent += 1
+        else:
+            self.failed += 1
+        return ok

@@ -1,0 +1,207 @@
+"""The P0 protection lane: checks in the receive threads, a 10 ms supervision thread, deadlines.
+
+Per-sample checks run in each bus's receive thread right after the frame is
+decoded, so a violating frame is judged before the thread reads the next one,
+and the trip command leaves from that same thread. A supervision thread ticks
+every 10 ms for what has no sample to wait for: staleness, the aggregate
+checks, the contactor state machine and its command frames (which the PCU also
+takes as the gateway's heartbeat), flight records, and its own lateness:
+repeated lateness is itself a fault that opens the contactors.
+
+Neither thread waits for the event loop. docs/design.md explains the choice of
+mechanism (threads, a short GIL switch interval, a frozen GC heap) and the
+measurements behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import can
+
+from gateway.contactors import ContactorMachine
+from gateway.events import Event, Kind, Level, Recorder
+from gateway.flightrec import FrameRing, freeze
+from gateway.image import Quality
+from gateway.ingest import Ingest
+from gateway.loops import LoopStats
+from gateway.protection import Protection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaneSettings:
+    """Timing of the protection lane."""
+
+    tick_ms: float = 10.0
+    deadline_ms: float = 50.0  # a tick later than this is a missed deadline
+    max_missed: int = 3  # consecutive missed deadlines that force the safe state
+    flight_before_s: float = 10.0
+    flight_after_s: float = 10.0
+    flight_max_frames_per_s: int = 2000
+
+    def check(self) -> None:
+        if not 1 <= self.tick_ms <= 100:
+            raise ValueError("tick_ms: must be 1..100")
+        if self.deadline_ms <= self.tick_ms:
+            raise ValueError("deadline_ms: must be longer than tick_ms")
+        if self.max_missed < 1:
+            raise ValueError("max_missed: must be >= 1")
+
+
+@dataclass
+class _PendingRecord:
+    event: int
+    wall: float
+    due: float
+
+
+@dataclass
+class LaneStats:
+    ticks: int = 0
+    missed_deadlines: int = 0
+    consecutive_missed: int = 0
+    max_late_ms: float = 0.0
+    forced_safe_state: int = 0
+    samples_checked: int = 0
+    flight_records: int = 0
+    last_trip: dict[str, Any] = field(default_factory=dict)
+
+
+class ProtectionLane:
+    """Wires protection and the contactor machine into the receive threads and a tick thread."""
+
+    def __init__(self, protection: Protection, machine: ContactorMachine, recorder: Recorder,
+                 settings: LaneSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.protection = protection
+        self.machine = machine
+        self.recorder = recorder
+        self.settings = settings
+        self.clock = clock
+        self.stats = LaneStats()
+        self.loop = LoopStats("protection", settings.tick_ms / 1000.0, "P0")
+        self.rings: dict[str, FrameRing] = {}
+        self._pending: list[_PendingRecord] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stalled = threading.Event()  # tests and the watchdog check set/see this
+        self._ever_ready = False
+        protection.on_trip = self.trip
+        protection.on_event = recorder
+
+    # -- receive path ---------------------------------------------------------------------
+
+    def sink(self, bus: str, ingest: Ingest, fd: bool) -> Callable[[can.Message], None]:
+        """The receive thread's per-frame function for one bus: record, decode, check."""
+        s = self.settings
+        ring = FrameRing(int(s.flight_max_frames_per_s * (s.flight_before_s + s.flight_after_s + 1)), 64 if fd else 8)
+        self.rings[bus] = ring
+        on_frame, on_sample, append, stats = ingest.on_frame, self.protection.on_sample, ring.append, self.stats
+
+        def frame(msg: can.Message) -> None:
+            append(msg)
+            slot = on_frame(msg)
+            if slot >= 0:
+                on_sample(slot)
+                stats.samples_checked += 1
+
+        return frame
+
+    def trip(self, event: Event) -> None:
+        """An MSL condition: open the contactors now, then arrange the flight record."""
+        first = self.machine.trip(event.message or event.name)
+        if not first:
+            return  # already open and latched: the condition is in the error causes
+        self.stats.last_trip = {"event": event.id, "name": event.name, "message": event.message, "time": event.time}
+        self._pending.append(_PendingRecord(event.id, event.time, self.clock() + self.settings.flight_after_s))
+        self.recorder(Event(Kind.TRIP, event.name, Level.MSL, True, event.index, event.value, event.limit,
+                            f"trip: {event.message}"))
+
+    # -- supervision thread ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="protection-tick", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+    @property
+    def healthy(self) -> bool:
+        """The tick runs and keeps its deadline (systemd's watchdog is fed only while this holds)."""
+        age = self.clock() - self._last_tick if self.stats.ticks else 0.0
+        return self.stats.consecutive_missed == 0 and age < self.settings.deadline_ms / 1000.0 * 2
+
+    def _run(self) -> None:
+        period = self.settings.tick_ms / 1000.0
+        due = self.clock()
+        self._last_tick = due
+        while not self._stop.is_set():
+            while self.stalled.is_set() and not self._stop.is_set():  # fault injection for tests
+                time.sleep(0.01)
+            start = self.clock()
+            try:
+                self.tick(start, due)
+            except Exception:  # the lane must survive a bug in one tick; the miss is counted below
+                log.exception("protection tick failed")
+            end = self.clock()
+            self.loop.busy_s.append(end - start)
+            due += period
+            if end > due:
+                self.loop.overruns += 1
+                due = end
+            self._stop.wait(max(0.0, due - self.clock()))
+
+    def tick(self, now: float, due: float | None = None) -> None:
+        """One supervision step (the thread calls this; tests may call it with their own clock)."""
+        st = self.stats
+        late = max(0.0, now - (now if due is None else due))
+        self.loop.late_s.append(late)
+        self.loop.runs += 1
+        st.ticks += 1
+        self._last_tick = now
+        st.max_late_ms = max(st.max_late_ms, late * 1000)
+        if late * 1000 > self.settings.deadline_ms:
+            st.missed_deadlines += 1
+            st.consecutive_missed += 1
+            self.recorder(Event(Kind.DEADLINE, "protection_tick", Level.RSL, True, value=late * 1000,
+                                limit=self.settings.deadline_ms, message=f"protection tick {late * 1000:.1f} ms late"))
+            if st.consecutive_missed == self.settings.max_missed:
+                st.forced_safe_state += 1
+                self.trip(Event(Kind.DEADLINE, "protection_tick", Level.MSL, True, value=late * 1000,
+                                limit=self.settings.deadline_ms,
+                                message=f"protection lane late {st.consecutive_missed} times in a row"))
+        else:
+            st.consecutive_missed = 0
+        self.protection.tick(now)
+        self.machine.tick(now, self._data_ready(now))
+        self._flight_records(now)
+
+    def _data_ready(self, now: float) -> bool:
+        if not self._ever_ready:
+            q = self.protection.image.quality(self.protection.watched, now)
+            self._ever_ready = bool((q == Quality.GOOD).all())
+        return self._ever_ready and not self.protection.trip_causes()
+
+    def _flight_records(self, now: float) -> None:
+        s = self.settings
+        for p in [p for p in self._pending if p.due <= now]:
+            self._pending.remove(p)
+            for bus, ring in self.rings.items():
+                self.recorder.add_flight_record(freeze(ring, bus, p.event, p.wall, s.flight_before_s, s.flight_after_s))
+                self.stats.flight_records += 1
+
+    def status(self) -> dict[str, Any]:
+        st = self.stats
+        return {"ticks": st.ticks, "missed_deadlines": st.missed_deadlines, "max_late_ms": round(st.max_late_ms, 3),
+                "forced_safe_state": st.forced_safe_state, "samples_checked": st.samples_checked,
+                "flight_records": st.flight_records, "last_trip": st.last_trip, "healthy": self.healthy,
+                "derate": self.protection.derate()}

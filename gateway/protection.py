@@ -1,0 +1,372 @@
+"""Limit checks with debounce counters, evaluated on every new sample.
+
+Each checked element (a cell, a temperature sensor, the pack current) has an
+up/down counter per level. A counter moves only when a *new sample* of that
+element arrives (the receive thread calls :meth:`Protection.on_sample` with the
+refreshed slot), never on re-reading a stale value: up by 2 when the level is
+exceeded, down by 1 when not, so an intermittent fault still accumulates. A
+level becomes active when its counter reaches 2 x N, N being the debounce delay
+in samples of that element; it clears when the counter is back at 0.
+
+Missing and bad data are faults of their own (MSL, they open the contactors):
+a NaN, an invalid flag or a value outside the physical range on a new sample,
+and a signal that stops arriving (checked on the 10 ms tick).
+
+An MSL activation calls ``on_trip`` first, so the contactor-open frame is on
+the bus before the event is published to anyone else.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.events import Event, Kind, Level
+from gateway.image import ProcessImage, Quality
+from gateway.limits import CHECKS, Debounce, LimitTable
+
+UP, DOWN = 2, 1
+TripHandler = Callable[[Event], None]
+EventHandler = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class PlausibleRanges:
+    """Physical ranges: a value outside is a sensor or wiring fault, not a battery state."""
+
+    cell_voltage_min: float = 0.5
+    cell_voltage_max: float = 5.5
+    temperature_min: float = -45.0
+    temperature_max: float = 130.0
+    current_abs_max: float = 2000.0
+
+    def check(self) -> None:
+        if not self.cell_voltage_min < self.cell_voltage_max:
+            raise ValueError("cell_voltage_min: must be below cell_voltage_max")
+        if not self.temperature_min < self.temperature_max:
+            raise ValueError("temperature_min: must be below temperature_max")
+
+
+def samples_for(delay_s: float, period_s: float) -> int:
+    """Debounce delay in samples of a source with the given period (at least one sample)."""
+    if not math.isfinite(period_s) or period_s <= 0:
+        return 1
+    return max(1, math.ceil(delay_s / period_s - 1e-9))
+
+
+class LevelCounters:
+    """Up/down counters and active flags for one check over n elements and 1 or 3 levels."""
+
+    def __init__(self, name: str, kind: str, thresholds: tuple[float, ...], high: bool, need: list[int]) -> None:
+        self.name = name
+        self.kind = kind
+        self.thresholds = thresholds  # ascending severity: (MOL, RSL, MSL) or (MSL,)
+        self.high = high
+        self.levels = (Level.MOL, Level.RSL, Level.MSL)[-len(thresholds):]
+        n = len(need)
+        self.need = [UP * k for k in need]
+        self.count = [[0] * n for _ in thresholds]
+        self.active = [[False] * n for _ in thresholds]
+
+    def severity(self, value: float) -> int:
+        """How many levels the value exceeds (0 = none)."""
+        n = 0
+        for t in self.thresholds:
+            if (value > t) if self.high else (value < t):
+                n += 1
+            else:
+                break
+        return n
+
+    def step(self, k: int, exceeded: int, value: float, index: int | None, prot: Protection) -> None:
+        """One new sample of element k that exceeds ``exceeded`` levels."""
+        for j, level in enumerate(self.levels):
+            counts, act = self.count[j], self.active[j]
+            c = counts[k]
+            if exceeded > j:
+                c = min(c + UP, self.need[k])
+            elif c:
+                c -= DOWN
+            counts[k] = c
+            if not act[k] and c >= self.need[k] and exceeded > j:
+                act[k] = True
+                prot.raise_event(self, level, True, index, value, self.thresholds[j])
+            elif act[k] and c == 0:
+                act[k] = False
+                prot.raise_event(self, level, False, index, value, self.thresholds[j])
+
+    def any_active(self, level: Level) -> bool:
+        if level not in self.levels:
+            return False
+        return any(self.active[self.levels.index(level)])
+
+    def active_elements(self) -> list[tuple[Level, int]]:
+        return [(lv, k) for j, lv in enumerate(self.levels) for k, a in enumerate(self.active[j]) if a]
+
+
+@dataclass
+class _ElementGroup:
+    """Checked elements of one family that share a slot: their image and local positions."""
+
+    image_index: list[int]
+    local: list[int]
+
+
+class Protection:
+    """All checks of one site; thread-safe (receive threads and the tick thread call in)."""
+
+    def __init__(self, image: ProcessImage, limits: LimitTable, debounce: Debounce, plausible: PlausibleRanges,
+                 on_trip: TripHandler, on_event: EventHandler, charge_threshold_a: float = 0.5,
+                 tick_s: float = 0.01) -> None:
+        self.image = image
+        self.limits = limits
+        self.debounce = debounce
+        self.plausible = plausible
+        self.on_trip = on_trip
+        self.on_event = on_event
+        self.charge_threshold_a = charge_threshold_a
+        self.tick_s = tick_s
+        self.lock = threading.RLock()
+        self.charging = False
+        self.events_raised = 0
+        self.deep_discharge_cells: set[int] = set()
+        self.on_deep_discharge: Callable[[int, float], None] | None = None
+        self._bind()
+
+    # -- construction ---------------------------------------------------------------
+
+    def _bind(self) -> None:
+        img = self.image
+        self.cells = self._bound(img.span("cell.voltage"))
+        self.sensors = self._bound(img.span("module.temperature"))
+        if not self.cells.size:
+            raise ValueError("protection needs cell voltages: the signal map binds no cell[i].voltage")
+        if "pack.current" not in img.scalars or img.slot_of[img.index("pack.current")] < 0:
+            raise ValueError("protection needs pack.current: the signal map does not bind it")
+        self.current_index = img.index("pack.current")
+        lim, db = self.limits, self.debounce
+        self.checks: dict[str, LevelCounters] = {}
+
+        def need(indices: np.ndarray, check: str) -> list[int]:
+            return [samples_for(db.delay_s(check), img.period(int(img.slot_of[i]))) for i in indices]
+
+        for name in CHECKS:
+            high = CHECKS[name][0] == "high"
+            if name.startswith("cell_voltage_") and name != "cell_voltage_spread":
+                idx = self.cells
+            elif name.startswith("cell_temperature_") and name != "cell_temperature_spread":
+                idx = self.sensors
+            elif name.startswith("pack_current_"):
+                idx = np.array([self.current_index])
+            else:  # aggregates: evaluated on the tick, one element
+                period = max(img.period(int(s)) for s in np.unique(img.slot_of[self.cells]))
+                self.checks[name] = LevelCounters(name, Kind.LIMIT, lim.get(name).as_tuple(), high,
+                                                  [samples_for(db.delay_s(name), period)])
+                continue
+            self.checks[name] = LevelCounters(name, Kind.LIMIT, lim.get(name).as_tuple(), high, need(idx, name))
+        self.deep = LevelCounters("cell_deep_discharge", Kind.LIMIT, (lim.deep_discharge_v,), False,
+                                  need(self.cells, "cell_voltage_low"))
+        data_delay = db.delay_s("data")
+        self.bad_data = {
+            fam: LevelCounters(f"{fam}_bad_data", Kind.DATA, (0.5,), True,
+                               [samples_for(data_delay, img.period(int(img.slot_of[i]))) for i in idx])
+            for fam, idx in (("cell.voltage", self.cells), ("module.temperature", self.sensors),
+                             ("pack.current", np.array([self.current_index])))}
+        stale_ticks = max(1, math.ceil(data_delay / self.tick_s))
+        self.stale = LevelCounters("stale_data", Kind.DATA, (0.5,), True, [stale_ticks] * len(self.watched))
+        # per slot: which elements of which family it refreshes
+        self.by_slot: dict[int, list[tuple[str, _ElementGroup]]] = {}
+        for fam, idx in (("cell.voltage", self.cells), ("module.temperature", self.sensors),
+                         ("pack.current", np.array([self.current_index]))):
+            for local, i in enumerate(idx):
+                slot = int(img.slot_of[i])
+                groups = self.by_slot.setdefault(slot, [])
+                grp = next((g for f, g in groups if f == fam), None)
+                if grp is None:
+                    grp = _ElementGroup([], [])
+                    groups.append((fam, grp))
+                grp.image_index.append(int(i))
+                grp.local.append(local)
+        self._agg_seq = -1
+
+    def _bound(self, span: slice) -> np.ndarray:
+        idx = np.arange(span.start, span.stop)
+        return idx[self.image.slot_of[idx] >= 0]
+
+    @property
+    def watched(self) -> np.ndarray:
+        """Every signal protection depends on (a stale one is a fault)."""
+        return np.concatenate([self.cells, self.sensors, [self.current_index]]).astype(np.intp)
+
+    # -- events ---------------------------------------------------------------------
+
+    def raise_event(self, check: LevelCounters, level: Level, active: bool, index: int | None, value: float,
+                    limit: float) -> None:
+        message = _describe(check, level, active, index, value, limit)
+        if check is self.stale and index is not None:
+            message = f"{self.image.name_of(index)}: {'stopped arriving' if active else 'arriving again'}"
+        ev = Event(check.kind, check.name, level, active, index, _finite(value), _finite(limit), message)
+        self.events_raised += 1
+        if active and level == Level.MSL:
+            self.on_trip(ev)  # the contactors open before anyone else hears of it
+            if check is self.deep and index is not None and self.on_deep_discharge is not None:
+                self.on_deep_discharge(index, value)
+        self.on_event(ev)
+
+    # -- per sample (receive threads) -----------------------------------------------------
+
+    def on_sample(self, slot: int) -> None:
+        """A slot was refreshed: step the counters of the elements it carries."""
+        groups = self.by_slot.get(slot)
+        if not groups:
+            return
+        with self.lock:
+            for fam, grp in groups:
+                if fam == "cell.voltage":
+                    self._cells(grp)
+                elif fam == "module.temperature":
+                    self._temperatures(grp)
+                else:
+                    self._current()
+
+    def _value(self, i: int, lo: float, hi: float) -> float | None:
+        """The sample's value, or None when it is bad data (flag, NaN, implausible)."""
+        v = self.image.w_value[i]
+        if not self.image.w_valid[i] or not lo <= v <= hi:  # NaN fails the range test too
+            return None
+        return v
+
+    def _cells(self, grp: _ElementGroup) -> None:
+        p = self.plausible
+        hi, lo, deep, bad = (self.checks["cell_voltage_high"], self.checks["cell_voltage_low"], self.deep,
+                             self.bad_data["cell.voltage"])
+        for i, k in zip(grp.image_index, grp.local, strict=True):
+            v = self._value(i, p.cell_voltage_min, p.cell_voltage_max)
+            cell = self._cell_number(i)
+            if v is None:
+                bad.step(k, 1, self.image.w_value[i], cell, self)
+                continue
+            bad.step(k, 0, v, cell, self)
+            hi.step(k, hi.severity(v), v, cell, self)
+            lo.step(k, lo.severity(v), v, cell, self)
+            deep.step(k, deep.severity(v), v, cell, self)
+
+    def _temperatures(self, grp: _ElementGroup) -> None:
+        p = self.plausible
+        bad = self.bad_data["module.temperature"]
+        charging = self.charging
+        pairs = ((self.checks["cell_temperature_high_charge"], charging),
+                 (self.checks["cell_temperature_low_charge"], charging),
+                 (self.checks["cell_temperature_high_discharge"], not charging),
+                 (self.checks["cell_temperature_low_discharge"], not charging))
+        for i, k in zip(grp.image_index, grp.local, strict=True):
+            v = self._value(i, p.temperature_min, p.temperature_max)
+            sensor = i - self.image.families["module.temperature"].start
+            if v is None:
+                bad.step(k, 1, self.image.w_value[i], sensor, self)
+                continue
+            bad.step(k, 0, v, sensor, self)
+            for chk, applies in pairs:
+                # the other mode's limits do not apply: its counters decay and clear
+                chk.step(k, chk.severity(v) if applies else 0, v, sensor, self)
+
+    def _current(self) -> None:
+        lim = self.plausible.current_abs_max
+        v = self._value(self.current_index, -lim, lim)
+        bad = self.bad_data["pack.current"]
+        if v is None:
+            bad.step(0, 1, self.image.w_value[self.current_index], None, self)
+            return
+        bad.step(0, 0, v, None, self)
+        self.charging = v > self.charge_threshold_a
+        chg, dis = self.checks["pack_current_charge"], self.checks["pack_current_discharge"]
+        chg.step(0, chg.severity(v), v, None, self)
+        dis.step(0, dis.severity(-v), -v, None, self)
+
+    def _cell_number(self, i: int) -> int:
+        return i - self.image.families["cell.voltage"].start
+
+    # -- the 10 ms tick (supervision thread) ----------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Staleness of every watched signal, and the aggregate checks when their inputs are new."""
+        img = self.image
+        watched = self.watched
+        q = img.quality(watched, now)
+        with self.lock:
+            stale = self.stale
+            # a signal never received yet is not "stopped": the contactor machine stays in INIT instead
+            received = img.seq[img.slots(watched)] > 0
+            for k in np.flatnonzero((q == Quality.STALE) & received):
+                stale.step(int(k), 1, float(img.value[watched[k]]), int(watched[k]), self)
+            for k in [k for k, c in enumerate(stale.count[0]) if c and q[k] != Quality.STALE]:
+                stale.step(k, 0, float(img.value[watched[k]]), int(watched[k]), self)
+            seq = int(img.seq[img.slots(self.cells)].sum())
+            if seq != self._agg_seq:
+                self._agg_seq = seq
+                self._aggregates(now)
+
+    def _aggregates(self, now: float) -> None:
+        img = self.image
+        cv = img.value[self.cells]
+        good = img.quality(self.cells, now) == Quality.GOOD
+        if good.sum() >= 2:
+            spread = float(cv[good].max() - cv[good].min())
+            c = self.checks["cell_voltage_spread"]
+            c.step(0, c.severity(spread), spread, None, self)
+        tv = img.value[self.sensors]
+        tgood = img.quality(self.sensors, now) == Quality.GOOD if self.sensors.size else np.zeros(0, bool)
+        if tgood.sum() >= 2:
+            spread = float(tv[tgood].max() - tv[tgood].min())
+            c = self.checks["cell_temperature_spread"]
+            c.step(0, c.severity(spread), spread, None, self)
+        if "pack.voltage" in img.scalars and good.all():
+            pv = img.read("pack.voltage", now)
+            if pv.quality == Quality.GOOD:
+                diff = abs(pv.value - float(cv.sum()))
+                c = self.checks["pack_voltage_mismatch"]
+                c.step(0, c.severity(diff), diff, None, self)
+
+    # -- state for reset, alarms and derating ----------------------------------------------
+
+    def trip_causes(self) -> list[str]:
+        """Active MSL conditions (each prevents leaving ERROR)."""
+        with self.lock:
+            out = []
+            for chk in [*self.checks.values(), self.deep, *self.bad_data.values(), self.stale]:
+                if chk.any_active(Level.MSL):
+                    out.append(f"{chk.name} ({sum(chk.active[-1])} active)")
+            return out
+
+    def active(self) -> list[dict[str, Any]]:
+        """Every active condition with its level and element."""
+        with self.lock:
+            rows = []
+            for chk in [*self.checks.values(), self.deep, *self.bad_data.values(), self.stale]:
+                for level, k in chk.active_elements():
+                    rows.append({"check": chk.name, "level": level.name, "element": k})
+            return rows
+
+    def derate(self) -> bool:
+        """An RSL condition is active: the control loop should reduce the current limits."""
+        with self.lock:
+            return any(c.any_active(Level.RSL) for c in self.checks.values())
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _describe(check: LevelCounters, level: Level, active: bool, index: int | None, value: float,
+              limit: float) -> str:
+    where = f" at {index}" if index is not None else ""
+    state = "exceeded" if active else "cleared"
+    if check.kind == Kind.DATA:
+        return f"{check.name}{where}: {'bad or missing data' if active else 'data good again'}"
+    unit = CHECKS.get(check.name, ("", "V", ""))[1]
+    return f"{check.name}{where} {level.name} {state}: {value:.4g} {unit} (limit {limit:.4g})"
