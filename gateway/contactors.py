@@ -235,7 +235,7 @@ class ContactorMachine:
 
     def _feedback(self, now: float) -> None:
         """Compare feedback with commands; a mismatch beyond the timeout, or a weld, is a fault."""
-        for name, i in self._fb_index.items():
+        for name in self._fb_index:
             r = self.image.read(f"contactor.{name}", now)
             if r.quality != Quality.GOOD:
                 continue  # missing feedback is caught as stale data by protection

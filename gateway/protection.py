@@ -302,10 +302,11 @@ class Protection:
             stale = self.stale
             # a signal never received yet is not "stopped": the contactor machine stays in INIT instead
             received = img.seq[img.slots(watched)] > 0
-            for k in np.flatnonzero((q == Quality.STALE) & received):
-                stale.step(int(k), 1, float(img.value[watched[k]]), int(watched[k]), self)
-            for k in [k for k, c in enumerate(stale.count[0]) if c and q[k] != Quality.STALE]:
-                stale.step(k, 0, float(img.value[watched[k]]), int(watched[k]), self)
+            for k in np.flatnonzero((q == Quality.STALE) & received).tolist():
+                stale.step(k, 1, float(img.value[watched[k]]), int(watched[k]), self)
+            for j, c in enumerate(stale.count[0]):
+                if c and q[j] != Quality.STALE:
+                    stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
             seq = int(img.seq[img.slots(self.cells)].sum())
             if seq != self._agg_seq:
                 self._agg_seq = seq
