@@ -75,7 +75,7 @@ class Contactor:
         return ContactorState.CLOSED if self.closed else ContactorState.OPEN
 
 
-FAULTS = ("cell_drift", "heating", "current_offset", "stuck", "silent", "welded", "clear")
+FAULTS = ("cell_drift", "heating", "current_offset", "stuck", "silent", "welded", "precharge_open", "clear")
 
 
 class SimPack:
@@ -101,6 +101,8 @@ class SimPack:
         self.contactors["precharge"] = Contactor()
         self.silent_modules: set[int] = set()
         self.last_command: float | None = None
+        self.wall: Callable[[], float] = time.time  # frame timestamps (tests substitute their clock)
+        self.precharge_broken = False
         self.balancing_mask = np.zeros((modules, cells_per_module), dtype=bool)
         self._balancing_until = np.zeros(modules)
         self.tick_count = 0
@@ -158,8 +160,12 @@ class SimPack:
             name = ("main_positive", "main_negative", "precharge")[target]
             self.contactors[name].welded = True
             return f"contactor {name} welded"
+        elif fault == "precharge_open":
+            self.precharge_broken = True
+            return "precharge resistor open: the DC link does not charge"
         elif fault == "clear":
             p.clear_faults()
+            self.precharge_broken = False
             self.silent_modules.clear()
             for c in self.contactors.values():
                 c.welded = False
@@ -222,7 +228,10 @@ class SimPack:
         if c["main_negative"].closed and c["main_positive"].closed:
             self._link_v = target
         else:
-            tau = PRECHARGE_TAU_S if c["precharge"].closed and c["main_negative"].closed else 5.0
+            precharging = c["precharge"].closed and c["main_negative"].closed and not self.precharge_broken
+            tau = PRECHARGE_TAU_S if precharging else 5.0
+            if self.precharge_broken:
+                target = 0.0
             self._link_v += (target - self._link_v) * (1 - np.exp(-TICK_S / tau))
         p.dc_link_voltage_v = self._link_v
         self._meas = p.measure()
@@ -236,7 +245,7 @@ class SimPack:
         lo_hi = self._ranges[name]
         clipped = {k: min(max(v, lo_hi[k][0]), lo_hi[k][1]) for k, v in values.items()}
         data = msg.encode(clipped, strict=False)
-        self.send(can.Message(arbitration_id=msg.frame_id, data=data, is_extended_id=False, timestamp=time.time()))
+        self.send(can.Message(arbitration_id=msg.frame_id, data=data, is_extended_id=False, timestamp=self.wall()))
         self.frames_sent += 1
 
     def _send_pack_measurement(self) -> None:

@@ -21,7 +21,16 @@ from gateway.dbcfile import LoadedDbc, load_dbc, merge
 from gateway.image import ProcessImage
 from gateway.ingest import Ingest
 from gateway.lane import LaneSettings
-from gateway.limits import PRESETS, Debounce, HardwareLimits, LevelOverride, LimitTable, validate, with_overrides
+from gateway.limits import (
+    PRESETS,
+    Debounce,
+    HardwareLimits,
+    HardwareSection,
+    LevelOverride,
+    LimitTable,
+    validate,
+    with_overrides,
+)
 from gateway.pipeline import BusSource, Layout, build
 from gateway.protection import PlausibleRanges, Protection
 from gateway.schema import ConfigError, Loader, read_toml
@@ -127,7 +136,7 @@ class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     site: SiteSection = field(default_factory=SiteSection)
     bus: list[BusSection] = field(default_factory=list)
-    hardware_limits: HardwareLimits = field(default_factory=HardwareLimits)
+    hardware_limits: HardwareSection = field(default_factory=HardwareSection)
     protection: ProtectionSection = field(default_factory=ProtectionSection)
     sim: SimSection | None = None
 
@@ -135,6 +144,10 @@ class Config:
         """The preset of the site's chemistry with the configured overrides (not yet validated)."""
         p = self.protection
         return with_overrides(PRESETS[p.preset or self.site.chemistry], p.limits, p.deep_discharge_v)
+
+    def hardware(self) -> HardwareLimits:
+        """The fixed hardware limits: the chemistry's defaults with what [hardware_limits] sets."""
+        return self.hardware_limits.resolve(self.protection.preset or self.site.chemistry)
 
     def contactor_bus(self) -> str:
         return self.protection.contactor_bus or self.bus[0].name
@@ -154,7 +167,11 @@ class Config:
             table = self.limit_table()
         except ValueError as exc:
             raise ValueError(f"protection.limits.{exc}") from None
-        for problem in validate(table, self.hardware_limits):
+        try:
+            self.hardware().check()
+        except ValueError as exc:
+            raise ValueError(f"hardware_limits.{exc}") from None
+        for problem in validate(table, self.hardware()):
             key = problem.split(":", 1)[0]
             prefix = "protection." if key == "deep_discharge_v" else "protection.limits."
             raise ValueError(f"{prefix}{problem}")

@@ -120,8 +120,9 @@ class ContactorMachine:
         self.on_event = on_event
         self.trip_causes = trip_causes
         self.lock = threading.RLock()
+        self.clock: Callable[[], float] = time.monotonic  # tests drive their own clock
         self.state = State.INIT
-        self.since = time.monotonic()
+        self.since = self.clock()
         self.commanded = dict.fromkeys(CONTACTORS, False)
         self.commanded_at = dict.fromkeys(CONTACTORS, 0.0)
         self.error_causes: list[str] = []
@@ -135,7 +136,7 @@ class ContactorMachine:
         self._fb_index = {c: image.index(f"contactor.{c}") for c in CONTACTORS if f"contactor.{c}" in image.scalars}
         latched = latch.read()
         if latched is not None:
-            self._enter(State.ERROR, time.monotonic(), f"deep discharge latched (cell {latched.get('cell')})")
+            self._enter(State.ERROR, self.clock(), f"deep discharge latched (cell {latched.get('cell')})")
 
     # -- outputs ---------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class ContactorMachine:
 
     def trip(self, cause: str, now: float | None = None) -> bool:
         """Open everything at once and latch ERROR; True when this trip left a non-ERROR state."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self.lock:
             self._set(now, main_positive=False, main_negative=False, precharge=False)
             if cause not in self.error_causes:
@@ -178,7 +179,7 @@ class ContactorMachine:
 
     def request_close(self, now: float | None = None) -> tuple[bool, str]:
         """Operator (or auto_close) asks for the contactors to close."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self.lock:
             if self.state is State.ERROR:
                 return False, "in ERROR: reset first"
@@ -191,7 +192,7 @@ class ContactorMachine:
             return True, "close requested"
 
     def request_open(self, now: float | None = None) -> tuple[bool, str]:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self.lock:
             self.close_requested = False
             if self.state in (State.NORMAL, State.PRECHARGE):
@@ -200,7 +201,7 @@ class ContactorMachine:
 
     def reset(self, clear_deep_discharge: bool = False, now: float | None = None) -> tuple[bool, str]:
         """Leave ERROR when every cause is gone; says which cause remains otherwise."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self.lock:
             if self.state is not State.ERROR:
                 return False, f"not in ERROR (state {self.state.value})"
@@ -323,7 +324,7 @@ class ContactorMachine:
 
     def status(self) -> dict[str, Any]:
         with self.lock:
-            return {"state": self.state.value, "since_s": round(time.monotonic() - self.since, 1),
+            return {"state": self.state.value, "since_s": round(self.clock() - self.since, 1),
                     "commanded": dict(self.commanded), "error_causes": list(self.error_causes),
                     "feedback_faults": dict(self.feedback_faults), "precharge_attempt": self.attempt,
                     "close_requested": self.close_requested, "trips": self.trips,

@@ -65,7 +65,8 @@ class Gateway:
         self.lane: ProtectionLane | None = None
         sinks: dict[str, Callable[[can.Message], object]] = {b.name: self.ingests[b.name].on_frame for b in cfg.bus}
         if cfg.protection.enabled:
-            self.lane = self._make_lane()
+            bus = cfg.contactor_bus()
+            self.lane = make_lane(loaded, self.recorder, lambda msg: self.adapters[bus].send(msg))
             sinks = {b.name: self.lane.sink(b.name, self.ingests[b.name], b.fd) for b in cfg.bus}
         self.adapters.update({b.name: CanAdapter(b, sinks[b.name]) for b in cfg.bus})
         self.started_mono = time.monotonic()
@@ -82,24 +83,6 @@ class Gateway:
             "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
             "contactors": self.cmd_contactors,
         }, {"candump": self.stream_candump})
-
-    def _make_lane(self) -> ProtectionLane:
-        cfg = self.loaded.config
-        p = cfg.protection
-        bus = cfg.contactor_bus()
-        message = next(m for s in self.loaded.sources if s.bus == bus for m in s.messages
-                       if m.name == p.contactor_message)
-
-        def send(values: dict[str, int]) -> bool:
-            return self.adapters[bus].send(can.Message(arbitration_id=message.frame_id, data=message.encode(values),
-                                                       is_extended_id=message.is_extended_frame))
-
-        protection = Protection(self.image, cfg.limit_table(), p.debounce, p.plausible, self.recorder, self.recorder,
-                                p.charge_threshold_a, p.lane.tick_ms / 1000.0)
-        machine = ContactorMachine(self.image, CanContactorDriver(send), p.contactors,
-                                   DeepDischargeLatch(state_dir(cfg)), self.recorder, protection.trip_causes)
-        protection.on_deep_discharge = lambda cell, v: machine.latch.set(cell, v)
-        return ProtectionLane(protection, machine, self.recorder, p.lane)
 
     def _make_sim(self) -> None:
         cfg = self.loaded.config
@@ -275,6 +258,25 @@ class Gateway:
         finally:
             for t in taps:
                 self.adapters[t.bus].taps.remove(t)
+
+
+def make_lane(loaded: Loaded, recorder: Recorder, send: Callable[[can.Message], bool]) -> ProtectionLane:
+    """Protection, contactor machine and lane of a validated config; ``send`` puts a frame on the contactor bus."""
+    cfg = loaded.config
+    p = cfg.protection
+    bus = cfg.contactor_bus()
+    message = next(m for s in loaded.sources if s.bus == bus for m in s.messages if m.name == p.contactor_message)
+
+    def command(values: dict[str, int]) -> bool:
+        return send(can.Message(arbitration_id=message.frame_id, data=message.encode(values),
+                                is_extended_id=message.is_extended_frame))
+
+    protection = Protection(loaded.image, cfg.limit_table(), p.debounce, p.plausible, recorder, recorder,
+                            p.charge_threshold_a, p.lane.tick_ms / 1000.0)
+    machine = ContactorMachine(loaded.image, CanContactorDriver(command), p.contactors,
+                               DeepDischargeLatch(state_dir(cfg)), recorder, protection.trip_causes)
+    protection.on_deep_discharge = machine.latch.set
+    return ProtectionLane(protection, machine, recorder, p.lane)
 
 
 def _num(x: float) -> float | None:

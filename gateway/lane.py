@@ -84,6 +84,8 @@ class ProtectionLane:
         self.recorder = recorder
         self.settings = settings
         self.clock = clock
+        self.wall: Callable[[], float] = time.time  # the adapters' timestamp domain, for flight records
+        machine.clock = clock
         self.stats = LaneStats()
         self.loop = LoopStats("protection", settings.tick_ms / 1000.0, "P0")
         self.rings: dict[str, FrameRing] = {}
@@ -118,8 +120,9 @@ class ProtectionLane:
         first = self.machine.trip(event.message or event.name)
         if not first:
             return  # already open and latched: the condition is in the error causes
-        self.stats.last_trip = {"event": event.id, "name": event.name, "message": event.message, "time": event.time}
-        self._pending.append(_PendingRecord(event.id, event.time, self.clock() + self.settings.flight_after_s))
+        wall = self.wall()
+        self.stats.last_trip = {"event": event.id, "name": event.name, "message": event.message, "time": wall}
+        self._pending.append(_PendingRecord(event.id, wall, self.clock() + self.settings.flight_after_s))
         self.recorder(Event(Kind.TRIP, event.name, Level.MSL, True, event.index, event.value, event.limit,
                             f"trip: {event.message}"))
 

@@ -116,12 +116,12 @@ PRESETS: dict[str, LimitTable] = {
 class HardwareLimits:
     """What the cells and the power path can take, from their datasheets. No remote input changes these."""
 
-    cell_voltage_max: float = 4.25
-    cell_voltage_min: float = 2.50
-    cell_temperature_max: float = 65.0
-    cell_temperature_min: float = -30.0
-    pack_current_charge_max: float = 120.0
-    pack_current_discharge_max: float = 150.0
+    cell_voltage_max: float
+    cell_voltage_min: float
+    cell_temperature_max: float
+    cell_temperature_min: float
+    pack_current_charge_max: float
+    pack_current_discharge_max: float
 
     def check(self) -> None:
         if not self.cell_voltage_min < self.cell_voltage_max:
@@ -131,6 +131,29 @@ class HardwareLimits:
         for name in ("pack_current_charge_max", "pack_current_discharge_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
+
+
+HARDWARE_DEFAULTS: dict[str, HardwareLimits] = {
+    "NMC": HardwareLimits(4.25, 2.50, 65.0, -30.0, 120.0, 150.0),
+    "LFP": HardwareLimits(3.75, 2.00, 65.0, -30.0, 120.0, 150.0),
+    "LTO": HardwareLimits(2.85, 1.50, 65.0, -40.0, 120.0, 150.0),
+}
+
+
+@dataclass(frozen=True)
+class HardwareSection:
+    """The [hardware_limits] section: what is set replaces the chemistry's default."""
+
+    cell_voltage_max: float | None = None
+    cell_voltage_min: float | None = None
+    cell_temperature_max: float | None = None
+    cell_temperature_min: float | None = None
+    pack_current_charge_max: float | None = None
+    pack_current_discharge_max: float | None = None
+
+    def resolve(self, chemistry: str) -> HardwareLimits:
+        set_values = {k: v for k, v in vars(self).items() if v is not None}
+        return replace(HARDWARE_DEFAULTS[chemistry], **set_values)
 
 
 def _bounds(hw: HardwareLimits) -> dict[str, tuple[float, float]]:

@@ -240,7 +240,9 @@ to = 'bms.state'
 def test_strict_dbc_refuses_a_dbc_that_only_parses_leniently(tmp_path: Path, sim_text: str, corpus: Path) -> None:
     dbc = corpus / "foxbms" / "overlapping-signals.dbc"
     (tmp_path / "overlap.toml").write_text(OVERLAP_MAP, encoding="utf-8")
-    edits = (('dbc = ["bmsgw_pack.dbc"]', f'dbc = ["{dbc}"]'), ('map = "bmsgw_pack.toml"', 'map = "overlap.toml"'))
+    # a DBC without cell voltages cannot feed protection; this test is about parsing it
+    edits = (('dbc = ["bmsgw_pack.dbc"]', f'dbc = ["{dbc}"]'), ('map = "bmsgw_pack.toml"', 'map = "overlap.toml"'),
+             ("[protection.contactors]", "[protection]\nenabled = false\n\n[protection.contactors]"))
     # leniently: it loads, with a warning naming the file and the problem
     lenient = load_config(variant(tmp_path, sim_text, *edits, name="lenient.toml"))
     assert len(lenient.warnings) == 1
@@ -311,3 +313,12 @@ def test_cli_config_check_json(repo: Path) -> None:
     assert out["buses"][0]["name"] == "pack" and out["buses"][0]["bound_signals"] > 0
     assert out["warnings"] == []
     assert out["image"]["signals"] > 0
+
+
+def test_protection_refuses_a_map_without_cell_voltages(tmp_path: Path, sim_text: str, corpus: Path) -> None:
+    dbc = corpus / "foxbms" / "overlapping-signals.dbc"
+    (tmp_path / "overlap.toml").write_text(OVERLAP_MAP, encoding="utf-8")
+    path = variant(tmp_path, sim_text, ('dbc = ["bmsgw_pack.dbc"]', f'dbc = ["{dbc}"]'),
+                   ('map = "bmsgw_pack.toml"', 'map = "overlap.toml"'))
+    err = config_error(path)
+    assert err.key == "protection" and "cell voltages" in err.reason and "enabled = false" in err.reason

@@ -1,0 +1,292 @@
+"""Protection scenarios against the simulated pack, on a driven clock (no sleeping, no timing flakiness).
+
+The rig is the daemon's own assembly (config -> image -> protection -> contactor machine -> lane)
+with the simulated pack's frames fed through the lane's receive-path sink and the gateway's
+contactor frames fed back to the simulated pack, 10 ms per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import can
+import pytest
+
+from drivers.sim_pack import TICK_S, SimPack
+from gateway.config import load_config
+from gateway.contactors import State
+from gateway.daemon import make_lane
+from gateway.events import Event, Kind, Level, Recorder
+from gateway.schema import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DBC = str(ROOT / "dbc" / "bmsgw_pack.dbc")
+CELL = 30  # module 2, page 0: its voltages arrive every 100 ms
+
+
+def config(tmp: Path, extra: str = "") -> Path:
+    text = (ROOT / "gateway/configs/sim.toml").read_text()
+    text = text.replace('[gateway]\n', f'[gateway]\nstate_dir = "{tmp / "state"}"\n')
+    path = tmp / "bmsgw.toml"
+    path.write_text(text + extra)
+    return path
+
+
+class Rig:
+    """Simulated pack <-> gateway lane, stepped 10 ms at a time."""
+
+    def __init__(self, tmp: Path, extra: str = "", **sim: Any) -> None:
+        self.loaded = load_config(config(tmp, extra))
+        self.t = 0.0
+        ingest = self.loaded.ingests["pack"]
+        ingest.clock = lambda: self.t
+        self.recorder = Recorder()
+        self.trips: list[tuple[float, Event]] = []
+        self.lane = make_lane(self.loaded, self.recorder, self._to_pack)
+        self.lane.clock = self.lane.machine.clock = lambda: self.t
+        self.lane.wall = lambda: 1.7e9 + self.t
+        self.sink = self.lane.sink("pack", ingest, False)
+        self.frames_to_pack = 0
+        self.sim = SimPack(DBC, self._to_gateway, **sim)
+        self.sim.wall = lambda: 1.7e9 + self.t
+        self.image = self.loaded.image
+        self.cell_samples: list[tuple[float, float]] = []
+        self.recorder.subscribers.append(self._event)
+        self._inject: dict[int, Any] = {}
+
+    def _event(self, ev: Event) -> None:
+        if ev.kind == Kind.TRIP:
+            self.trips.append((self.t, ev))
+
+    def _to_pack(self, msg: can.Message) -> bool:
+        self.frames_to_pack += 1
+        self.sim.receive(msg)
+        return True
+
+    def _to_gateway(self, msg: can.Message) -> None:
+        edit = self._inject.get(msg.arbitration_id)
+        if edit is not None:
+            msg = edit(msg)
+        self.sink(msg)
+        if msg.arbitration_id == 0x200 + CELL // 14 and msg.data[0] & 0x0F == (CELL % 14) // 4:
+            self.cell_samples.append((self.t, self.image.read(f"cell[{CELL}].voltage", self.t).value))
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / TICK_S)):
+            self.t += TICK_S
+            self.sim.tick()
+            self.lane.tick(self.t, self.t)
+
+    def run_until(self, cond: Any, limit_s: float, what: str) -> float:
+        for _ in range(round(limit_s / TICK_S)):
+            if cond():
+                return self.t
+            self.run(TICK_S)
+        raise AssertionError(f"not within {limit_s} s: {what}")
+
+    @property
+    def state(self) -> State:
+        return self.lane.machine.state
+
+    def to_normal(self) -> None:
+        self.run_until(lambda: self.state is State.NORMAL, 10, "NORMAL after precharge")
+
+    def edit_cells(self, module: int, fn: Any) -> None:
+        """Rewrite the cell-voltage frames of one module before the gateway sees them."""
+        db = self.sim.db
+        msg_def = db.get_message_by_frame_id(0x200 + module)
+
+        def edit(msg: can.Message) -> can.Message:
+            values = msg_def.decode(bytes(msg.data), decode_choices=False)
+            fn(values, self.t)
+            return can.Message(arbitration_id=msg.arbitration_id, data=msg_def.encode(values, strict=False),
+                               timestamp=msg.timestamp, is_extended_id=False)
+
+        self._inject[0x200 + module] = edit
+
+
+def test_startup_precharges_and_closes(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    events = [e.message for e in rig.recorder.recent(20) if e.kind == Kind.STATE]
+    assert events[:3] == ["INIT -> STANDBY: measurements valid", "STANDBY -> PRECHARGE: attempt 1",
+                          "PRECHARGE -> NORMAL: precharge complete"]
+    rig.run(0.1)  # the contactors take 30 ms to move
+    assert rig.sim.contactors["main_positive"].closed and not rig.sim.contactors["precharge"].closed
+    rig.run(1.0)
+    assert abs(rig.image.read("pack.current", rig.t).value) > 1  # the PV charge flows
+
+
+# a drifting cell also widens the spread; these tests are about the cell's own limit
+WIDE_SPREAD = "\n[protection.limits.cell_voltage_spread]\nmol = 0.6\nrsl = 0.8\nmsl = 1.0\n"
+
+
+def test_cell_drifting_over_msl_trips_within_debounce_and_not_earlier(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, WIDE_SPREAD)
+    rig.to_normal()
+    rig.sim.inject("cell_drift", CELL, 100.0)  # +100 mV/s: MSL 4.20 V is crossed a few seconds later
+    rig.run_until(lambda: rig.trips, 20, "a trip")
+    msl = rig.loaded.config.limit_table().cell_voltage_high.msl
+    over = [t for t, v in rig.cell_samples if v > msl]
+    trip_t, trip = rig.trips[0]
+    assert trip.name == "cell_voltage_high" and trip.index == CELL
+    # 200 ms debounce = 2 samples of a 100 ms page: the trip comes with the 2nd sample over MSL
+    assert len(over) == 2 and trip_t == over[1]
+    assert rig.state is State.ERROR
+    assert not any(c.requested for c in rig.sim.contactors.values())  # the open command reached the pack
+    levels = [e.level for e in rig.recorder.recent(200) if e.kind == Kind.LIMIT and e.name == "cell_voltage_high"]
+    assert levels[:3] == [Level.MOL, Level.RSL, Level.MSL]
+
+
+def test_flickering_fault_still_trips(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, WIDE_SPREAD)
+    rig.to_normal()
+    n = {"k": 0}
+
+    def flicker(values: dict[str, float], t: float) -> None:
+        if values["Page"] == (CELL % 14) // 4:
+            n["k"] += 1
+            if n["k"] % 2:  # every other sample over MSL: a counter that reset on each good sample never trips
+                values[f"Cell{CELL % 14:02d}_Voltage"] = 4.3
+
+    rig.edit_cells(CELL // 14, flicker)
+    rig.run_until(lambda: rig.trips, 5, "a trip from a flickering cell")
+    assert rig.trips[0][1].name == "cell_voltage_high"
+    assert 4 <= n["k"] <= 6  # up 2 / down 1 against a need of 4: over, ok, over, ok, over
+
+
+def test_silent_module_trips_as_missing_data(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    rig.sim.inject("silent", 7)
+    t0 = rig.t
+    rig.run_until(lambda: rig.trips, 3, "a trip")
+    t, ev = rig.trips[0]
+    assert ev.kind == Kind.TRIP and ev.name == "stale_data" and "stopped arriving" in ev.message
+    # stale after 3 x 100 ms, then the 100 ms data debounce
+    assert 0.3 < t - t0 <= 0.5
+    assert rig.state is State.ERROR
+
+
+@pytest.mark.parametrize("fault", ["invalid_flag", "nan_like_out_of_range"])
+def test_bad_values_trip_as_bad_data(tmp_path: Path, fault: str) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+
+    def bad(values: dict[str, float], t: float) -> None:
+        if values["Page"] == (CELL % 14) // 4:
+            if fault == "invalid_flag":
+                values[f"Cell{CELL % 14:02d}_Invalid"] = 1
+            else:
+                values[f"Cell{CELL % 14:02d}_Voltage"] = 8.0  # beyond any cell: a sensor or wiring fault
+
+    rig.edit_cells(CELL // 14, bad)
+    rig.run_until(lambda: rig.trips, 2, "a trip")
+    assert rig.trips[0][1].name == "cell.voltage_bad_data"
+    assert not any(e.name == "cell_voltage_high" for e in rig.recorder.recent(200))  # not mistaken for OV
+
+
+def test_reset_refused_while_the_cause_persists_then_accepted(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, WIDE_SPREAD)
+    rig.to_normal()
+    rig.sim.inject("cell_drift", CELL, 300.0)
+    rig.run_until(lambda: rig.trips, 10, "a trip")
+    rig.run(0.5)
+    ok, reason = rig.lane.machine.reset()
+    assert not ok and "cell_voltage_high" in reason
+    rig.sim.inject("clear")
+    rig.run(1.5)  # counters decay on the good samples that follow
+    ok, reason = rig.lane.machine.reset()
+    assert ok, reason
+    assert rig.state is State.STANDBY
+    rig.run_until(lambda: rig.state is State.NORMAL, 20, "closing again after the oscillation guard")
+
+
+def test_welded_contactor_is_detected_and_blocks_reset(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    rig.sim.inject("welded", 0)  # main positive
+    rig.lane.machine.request_open()
+    rig.run(1.0)
+    assert rig.state is State.ERROR
+    assert "welded" in rig.lane.machine.feedback_faults["main_positive"]
+    ok, reason = rig.lane.machine.reset()
+    assert not ok and "welded" in reason
+
+
+def test_precharge_fails_after_the_allowed_retries(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.sim.inject("precharge_open")
+    s = rig.loaded.config.protection.contactors
+    rig.run_until(lambda: rig.state is State.ERROR, 30, "ERROR after failed precharges")
+    attempts = [e for e in rig.recorder.recent(200) if e.kind == Kind.STATE and "-> PRECHARGE" in e.message]
+    assert len(attempts) == s.precharge_retries + 1
+    assert f"precharge failed after {s.precharge_retries + 1} attempts" in rig.lane.machine.error_causes[0]
+    assert not rig.sim.contactors["main_positive"].closed
+
+
+def test_deep_discharge_latch_survives_a_restart(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, start_hour=19.0)
+    rig.to_normal()
+    rig.sim.inject("cell_drift", CELL, -2000.0)  # the cell collapses below 2.5 V
+    rig.run_until(lambda: rig.lane.machine.latch.read() is not None, 10, "deep-discharge latch")
+    assert rig.state is State.ERROR
+    rig.sim.inject("clear")
+
+    again = Rig(tmp_path)  # a restart: same state directory, fresh process state
+    assert again.state is State.ERROR
+    again.run(2.0)
+    ok, reason = again.lane.machine.reset()
+    assert not ok and "deep discharge latched" in reason
+    ok, reason = again.lane.machine.reset(clear_deep_discharge=True)
+    assert ok, reason
+    assert again.lane.machine.latch.read() is None
+
+
+def test_repeatedly_late_lane_forces_the_safe_state(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    late = rig.loaded.config.protection.lane.deadline_ms / 1000.0 * 2
+    for _ in range(rig.loaded.config.protection.lane.max_missed):
+        rig.t += late
+        rig.lane.tick(rig.t, rig.t - late)
+    assert rig.state is State.ERROR
+    assert rig.lane.stats.forced_safe_state == 1 and rig.trips[0][1].name == "protection_tick"
+
+
+def test_trip_freezes_a_flight_record_around_it(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, extra=WIDE_SPREAD + "\n[protection.lane]\nflight_before_s = 1.0\nflight_after_s = 0.5\n")
+    records: list[Any] = []
+    rig.recorder.record_subscribers.append(records.append)
+    rig.to_normal()
+    rig.sim.inject("cell_drift", CELL, 500.0)
+    rig.run_until(lambda: rig.trips, 10, "a trip")
+    rig.run(0.6)
+    assert len(records) == 1
+    rec = records[0]
+    trip_wall = rig.lane.stats.last_trip["time"]
+    assert rec.timestamp.min() >= trip_wall - 1.0 - 1e-6 and rec.timestamp.max() <= trip_wall + 0.5 + 1e-6
+    assert 1000 < len(rec.timestamp) < 1600  # ~930 frames/s over 1.5 s
+    assert (rec.frame_id == 0x100).sum() > 100  # the 100 Hz pack frames are all there
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ("\n[protection.limits.cell_voltage_high]\nrsl = 4.25\n", "protection.limits.cell_voltage_high"),
+    ("\n[protection.limits.cell_voltage_high]\nmsl = 4.30\n", "protection.limits.cell_voltage_high"),
+    ("\n[protection.limits.cell_voltage_low]\nmol = 2.9\nrsl = 3.0\n", "protection.limits.cell_voltage_low"),
+    ("\n[protection.limits.cell_volt_high]\nmsl = 4.1\n", "protection.limits.cell_volt_high"),
+    ("\n[hardware_limits]\ncell_voltage_max = 4.1\n", "protection.limits.cell_voltage_high"),
+])
+def test_limit_tables_out_of_order_or_beyond_hardware_are_rejected(tmp_path: Path, extra: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(config(tmp_path, extra))
+    assert info.value.key == key, str(info.value)
+
+
+def test_presets_and_overrides(tmp_path: Path) -> None:
+    cfg = load_config(config(tmp_path, "\n[protection]\npreset = \"LFP\"\n[protection.limits.cell_voltage_high]\n"
+                                      "msl = 3.62\n")).config
+    t = cfg.limit_table()
+    assert (t.cell_voltage_high.mol, t.cell_voltage_high.rsl, t.cell_voltage_high.msl) == (3.55, 3.60, 3.62)
+    assert t.cell_voltage_low.msl == 2.5
