@@ -168,7 +168,13 @@ class ContactorMachine:
         """Open everything at once and latch ERROR; True when this trip left a non-ERROR state."""
         now = self.clock() if now is None else now
         with self.lock:
-            self._set(now, main_positive=False, main_negative=False, precharge=False)
+            # always send: the command goes out even if we believe the contactors are open already
+            # (but several elements tripping together in ERROR need not repeat it within 10 ms)
+            if self.state is not State.ERROR or any(self.commanded.values()) or now - self.last_sent > 0.01:
+                for name in CONTACTORS:
+                    self.commanded[name] = False
+                    self.commanded_at[name] = now
+                self._send(now)
             if cause not in self.error_causes:
                 self.error_causes.append(cause)
             if self.state is State.ERROR:
