@@ -102,6 +102,11 @@ class CanAdapter:
         self._close()
         self.stats.state = "stopped"
 
+    @property
+    def alive(self) -> bool:
+        """The receive thread runs (it may be waiting to reopen the adapter)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def send(self, msg: can.Message) -> bool:
         """Send a frame; False (and counted) when the bus is down or refuses it."""
         bus = self._bus

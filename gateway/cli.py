@@ -1,6 +1,6 @@
 """`bmsgw`: run the gateway and diagnose it over SSH.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad config/DBC/map/arguments,
+Exit codes: 0 success, 1 runtime failure (or `doctor` found a failure), 2 bad config/DBC/map/arguments,
 3 the daemon is not running (or its socket is not reachable), 4 the daemon
 refused the request.
 """
@@ -40,18 +40,12 @@ def _socket(args: argparse.Namespace) -> Path:
 # -- run -----------------------------------------------------------------------
 
 
-def setup_logging(level: str) -> None:
-    # journald adds its own timestamps; a terminal wants them
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from gateway.config import load_config, shipped_config
     from gateway.daemon import Gateway
+    from gateway.logsetup import setup_logging
 
     path = Path(args.config) if args.config else shipped_config()
     if not args.config and not args.sim:
@@ -280,6 +274,96 @@ def cmd_contactors(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gateway import doctor
+    from gateway.config import shipped_config
+
+    path = Path(args.config) if args.config else Path("/etc/bmsgw/bmsgw.toml")
+    if not path.exists() and not args.config:
+        path = shipped_config()
+    findings = doctor.run(path)
+    if args.json:
+        _print_json(doctor.as_json(findings))
+    else:
+        for f in findings:
+            print(f"{f.status.upper():<4}  {f.check:<16} {f.detail}")
+            if f.fix:
+                print(f"      {'':<16} fix: {f.fix}")
+    return EXIT_OK if all(f.status != "fail" for f in findings) else EXIT_FAIL
+
+
+def render_top(st: dict[str, Any]) -> list[str]:
+    """The lines of one `bmsgw top` screen."""
+    p = st["pack"]
+    cv = p["cell_voltage"]
+    lines = [f"bmsgw {st['version']}  {st['gateway']}  up {st['uptime_s']:.0f} s  "
+             f"{'healthy' if st.get('healthy') else 'UNHEALTHY'}  {time.strftime('%H:%M:%S')}", ""]
+    lines.append(f"pack   {_fmt(p.get('voltage_v'), '8.2f')} V  {_fmt(p.get('current_a'), '8.2f')} A  "
+                 f"{_fmt(p.get('power_w'), '8.0f')} W")
+    lines.append(f"cells  min {_fmt(cv['min'])} V #{cv['min_index']}  max {_fmt(cv['max'])} V #{cv['max_index']}  "
+                 f"spread {_fmt(cv.get('spread') and cv['spread'] * 1000, '.0f')} mV  not good {cv['not_good']}")
+    t = p["temperature"]
+    lines.append(f"temp   min {_fmt(t['min'], '.1f')} C  max {_fmt(t['max'], '.1f')} C  not good {t['not_good']}")
+    prot = st.get("protection")
+    if prot:
+        c = prot["contactors"]
+        lines.append(f"contactors {c['state']:<14} alarms {prot['active_alarms']:<4} trips {c['trips']}  "
+                     f"derate {'yes' if prot['derate'] else 'no'}")
+    lines += ["", f"{'bus':<10}{'state':<8}{'frames/s':>10}{'errors':>8}{'unknown':>9}"]
+    for b in st["buses"]:
+        lines.append(f"{b['name']:<10}{b['state']:<8}{b['frames_per_s']:>10.0f}{b['error_frames']:>8}"
+                     f"{b['decode_errors']['unknown']:>9}")
+    lines += ["", f"{'loop':<14}{'lane':<5}{'period':>9}{'p99 jitter':>12}{'overruns':>10}"]
+    for lp in st["loops"]:
+        lines.append(f"{lp['name']:<14}{lp['lane']:<5}{lp['period_ms']:>7.0f}ms{lp['jitter_p99_ms']:>10.2f}ms"
+                     f"{lp['overruns']:>10}")
+    return lines
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    tty = sys.stdout.isatty()
+    n = 0
+    try:
+        if tty:
+            sys.stdout.write("\x1b[?25l\x1b[2J")  # hide the cursor, clear once
+        while True:
+            lines = render_top(request(_socket(args), "status"))
+            if tty:
+                # redraw in place: home, each line cleared to its end, rest of screen cleared: no flicker
+                sys.stdout.write("\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
+            else:
+                sys.stdout.write("\n".join(lines) + "\n\n")
+            sys.stdout.flush()
+            n += 1
+            if args.count and n >= args.count:
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if tty:
+            sys.stdout.write("\x1b[?25h\n")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    hints = [
+        ("follow the gateway's log", "journalctl -u bmsgw -f"),
+        ("warnings and errors of the last hour", "journalctl -u bmsgw -p warning --since '1 hour ago'"),
+        ("since the last start", "journalctl -u bmsgw -b -e"),
+        ("why systemd restarted it", "systemctl status bmsgw; journalctl -u bmsgw | grep -i watchdog"),
+        ("run in the foreground (not under systemd): the log goes to stderr", "bmsgw run --config FILE"),
+    ]
+    if args.json:
+        _print_json([{"what": w, "command": c} for w, c in hints])
+    else:
+        for what, command in hints:
+            print(f"{what}:\n    {command}")
+    return EXIT_OK
+
+
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
@@ -337,6 +421,13 @@ def parser() -> argparse.ArgumentParser:
                    help="also clear a latched deep discharge (only after checking the cells)")
     p = add("contactors", cmd_contactors, "contactor state; request open or close", daemon=True)
     p.add_argument("action", nargs="?", choices=["open", "close"])
+    p = add("doctor", cmd_doctor, "check config, CAN interfaces, daemon, disk and clock, and say what to fix")
+    p.add_argument("--config", help="config file (default /etc/bmsgw/bmsgw.toml, else the shipped sim config)")
+    p = add("top", cmd_top, "live full-screen view (plain snapshots without a terminal)", daemon=True,
+            json_flag=False)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--count", type=int, default=0, help="stop after N screens")
+    add("logs", cmd_logs, "where the logs are and how to read them")
     p = add("replay", cmd_replay, "decode a recorded trace (candump -L, ASC, BLF, CSV, TRC, printed python-can)")
     p.add_argument("file")
     p.add_argument("--dbc", action="append", required=True, help="DBC file (repeatable)")
@@ -347,7 +438,8 @@ def parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="the simulated battery").add_subparsers(dest="sub", required=True, metavar="SUB")
     p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, json_flag=False, parent=sim)
-    p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded or clear")
+    p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded, precharge_open, "
+                                 "stall_lane or clear")
     p.add_argument("--target", type=int, default=0, help="cell, module or contactor index")
     p.add_argument("--value", type=float, default=0.0, help="mV/s, W or A depending on the fault")
     p = add("serve", cmd_sim_serve, "serve the simulated pack as SLCAN over loopback TCP", json_flag=False, parent=sim)

@@ -31,6 +31,7 @@ from gateway.limits import (
     validate,
     with_overrides,
 )
+from gateway.metrics import MetricsSection
 from gateway.pipeline import BusSource, Layout, build
 from gateway.protection import PlausibleRanges, Protection
 from gateway.schema import ConfigError, Loader, read_toml
@@ -138,6 +139,7 @@ class Config:
     bus: list[BusSection] = field(default_factory=list)
     hardware_limits: HardwareSection = field(default_factory=HardwareSection)
     protection: ProtectionSection = field(default_factory=ProtectionSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     sim: SimSection | None = None
 
     def limit_table(self) -> LimitTable:

@@ -28,6 +28,8 @@ from gateway.events import Recorder
 from gateway.image import Quality
 from gateway.lane import ProtectionLane
 from gateway.loops import LoopStats, run_periodic
+from gateway.metrics import serve as serve_metrics
+from gateway.notify import Notifier
 from gateway.protection import Protection
 from gateway.schema import ConfigError
 
@@ -71,7 +73,9 @@ class Gateway:
         self.adapters.update({b.name: CanAdapter(b, sinks[b.name]) for b in cfg.bus})
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
-        self.loops = [LoopStats("bus-rates", RATE_PERIOD_S, "P3")]
+        self.notifier = Notifier()
+        self.loops = [LoopStats("bus-rates", RATE_PERIOD_S, "P3"),
+                      LoopStats("watchdog", self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0, "P3")]
         self.rates: dict[str, float] = {b: 0.0 for b in self.adapters}
         self._last_frames = {b: 0 for b in self.adapters}
         self.sim: SimRunner | None = None
@@ -115,14 +119,22 @@ class Gateway:
             self.lane.start()
         if self.sim is not None:
             self.sim.start()
+        metrics = None
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.control.serve)
+                if self.loaded.config.metrics.enabled:
+                    metrics = serve_metrics(self.loaded.config.metrics, self.status_snapshot)
                 tg.start_soon(run_periodic, self.loops[0], self._update_rates)
+                tg.start_soon(run_periodic, self.loops[1], self._feed_watchdog)
                 tg.start_soon(self._wait_for_signal, tg.cancel_scope)
                 log.info("bmsgw %s running: %d buses, %d signals, control socket %s", __version__,
                          len(self.adapters), self.image.size, self.control.path)
+                self.notifier.send(READY=1, STATUS=self._status_line())
         finally:
+            self.notifier.send(STOPPING=1)
+            if metrics is not None:
+                metrics.shutdown()
             self.stop()
 
     def stop(self) -> None:
@@ -144,6 +156,27 @@ class Gateway:
                 scope.cancel()
                 return
 
+    @property
+    def healthy(self) -> bool:
+        """What the watchdog is fed on: the protection lane keeps its deadline (or, without
+        protection, every receive thread is alive)."""
+        if self.lane is not None:
+            return self.lane.healthy
+        return all(a.alive for a in self.adapters.values())
+
+    def _status_line(self) -> str:
+        state = self.lane.machine.state.value if self.lane is not None else "protection off"
+        rate = sum(self.rates.values())
+        return f"contactors {state}, {rate:.0f} frames/s" + ("" if self.healthy else ", PROTECTION LANE UNHEALTHY")
+
+    def _feed_watchdog(self) -> None:
+        # a stalled lane gets no WATCHDOG=1, so systemd restarts the gateway (the PCU has opened
+        # the contactors already: its command heartbeat stopped with the lane)
+        if self.healthy:
+            self.notifier.send(WATCHDOG=1, STATUS=self._status_line())
+        else:
+            self.notifier.send(STATUS=self._status_line())
+
     def _update_rates(self) -> None:
         for name, adapter in self.adapters.items():
             frames = adapter.stats.frames
@@ -157,6 +190,10 @@ class Gateway:
 
     async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pack summary, buses, decode problems, loops and uptime."""
+        return self.status_snapshot()
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """The status the CLI, the metrics endpoint and the notify STATUS line are made from."""
         return {
             "version": __version__,
             "gateway": self.loaded.config.gateway.id,
@@ -164,6 +201,7 @@ class Gateway:
             "pack": pack_summary(self),
             "buses": [self._bus_status(name) for name in self.adapters],
             "loops": [s.summary() for s in self._all_loops()],
+            "healthy": self.healthy,
             "protection": None if self.lane is None else {
                 **self.lane.status(), "contactors": self.lane.machine.status(),
                 "active_alarms": len(self.lane.protection.active())},
@@ -235,6 +273,12 @@ class Gateway:
     async def cmd_sim_fault(self, args: dict[str, Any]) -> str:
         if self.sim is None:
             raise ControlError("the gateway is not running the simulator (start it with --sim)")
+        if args.get("fault") == "stall_lane":
+            # rehearse a hung protection lane: the watchdog stops, the PCU's heartbeat stops
+            self._lane().stalled.set()
+            return "protection lane stalled (clear with 'sim fault clear')"
+        if args.get("fault") == "clear" and self.lane is not None:
+            self.lane.stalled.clear()
         try:
             return self.sim.sim.inject(str(args.get("fault", "")), int(args.get("target", 0)), float(args.get("value", 0.0)))
         except (IndexError, ValueError) as exc:

@@ -150,6 +150,9 @@ class ProcessImage:
         self.seq: npt.NDArray[np.uint64] = np.frombuffer(self.w_seq, dtype=np.uint64)
         self.stale_after = np.array([*self._slot_period, math.inf], dtype=np.float64) * self.stale_cycles
         self._slot_idx = np.where(self.slot_of < 0, n - 1, self.slot_of).astype(np.intp)
+        # plain-Python copies for single-signal reads, where numpy's per-call overhead dominates
+        self._slot_list: list[int] = self._slot_idx.tolist()
+        self._stale_after_list: list[float] = self.stale_after.tolist()
         self._frozen = True
 
     # -- reading ----------------------------------------------------------
@@ -195,18 +198,24 @@ class ProcessImage:
         fam = self.families[family]
         return self.quality(self.span(family), now).reshape(fam.shape)
 
+    def quality_of(self, i: int, now: float) -> Quality:
+        """Quality of one signal (the same rule as :meth:`quality`, without numpy)."""
+        slot = self._slot_list[i]
+        received = self.w_seq[slot] > 0
+        v = self.w_value[i]
+        if not self.w_valid[i] or (v != v and received):
+            return Quality.INVALID
+        if not received or now - self.w_rx_mono[slot] > self._stale_after_list[slot]:
+            return Quality.STALE
+        return Quality.GOOD
+
     def read(self, name: str, now: float | None = None) -> Reading:
         """One signal with its quality and age."""
         i = self.index(name)
         now = time.monotonic() if now is None else now
-        slot = self._slot_idx[i]
-        return Reading(
-            name,
-            float(self.value[i]),
-            Quality(int(self.quality([i], now)[0])),
-            float(self.rx_time[slot]),
-            float(now - self.rx_mono[slot]),
-        )
+        slot = self._slot_list[i]
+        return Reading(name, self.w_value[i], self.quality_of(i, now), self.w_rx_time[slot],
+                       now - self.w_rx_mono[slot])
 
     def select(self, pattern: str = "*") -> list[str]:
         """Names matching a shell-style glob (``cell[1*].voltage``, ``pack.*``)."""

@@ -31,6 +31,7 @@ from gateway.image import ProcessImage, Quality
 from gateway.limits import CHECKS, Debounce, LimitTable
 
 UP, DOWN = 2, 1
+STALE = int(Quality.STALE)
 TripHandler = Callable[[Event], None]
 EventHandler = Callable[[Event], None]
 
@@ -72,6 +73,8 @@ class LevelCounters:
         self.need = [UP * k for k in need]
         self.count = [[0] * n for _ in thresholds]
         self.active = [[False] * n for _ in thresholds]
+        self.n_active = [0] * len(thresholds)  # per level, kept in step() so queries need no scan
+        self.pending: set[int] = set()  # elements with a non-zero counter at some level
 
     def severity(self, value: float) -> int:
         """How many levels the value exceeds (0 = none)."""
@@ -95,15 +98,19 @@ class LevelCounters:
             counts[k] = c
             if not act[k] and c >= self.need[k] and exceeded > j:
                 act[k] = True
+                self.n_active[j] += 1
                 prot.raise_event(self, level, True, index, value, self.thresholds[j])
             elif act[k] and c == 0:
                 act[k] = False
+                self.n_active[j] -= 1
                 prot.raise_event(self, level, False, index, value, self.thresholds[j])
+        if self.count[0][k]:
+            self.pending.add(k)
+        else:
+            self.pending.discard(k)
 
     def any_active(self, level: Level) -> bool:
-        if level not in self.levels:
-            return False
-        return any(self.active[self.levels.index(level)])
+        return level in self.levels and self.n_active[self.levels.index(level)] > 0
 
     def active_elements(self) -> list[tuple[Level, int]]:
         return [(lv, k) for j, lv in enumerate(self.levels) for k, a in enumerate(self.active[j]) if a]
@@ -177,6 +184,10 @@ class Protection:
                                [samples_for(data_delay, img.period(int(img.slot_of[i]))) for i in idx])
             for fam, idx in (("cell.voltage", self.cells), ("module.temperature", self.sensors),
                              ("pack.current", np.array([self.current_index])))}
+        #: every signal protection depends on (a stale one is a fault)
+        self.watched = np.concatenate([self.cells, self.sensors, [self.current_index]]).astype(np.intp)
+        self._watched_slots = img.slots(self.watched)
+        self._cell_slots = np.unique(img.slots(self.cells))
         stale_ticks = max(1, math.ceil(data_delay / self.tick_s))
         self.stale = LevelCounters("stale_data", Kind.DATA, (0.5,), True, [stale_ticks] * len(self.watched))
         # per slot: which elements of which family it refreshes
@@ -198,10 +209,6 @@ class Protection:
         idx = np.arange(span.start, span.stop)
         return idx[self.image.slot_of[idx] >= 0]
 
-    @property
-    def watched(self) -> np.ndarray:
-        """Every signal protection depends on (a stale one is a fault)."""
-        return np.concatenate([self.cells, self.sensors, [self.current_index]]).astype(np.intp)
 
     # -- events ---------------------------------------------------------------------
 
@@ -301,13 +308,15 @@ class Protection:
         with self.lock:
             stale = self.stale
             # a signal never received yet is not "stopped": the contactor machine stays in INIT instead
-            received = img.seq[img.slots(watched)] > 0
-            for k in np.flatnonzero((q == Quality.STALE) & received).tolist():
-                stale.step(k, 1, float(img.value[watched[k]]), int(watched[k]), self)
-            for j, c in enumerate(stale.count[0]):
-                if c and q[j] != Quality.STALE:
-                    stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
-            seq = int(img.seq[img.slots(self.cells)].sum())
+            received = img.seq[self._watched_slots] > 0
+            is_stale = q == STALE
+            counts, need = stale.count[0], stale.need
+            for k in np.flatnonzero(is_stale & received).tolist():
+                if counts[k] < need[k]:  # saturated and active: nothing changes
+                    stale.step(k, 1, float(img.value[watched[k]]), int(watched[k]), self)
+            for j in [j for j in stale.pending if not is_stale[j]]:
+                stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
+            seq = int(img.seq[self._cell_slots].sum())
             if seq != self._agg_seq:
                 self._agg_seq = seq
                 self._aggregates(now)
@@ -341,7 +350,7 @@ class Protection:
             out = []
             for chk in [*self.checks.values(), self.deep, *self.bad_data.values(), self.stale]:
                 if chk.any_active(Level.MSL):
-                    out.append(f"{chk.name} ({sum(chk.active[-1])} active)")
+                    out.append(f"{chk.name} ({chk.n_active[-1]} active)")
             return out
 
     def active(self) -> list[dict[str, Any]]:

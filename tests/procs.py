@@ -38,10 +38,10 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
 class Daemon:
     """`bmsgw run` in a subprocess with its own control socket and state dir."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.socket = tmp / "control.sock"
         self.env = {**os.environ, "BMSGW_SOCKET": str(self.socket), "XDG_STATE_HOME": str(tmp / "state"),
-                    "XDG_RUNTIME_DIR": str(tmp)}
+                    "XDG_RUNTIME_DIR": str(tmp), **(env or {})}
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(bmsgw_cmd("run", *args), env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT)
