@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in loaded.warnings:
         logging.getLogger("bmsgw").warning("%s", w)
     gw = Gateway(loaded, simulate=args.sim)
+    gw.start_p0()  # fork before this process starts any thread or event loop
     try:
         import uvloop  # noqa: F401
 

@@ -1,9 +1,11 @@
 """The process image: latest value, timestamp and quality of every canonical signal.
 
-Writers (the CAN receive threads) store into ``array.array`` buffers, whose
-item assignment is several times cheaper from Python than numpy's; readers get
-zero-copy numpy views of the same memory, so protection, estimators, OPC UA and
-the recorder read per-cell arrays without copying anything per frame.
+The buffers live in anonymous shared memory (mmap), so the P0 process that
+decodes and protects writes them and the daemon's main process reads the very
+same memory. Writers store through typed memoryviews, whose item assignment is
+several times cheaper from Python than numpy's; readers get zero-copy numpy
+views, so protection, estimators, OPC UA and the recorder read per-cell arrays
+without copying anything per frame.
 
 Timestamps are kept per *slot* (one slot per frame ID and multiplexer page),
 not per signal: every signal a frame carries shares the frame's time, so a
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import mmap
 import re
 import time
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +74,18 @@ class Family:
         return ".".join(f"{p}[{next(idx)}]" if k < len(self.shape) else p for k, p in enumerate(parts))
 
 
+_DTYPES = {"d": np.float64, "b": np.int8, "Q": np.uint64}
+
+
+def _shared(fmt: str, n: int, fill: float) -> tuple[memoryview, Any]:
+    """A typed memoryview and a numpy view over new anonymous shared memory (kept across fork)."""
+    dtype = np.dtype(_DTYPES[fmt])
+    mm = mmap.mmap(-1, max(1, n) * dtype.itemsize)
+    view = np.frombuffer(mm, dtype=dtype, count=n)
+    view[:] = fill
+    return memoryview(mm)[: n * dtype.itemsize].cast(fmt), view  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
 class Reading:
     """One signal as read from the image."""
@@ -98,12 +114,10 @@ class ProcessImage:
                 self.scalars[name] = pos
                 pos += 1
         self.size = pos
-        # writer side: array buffers; reader side: numpy views of the same memory
-        self.w_value = array("d", [math.nan]) * pos
-        self.w_valid = array("b", [1]) * pos
-        self.w_slot = array("i", [-1]) * pos
-        self.value: npt.NDArray[np.float64] = np.frombuffer(self.w_value, dtype=np.float64)
-        self.valid: npt.NDArray[np.int8] = np.frombuffer(self.w_valid, dtype=np.int8)
+        # writer side: memoryviews; reader side: numpy views of the same (shared) memory
+        self.w_value, self.value = _shared("d", pos, math.nan)
+        self.w_valid, self.valid = _shared("b", pos, 1)
+        self.w_slot = array("i", [-1]) * pos  # fixed once built: private to each process
         self.slot_of: npt.NDArray[np.int32] = np.frombuffer(self.w_slot, dtype=np.int32)
         self.slot_names: list[str] = []
         self._slot_period: list[float] = []
@@ -142,12 +156,9 @@ class ProcessImage:
     def freeze(self) -> None:
         """Allocate the per-slot buffers once every slot is known."""
         n = len(self.slot_names) + 1  # last slot: "never" for unbound signals
-        self.w_rx_time = array("d", [math.nan]) * n
-        self.w_rx_mono = array("d", [-math.inf]) * n
-        self.w_seq = array("Q", [0]) * n
-        self.rx_time: npt.NDArray[np.float64] = np.frombuffer(self.w_rx_time, dtype=np.float64)
-        self.rx_mono: npt.NDArray[np.float64] = np.frombuffer(self.w_rx_mono, dtype=np.float64)
-        self.seq: npt.NDArray[np.uint64] = np.frombuffer(self.w_seq, dtype=np.uint64)
+        self.w_rx_time, self.rx_time = _shared("d", n, math.nan)
+        self.w_rx_mono, self.rx_mono = _shared("d", n, -math.inf)
+        self.w_seq, self.seq = _shared("Q", n, 0)
         self.stale_after = np.array([*self._slot_period, math.inf], dtype=np.float64) * self.stale_cycles
         self._slot_idx = np.where(self.slot_of < 0, n - 1, self.slot_of).astype(np.intp)
         # plain-Python copies for single-signal reads, where numpy's per-call overhead dominates

@@ -6,6 +6,8 @@ into the slot buffers), so nothing here sleeps or depends on the wall clock.
 
 from __future__ import annotations
 
+import os
+
 import math
 
 import numpy as np
@@ -246,8 +248,8 @@ def test_numpy_views_see_writes_through_the_array_buffers() -> None:
     view = img.array("cell.voltage")
     temps = img.array("module.temperature")
     assert np.shares_memory(view, img.value)
-    addr, n = img.w_value.buffer_info()
-    assert img.value.ctypes.data == addr and img.value.size == n
+    assert np.shares_memory(np.frombuffer(img.w_value, dtype=np.float64), img.value)
+    assert len(img.w_value) == img.value.size
     assert not img.value.flags.owndata
     img.w_value[img.index("cell[9].voltage")] = 3.99
     img.w_value[img.index("module[1].temperature[0]")] = 25.5
@@ -260,3 +262,16 @@ def test_numpy_views_see_writes_through_the_array_buffers() -> None:
     assert img.rx_time[slots["cells"]] == 123.0
     assert img.seq[slots["cells"]] == 1
     assert np.shares_memory(img.rx_mono, np.frombuffer(img.w_rx_mono, dtype=np.float64))
+
+
+def test_the_image_is_shared_with_a_forked_writer() -> None:
+    """The P0 process writes after fork; the daemon's main process reads the same memory."""
+    img, slots = make_image()
+    i = img.index("cell[4].voltage")
+    pid = os.fork()
+    if pid == 0:  # the child: write as the receive thread does, then leave at once
+        img.w_value[i] = 3.777
+        receive(img, slots["cells"], mono=9.0, wall=321.0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert img.value[i] == 3.777 and img.rx_time[slots["cells"]] == 321.0

@@ -1,0 +1,390 @@
+"""The P0 process: CAN adapters, decoding, protection and the contactors, isolated from the rest.
+
+The daemon forks this process before it starts any thread or event loop. The
+child owns every CAN bus: its receive threads decode into the process image,
+which lives in shared memory (so the main process reads the same values without
+copies), run the per-sample protection checks and send the trip command; its
+supervision thread runs the 10 ms tick. Nothing the main process does (OPC UA,
+the cloud link, big encodes, estimators, its garbage collector) shares a GIL or
+a heap with this lane. docs/design.md has the measurements behind this choice.
+
+The two processes talk over two pipes: requests from the main process (status,
+reset, contactor requests, candump taps, simulator faults) with replies, and a
+one-way stream of events and flight records from the lane, sent by a thread of
+its own so that a slow reader never blocks protection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+import can
+
+from drivers.canbus import CanAdapter
+from drivers.sim_pack import SimRunner, virtual_bus_sim
+from gateway.config import Loaded
+from gateway.events import Event, FlightRecord, Recorder
+from gateway.lane import ProtectionLane
+from gateway.schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+TAP_QUEUE = 10_000
+EVENT_QUEUE = 100_000
+
+
+class P0Error(Exception):
+    """The P0 process refused a request (the reason is for the user) or does not answer."""
+
+
+class FrameTap:
+    """Collects frames from a receive thread for a live candump without ever blocking it."""
+
+    def __init__(self, bus: str) -> None:
+        self.bus = bus
+        self.frames: deque[can.Message] = deque()
+        self.dropped = 0
+        self.last_read = time.monotonic()
+
+    def __call__(self, msg: can.Message) -> None:
+        if len(self.frames) >= TAP_QUEUE:
+            self.dropped += 1
+        else:
+            self.frames.append(msg)
+
+
+class P0Core:
+    """Everything of the CAN side: adapters, the protection lane, the simulated pack, taps."""
+
+    def __init__(self, loaded: Loaded, simulate: bool, publish: Callable[[str, Any], None]) -> None:
+        from gateway.daemon import make_lane
+
+        self.loaded = loaded
+        cfg = loaded.config
+        self.recorder = Recorder()
+        self.recorder.subscribers.append(lambda e: publish("event", e))
+        self.recorder.record_subscribers.append(lambda r: publish("record", r))
+        self.adapters: dict[str, CanAdapter] = {}
+        self.lane: ProtectionLane | None = None
+        sinks: dict[str, Callable[[can.Message], object]] = {b.name: loaded.ingests[b.name].on_frame for b in cfg.bus}
+        if cfg.protection.enabled:
+            bus = cfg.contactor_bus()
+            self.lane = make_lane(loaded, self.recorder, lambda msg: self.adapters[bus].send(msg))
+            sinks = {b.name: self.lane.sink(b.name, loaded.ingests[b.name], b.fd) for b in cfg.bus}
+        self.adapters.update({b.name: CanAdapter(b, sinks[b.name]) for b in cfg.bus})
+        self.sim: SimRunner | None = None
+        self._sim_parts: tuple[Any, ...] = ()
+        if simulate:
+            self._make_sim()
+        self.taps: dict[int, FrameTap] = {}
+        self._tap_ids = itertools.count(1)
+
+    def _make_sim(self) -> None:
+        cfg = self.loaded.config
+        sim = cfg.sim
+        if sim is None:
+            raise ConfigError(self.loaded.path, "sim", "--sim needs a [sim] section in the config")
+        bus = next(b for b in cfg.bus if b.name == sim.bus)
+        if bus.interface != "virtual":
+            raise ConfigError(self.loaded.path, "sim.bus",
+                              f"--sim runs the simulated pack on a 'virtual' bus; bus '{bus.name}' is '{bus.interface}'")
+        dbc = self.loaded.dbcs[bus.name][0].path
+        runner, notifier, vbus = virtual_bus_sim(
+            bus.channel, str(dbc), modules=cfg.site.modules, cells_per_module=cfg.site.cells_per_module,
+            sensors_per_module=cfg.site.sensors_per_module, chemistry=cfg.site.chemistry, speed=sim.speed,
+            start_hour=sim.start_hour, initial_soc=sim.initial_soc, ambient_c=sim.ambient_c,
+            peak_charge_a=sim.peak_charge_a, peak_discharge_a=sim.peak_discharge_a, seed=sim.seed)
+        self.sim = runner
+        self._sim_parts = (notifier, vbus)
+
+    def start(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.start()
+        if self.lane is not None:
+            self.lane.start()
+        if self.sim is not None:
+            self.sim.start()
+
+    def stop(self) -> None:
+        """Open the contactors (a gateway that stops supervising must not leave them closed), then stop."""
+        if self.lane is not None:
+            self.lane.machine.trip("gateway stopping")
+            self.lane.stop()
+        if self.sim is not None:
+            self.sim.stop()
+            notifier, vbus = self._sim_parts
+            notifier.stop()
+            vbus.shutdown()
+            self.sim = None
+        for adapter in self.adapters.values():
+            adapter.stop()
+
+    # -- requests from the main process ----------------------------------------------------
+
+    def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        fn = getattr(self, f"req_{cmd}", None)
+        if fn is None:
+            raise P0Error(f"unknown P0 request '{cmd}'")
+        return fn(args)
+
+    def _lane(self) -> ProtectionLane:
+        if self.lane is None:
+            raise P0Error("protection is disabled in the config (protection.enabled = false)")
+        return self.lane
+
+    def req_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "buses": [{"name": n, "interface": a.settings.interface, "channel": a.settings.channel, "alive": a.alive,
+                       **asdict(a.stats), "decode_errors": self.loaded.ingests[n].counters.total(),
+                       "unknown_ids": {f"0x{k & 0x1FFFFFFF:X}": v for k, v in
+                                       sorted(self.loaded.ingests[n].counters.unknown.items())[:50]}}
+                      for n, a in self.adapters.items()],
+            "protection": None, "loops": [], "healthy": all(a.alive for a in self.adapters.values()),
+            "simulator": None,
+        }
+        if self.lane is not None:
+            out["protection"] = {**self.lane.status(), "contactors": self.lane.machine.status(),
+                                 "active_alarms": len(self.lane.protection.active())}
+            out["loops"] = [self.lane.loop.summary()]
+            out["healthy"] = self.lane.healthy
+        if self.sim is not None:
+            sim = self.sim.sim
+            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3),
+                                "faults": list(sim.pack.active_faults) +
+                                [f"module {m} silent" for m in sorted(sim.silent_modules)]}
+        return out
+
+    def req_alarms(self, args: dict[str, Any]) -> dict[str, Any]:
+        lane = self._lane()
+        return {"active": lane.protection.active(), "contactors": lane.machine.status()}
+
+    def req_reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        ok, reason = self._lane().machine.reset(bool(args.get("clear_deep_discharge")))
+        if not ok:
+            raise P0Error(reason)
+        return {"ok": ok, "reason": reason}
+
+    def req_contactors(self, args: dict[str, Any]) -> dict[str, Any]:
+        machine = self._lane().machine
+        action = args.get("action")
+        if action in ("open", "close"):
+            ok, reason = machine.request_open() if action == "open" else machine.request_close()
+            if not ok:
+                raise P0Error(reason)
+        elif action:
+            raise P0Error(f"unknown action '{action}' (open or close)")
+        return machine.status()
+
+    def req_sim_fault(self, args: dict[str, Any]) -> str:
+        if self.sim is None:
+            raise P0Error("the gateway is not running the simulator (start it with --sim)")
+        fault = str(args.get("fault", ""))
+        if fault == "stall_lane":
+            # rehearse a hung protection lane: the watchdog stops, the PCU's heartbeat stops
+            self._lane().stalled.set()
+            return "protection lane stalled (clear with 'sim fault clear')"
+        if fault == "clear" and self.lane is not None:
+            self.lane.stalled.clear()
+        try:
+            return self.sim.sim.inject(fault, int(args.get("target", 0)), float(args.get("value", 0.0)))
+        except (IndexError, ValueError) as exc:
+            raise P0Error(str(exc)) from None
+
+    def req_tap_open(self, args: dict[str, Any]) -> int:
+        wanted = args.get("bus")
+        if wanted and wanted not in self.adapters:
+            raise P0Error(f"no bus '{wanted}' (buses: {', '.join(self.adapters)})")
+        tap_id = next(self._tap_ids)
+        for name in [wanted] if wanted else list(self.adapters):
+            tap = FrameTap(name)
+            self.taps[tap_id * 100 + len(self.taps)] = tap
+            self.adapters[name].taps.append(tap)
+        return tap_id
+
+    def req_tap_read(self, args: dict[str, Any]) -> list[tuple[str, can.Message]]:
+        tap_id = int(args["id"])
+        out = []
+        for _key, tap in self._taps_of(tap_id):
+            tap.last_read = time.monotonic()
+            while tap.frames:
+                out.append((tap.bus, tap.frames.popleft()))
+        self._reap_taps()
+        return out
+
+    def req_tap_close(self, args: dict[str, Any]) -> None:
+        for key, tap in self._taps_of(int(args["id"])):
+            self._drop_tap(key, tap)
+
+    def _taps_of(self, tap_id: int) -> list[tuple[int, FrameTap]]:
+        return [(k, t) for k, t in self.taps.items() if k // 100 == tap_id]
+
+    def _drop_tap(self, key: int, tap: FrameTap) -> None:
+        with contextlib.suppress(ValueError):
+            self.adapters[tap.bus].taps.remove(tap)
+        self.taps.pop(key, None)
+
+    def _reap_taps(self) -> None:
+        # a candump client that vanished without closing its tap
+        for key, tap in list(self.taps.items()):
+            if time.monotonic() - tap.last_read > 10:
+                self._drop_tap(key, tap)
+
+
+def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) -> None:
+    """The P0 process's main function (after fork); exits the process when done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    outbox: queue.Queue[tuple[str, Any]] = queue.Queue(EVENT_QUEUE)
+    dropped = [0]
+
+    def publish(kind: str, item: Any) -> None:
+        try:
+            outbox.put_nowait((kind, item))
+        except queue.Full:  # counted; the lane never waits for the main process
+            dropped[0] += 1
+
+    def forward() -> None:
+        while True:
+            item = outbox.get()
+            try:
+                events.send(item)
+            except (OSError, EOFError):
+                return
+
+    code = 0
+    try:
+        sys.setswitchinterval(loaded.config.protection.switch_interval_ms / 1000.0)
+        core = P0Core(loaded, simulate, publish)
+        gc.collect()
+        gc.freeze()  # start-up objects are never garbage: keep them out of every collection
+        threading.Thread(target=forward, name="p0-events", daemon=True).start()
+        core.start()
+        parent = os.getppid()
+        while not stopping.is_set():
+            if os.getppid() != parent:
+                log.error("the gateway's main process is gone: stopping the CAN side")
+                break
+            if not rpc.poll(0.2):
+                continue
+            try:
+                req_id, cmd, args = rpc.recv()
+            except (EOFError, OSError):
+                break
+            if cmd == "stop":
+                rpc.send((req_id, True, None))
+                break
+            try:
+                rpc.send((req_id, True, core.handle(cmd, args)))
+            except (P0Error, ConfigError) as exc:
+                rpc.send((req_id, False, str(exc)))
+            except Exception as exc:  # a bug in one request must not take protection down
+                log.exception("P0 request %s failed", cmd)
+                rpc.send((req_id, False, f"internal error: {exc}"))
+        core.stop()
+    except Exception:
+        log.exception("P0 process failed")
+        code = 1
+    finally:
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(code)
+
+
+class P0Process:
+    """The main process's handle on the P0 process: fork, requests, events, liveness."""
+
+    def __init__(self, loaded: Loaded, simulate: bool, recorder: Recorder) -> None:
+        rpc_here, rpc_there = Pipe(duplex=True)
+        ev_here, ev_there = Pipe(duplex=False)
+        self.pid = os.fork()
+        if self.pid == 0:
+            rpc_here.close()
+            ev_here.close()
+            _child(loaded, simulate, rpc_there, ev_there)
+        rpc_there.close()
+        ev_there.close()
+        self._rpc = rpc_here
+        self._events = ev_here
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.recorder = recorder
+        self.exit_code: int | None = None
+        self._reader = threading.Thread(target=self._read_events, name="p0-events-in", daemon=True)
+        self._reader.start()
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                kind, item = ev = self._events.recv()
+            except (EOFError, OSError):
+                return
+            if kind == "event" and isinstance(item, Event):
+                self.recorder(item)
+            elif kind == "record" and isinstance(item, FlightRecord):
+                self.recorder.add_flight_record(item)
+            else:
+                log.warning("unexpected message from P0: %r", ev[:1])
+
+    @property
+    def alive(self) -> bool:
+        if self.exit_code is not None:
+            return False
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return True
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        return False
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> Any:
+        """A request to the P0 process; P0Error when refused or when it does not answer in time."""
+        with self._lock:
+            req_id = next(self._ids)
+            try:
+                self._rpc.send((req_id, cmd, args or {}))
+            except (OSError, ValueError) as exc:
+                raise P0Error(f"the P0 process is gone ({exc})") from None
+            end = time.monotonic() + timeout
+            while True:
+                left = end - time.monotonic()
+                try:
+                    if left <= 0 or not self._rpc.poll(left):
+                        raise P0Error(f"the P0 process did not answer '{cmd}' within {timeout} s")
+                    got_id, ok, result = self._rpc.recv()
+                except (EOFError, OSError) as exc:
+                    raise P0Error(f"the P0 process is gone ({exc or 'pipe closed'})") from None
+                if got_id == req_id:
+                    break  # older replies (after a timeout) are dropped
+        if not ok:
+            raise P0Error(result)
+        return result
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the P0 process to open the contactors and stop; kill it if it does not."""
+        if self.alive:
+            with contextlib.suppress(P0Error):
+                self.call("stop", timeout=2.0)
+            end = time.monotonic() + timeout
+            while self.alive and time.monotonic() < end:
+                time.sleep(0.05)
+            if self.alive:
+                log.error("P0 process did not stop: killing it")
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        self._rpc.close()
+        self._events.close()
