@@ -289,6 +289,7 @@ class SimRunner:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sim-pack", daemon=True)
         self.late_ticks = 0
+        self.cpu_s = 0.0  # CPU time of this thread: what the simulator costs, not the gateway
 
     def start(self) -> None:
         self._thread.start()
@@ -300,10 +301,12 @@ class SimRunner:
     def _run(self) -> None:
         next_t = time.monotonic()
         while not self._stop.is_set():
+            t0 = time.thread_time()
             try:
                 self.sim.tick()
             except Exception:
                 log.exception("simulated pack tick failed")
+            self.cpu_s += time.thread_time() - t0
             next_t += TICK_S
             delay = next_t - time.monotonic()
             if delay > 0:

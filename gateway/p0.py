@@ -164,7 +164,7 @@ class P0Core:
             out["healthy"] = self.lane.healthy
         if self.sim is not None:
             sim = self.sim.sim
-            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3),
+            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3), "cpu_s": self.sim.cpu_s,
                                 "faults": list(sim.pack.active_faults) +
                                 [f"module {m} silent" for m in sorted(sim.silent_modules)]}
         return out
