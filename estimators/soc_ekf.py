@@ -1,0 +1,490 @@
+"""Per-cell SoC by an extended Kalman filter on the ECM, vectorised over all cells.
+
+State of every cell: ``[soc, v_1 .. v_n, b]``: SoC, the n RC branch voltages and
+(optionally) the current-sensor offset ``b`` in A (the true current is
+``I_measured - b``; the offset is common to a series string but each cell carries
+its own estimate, which keeps every cell's filter independent, and so cheap; it
+corrects the charge integral, where a small offset adds up). All
+cells advance together as stacked arrays: there is no Python loop over cells.
+
+What it handles:
+
+* wrong initial SoC: large initial covariance; :meth:`SocEkf.init_from_ocv` starts
+  from the OCV when the pack has rested, with a variance from the local OCV slope;
+* current-sensor offset: the bias state (see ``EkfConfig.bias``);
+* OCV re-calibration after rest: once the current stays below ``rest_current_a``
+  for ``rest_time_s``, the rest-averaged voltage is used as an OCV measurement with
+  the (smaller) ``rest_voltage_noise_v``;
+* outliers: innovations beyond ``gate_sigma`` standard deviations are de-weighted;
+* invalid samples: cells whose voltage is flagged invalid are predicted only.
+
+The whole filter state exports to plain lists (:meth:`SocEkf.export_state`) so the
+daemon can persist it and restore it after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .ecm import CellType, EcmParams
+
+__all__ = ["EkfConfig", "PackSoc", "SocEkf", "pack_soc"]
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EkfConfig:
+    """Tuning of :class:`SocEkf` (standard deviations; per-second values scale with sqrt(dt)).
+
+    ``voltage_noise_v`` is the sensor noise plus a base model error; ``model_error_rel``
+    adds that fraction of the predicted overpotential (the ECM errs more under load); ``current_noise_rel``/``current_noise_a`` are the white
+    noise of the current sensor; ``soc_walk_per_sqrt_s`` and ``rc_walk_v_per_sqrt_s``
+    are model random walks; ``bias_walk_a_per_sqrt_s`` lets the offset drift; the offset
+    is learnt only from cells whose SoC standard deviation is below ``bias_learn_max_soc_std``
+    and whose normalised innovation (averaged over ``nis_average_s``) is below
+    ``bias_learn_max_nis``, i.e. once the filter has converged, and only from samples
+    whose predicted overpotential is below ``bias_learn_max_overpotential_v`` (light
+    load, where the ECM is accurate), or from rests only if not ``bias_learn_under_load``.
+    ``rest_current_a`` (after removing the estimated offset) and ``rest_time_s`` define
+    a rest; ``self_discharge_std_per_day`` widens the SoC variance over time offline.
+    """
+
+    voltage_noise_v: float = 0.010
+    current_noise_rel: float = 0.005
+    current_noise_a: float = 0.02
+    soc_walk_per_sqrt_s: float = 2e-6
+    rc_walk_v_per_sqrt_s: float = 2e-5
+    bias: bool = True
+    bias_init_std_a: float = 0.3
+    bias_walk_a_per_sqrt_s: float = 5e-6
+    bias_learn_max_soc_std: float = 0.05
+    bias_learn_max_nis: float = 4.0
+    bias_learn_under_load: bool = True
+    bias_learn_max_overpotential_v: float = 1.0
+    model_error_rel: float = 0.1
+    nis_average_s: float = 120.0
+    init_soc_std: float = 0.3
+    init_rc_std_v: float = 0.02
+    ocv_init_voltage_std_v: float = 0.006
+    rest_current_a: float = 0.5
+    rest_time_s: float = 1800.0
+    rest_voltage_noise_v: float = 0.004
+    rest_average_s: float = 60.0
+    gate_sigma: float = 5.0
+    soc_bounds: tuple[float, float] = (-0.05, 1.05)
+    self_discharge_std_per_day: float = 0.01
+
+    def __post_init__(self) -> None:
+        positive = ("voltage_noise_v", "rest_voltage_noise_v", "init_soc_std", "init_rc_std_v",
+                    "ocv_init_voltage_std_v", "rest_time_s", "rest_average_s", "nis_average_s", "bias_learn_max_nis")
+        for name in positive:
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name}: must be > 0")
+        nonneg = ("current_noise_rel", "current_noise_a", "soc_walk_per_sqrt_s", "rc_walk_v_per_sqrt_s",
+                  "bias_init_std_a", "bias_walk_a_per_sqrt_s", "bias_learn_max_soc_std", "rest_current_a", "model_error_rel",
+                  "bias_learn_max_overpotential_v", "gate_sigma",
+                  "self_discharge_std_per_day")
+        for name in nonneg:
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name}: must be >= 0")
+        if not self.soc_bounds[0] < 0.0 < 1.0 < self.soc_bounds[1]:
+            raise ValueError("soc_bounds must enclose [0, 1]")
+
+
+@dataclass(frozen=True)
+class PackSoc:
+    """Pack-level view of the per-cell estimates.
+
+    ``soc``: usable-window SoC of the series string, ``D / (D + C)`` with ``D`` the Ah
+    the weakest cell can still deliver and ``C`` the Ah the fullest cell can still take
+    (0 when any cell is empty, 1 when any cell is full). ``soe``: the same with OCV
+    energy; ``energy_wh``/``room_wh``: OCV energy available to discharge / charge.
+    """
+
+    soc: float
+    soe: float
+    min_cell_soc: float
+    max_cell_soc: float
+    mean_cell_soc: float
+    energy_wh: float
+    room_wh: float
+
+
+def pack_soc(cell: CellType, soc: ArrayLike, capacity_ah: ArrayLike) -> PackSoc:
+    """Pack SoC/SoE of a series string from per-cell SoC and capacity (see :class:`PackSoc`)."""
+    s = np.clip(np.asarray(soc, dtype=np.float64), 0.0, 1.0)
+    q = np.broadcast_to(np.asarray(capacity_ah, dtype=np.float64), s.shape)
+    ok = np.isfinite(s) & np.isfinite(q)
+    if not ok.any():
+        nan = float("nan")
+        return PackSoc(nan, nan, nan, nan, nan, nan, nan)
+    s, q = s[ok], q[ok]
+    d = float(np.min(s * q))
+    c = float(np.min((1.0 - s) * q))
+    e = cell.ocv.energy_v
+    energy = float(np.sum(q * (e(s) - e(s - d / q))))
+    room = float(np.sum(q * (e(s + c / q) - e(s))))
+    total_ah = d + c
+    return PackSoc(
+        soc=d / total_ah if total_ah > 0.0 else 0.0,
+        soe=energy / (energy + room) if energy + room > 0.0 else 0.0,
+        min_cell_soc=float(s.min()),
+        max_cell_soc=float(s.max()),
+        mean_cell_soc=float(s.mean()),
+        energy_wh=energy,
+        room_wh=room,
+    )
+
+
+class SocEkf:
+    """Extended Kalman filter over every cell of a series string (see module docstring).
+
+    ``cell`` supplies the OCV curve and the resistance shape over SoC and temperature;
+    ``params`` the per-cell reference ECM values and capacities. ``soc0`` is the initial
+    SoC (scalar or per cell) with standard deviation ``config.init_soc_std``.
+    """
+
+    def __init__(self, cell: CellType, params: EcmParams, config: EkfConfig | None = None,
+                 soc0: ArrayLike = 0.5) -> None:
+        self.cell = cell
+        self.config = config if config is not None else EkfConfig()
+        self.params = params.copy()
+        self.n_cells = params.n_cells
+        self._tf_key = float("nan")
+        self._tf = self.cell.temp_factors(25.0)
+        self._alloc(params.n_rc)
+        self.reset(soc0)
+
+    # ----------------------------------------------------------------- layout
+
+    def _alloc(self, n_rc: int) -> None:
+        self.n_rc = n_rc
+        self.m = 1 + n_rc + (1 if self.config.bias else 0)
+        self._rc = slice(1, 1 + n_rc)
+        self._eye = np.eye(self.m)
+        self._diag = np.arange(self.m)
+
+    @property
+    def _b(self) -> int:
+        return self.m - 1
+
+    def reset(self, soc0: ArrayLike, soc_std: float | None = None) -> None:
+        """Start over at ``soc0`` (RC branches at rest, offset 0) with a wide covariance."""
+        cfg = self.config
+        n, m = self.n_cells, self.m
+        self.x = np.zeros((n, m))
+        self.x[:, 0] = np.broadcast_to(np.asarray(soc0, dtype=np.float64), (n,))
+        p0 = np.zeros(m)
+        p0[0] = (cfg.init_soc_std if soc_std is None else soc_std) ** 2
+        p0[self._rc] = cfg.init_rc_std_v**2
+        if cfg.bias:
+            p0[self._b] = cfg.bias_init_std_a**2
+        self.P = np.tile(np.diag(p0), (n, 1, 1))
+        self._i_prev = float("nan")
+        self._rest_s = 0.0
+        self._rest_v = np.zeros(n)
+        self._rest_recalibrated = False
+        self.recalibrations = 0
+        self.steps = 0
+        self.nis = np.full(n, 10.0 * self.config.bias_learn_max_nis)
+        self._dt = 1.0
+
+    def init_from_ocv(self, voltage_v: ArrayLike, temp_c: ArrayLike = 25.0, mask: ArrayLike | None = None) -> None:
+        """Set SoC from rested cell voltages (cells in ``mask``, default all valid ones).
+
+        The SoC variance follows from ``ocv_init_voltage_std_v`` and the local OCV slope,
+        so a flat plateau (LFP) leaves it wide and the filter keeps listening.
+        """
+        v = np.broadcast_to(np.asarray(voltage_v, dtype=np.float64), (self.n_cells,))
+        sel = np.isfinite(v) if mask is None else np.asarray(mask, dtype=np.bool_) & np.isfinite(v)
+        soc = self.cell.ocv.soc_at(v, temp_c)
+        slope = np.maximum(self.cell.ocv.slope(soc), 1e-3)
+        std = np.clip(self.config.ocv_init_voltage_std_v / slope, 0.005, self.config.init_soc_std)
+        fresh = np.zeros((int(sel.sum()), self.m, self.m))
+        fresh[:, 0, 0] = std[sel] ** 2
+        rc_idx = np.arange(1, 1 + self.n_rc)
+        fresh[:, rc_idx, rc_idx] = (0.1 * self.config.init_rc_std_v) ** 2
+        if self.config.bias:  # what was learnt about the sensor offset stays
+            fresh[:, self._b, self._b] = self.P[sel, self._b, self._b]
+        self.x[sel, 0] = soc[sel]
+        self.x[sel, self._rc] = 0.0
+        self.P[sel] = fresh
+
+    # ------------------------------------------------------------------ model
+
+    def _temp_factors(self, temp_c: ArrayLike) -> tuple[FloatArray, FloatArray]:
+        if isinstance(temp_c, int | float):  # the common scalar case: cache it
+            if temp_c != self._tf_key:
+                self._tf_key = float(temp_c)
+                self._tf = self.cell.temp_factors(temp_c)
+            return self._tf
+        return self.cell.temp_factors(temp_c)
+
+    def _resistances(self, soc: FloatArray, temp_c: ArrayLike) -> tuple[FloatArray, FloatArray]:
+        f0s, frs = self.cell.soc_factors(soc)
+        f0t, frt = self._temp_factors(temp_c)
+        r0 = self.params.r0_ohm * (f0s * f0t)
+        r = self.params.r_ohm * (frs * frt)[:, None]
+        return r0, r
+
+    def step(self, dt_s: float, current_a: float, voltage_v: ArrayLike, temp_c: ArrayLike = 25.0, *,
+             mean_current_a: float | None = None, valid: ArrayLike | None = None) -> None:
+        """Advance by ``dt_s`` and fuse the cell voltages measured now.
+
+        ``current_a``: measured pack current now (> 0 charging); ``mean_current_a``: its
+        mean over the step (default: mean of the previous and this sample);
+        ``voltage_v``: per-cell voltages now; ``temp_c``: scalar or per cell;
+        ``valid``: per-cell mask of usable voltages (NaN counts as invalid too).
+        """
+        dt = float(dt_s)
+        i_now = float(current_a)
+        if not np.isfinite(i_now):
+            raise ValueError("current must be finite (treat a bad current as a gap: skip the step)")
+        if mean_current_a is not None:
+            i_mean = float(mean_current_a)
+        elif np.isfinite(self._i_prev):
+            i_mean = 0.5 * (self._i_prev + i_now)
+        else:
+            i_mean = i_now
+        self._i_prev = i_now
+        v = np.asarray(voltage_v, dtype=np.float64)
+        ok = np.isfinite(v)
+        if valid is not None:
+            ok &= np.asarray(valid, dtype=np.bool_)
+        if dt > 0.0:
+            self._dt = dt
+            self._predict(dt, i_mean, temp_c)
+        self._update(v, ok, i_now, temp_c, self.config.voltage_noise_v)
+        self._track_rest(dt, i_now, v, ok, temp_c)
+        self.steps += 1
+
+    def _predict(self, dt: float, i_mean: float, temp_c: ArrayLike) -> None:
+        cfg = self.config
+        x, P = self.x, self.P
+        soc = x[:, 0]
+        _, r = self._resistances(soc, temp_c)
+        tau = np.maximum(r * self.params.c_f, 1e-6)
+        a = np.exp(-dt / tau)
+        gain = r * (1.0 - a)
+        # The offset estimate corrects the charge integral only: through R0 and the RC
+        # branches it would be worth ~1 mV, and that path would let a large initial SoC
+        # error leak into the offset state.
+        i_soc = i_mean - x[:, self._b] if cfg.bias else np.full(self.n_cells, i_mean)
+        k_soc = dt / (3600.0 * self.params.capacity_ah)
+        eta = np.where(i_soc > 0.0, self.cell.coulombic_efficiency, 1.0)
+        x[:, 0] = np.clip(soc + k_soc * eta * i_soc, *cfg.soc_bounds)
+        x[:, self._rc] = a * x[:, self._rc] + gain * i_mean
+
+        # P <- F P F' with F = D + e0 c e_b' (D diagonal: 1, a_k, 1; c couples SoC to the
+        # offset), expanded by hand: far cheaper than stacked matrix products.
+        rc_idx = np.arange(1, 1 + self.n_rc)
+        d = np.ones((self.n_cells, self.m))
+        d[:, rc_idx] = a
+        P *= d[:, :, None] * d[:, None, :]
+        if cfg.bias:
+            b = self._b
+            c = -k_soc * eta
+            col = P[:, :, b] * (c / d[:, b])[:, None]  # (D P D) e_b c / d_b = D P e_b c
+            p_bb = P[:, b, b] / d[:, b] ** 2
+            P[:, :, 0] += col
+            P[:, 0, :] += col
+            P[:, 0, 0] += c * c * p_bb
+        sig_i = cfg.current_noise_rel * abs(i_mean) + cfg.current_noise_a
+        q_soc = (k_soc * sig_i) ** 2 + cfg.soc_walk_per_sqrt_s**2 * dt
+        P[:, 0, 0] += q_soc
+        P[:, rc_idx, rc_idx] += (gain * sig_i) ** 2 + cfg.rc_walk_v_per_sqrt_s**2 * dt
+        if cfg.bias:
+            P[:, self._b, self._b] += cfg.bias_walk_a_per_sqrt_s**2 * dt
+
+    def _update(self, v: FloatArray, ok: BoolArray, i_now: float, temp_c: ArrayLike, noise_v: float,
+                rest: bool = False) -> None:
+        cfg = self.config
+        x, P = self.x, self.P
+        soc = x[:, 0]
+        ocv = self.cell.ocv.ocv(soc, temp_c)
+        slope = self.cell.ocv.slope(soc)
+        H = np.zeros((self.n_cells, self.m))
+        H[:, 0] = slope
+        H[:, self._rc] = 1.0
+        over = x[:, self._rc].sum(axis=1)
+        if not rest:
+            r0, _ = self._resistances(soc, temp_c)
+            over = over + r0 * i_now
+        pred = ocv + over
+        # The ECM's error grows with the overpotential it has to predict.
+        noise2 = noise_v**2 + (cfg.model_error_rel * over) ** 2
+        innov = np.where(ok, v - pred, 0.0)
+        PH = np.einsum("nij,nj->ni", P, H)
+        S = np.einsum("ni,ni->n", H, PH) + noise2
+        if not rest:
+            # Normalised innovation, averaged over ~nis_average_s: about 1 when the filter
+            # is consistent, large while it is still converging or the model is off.
+            w = min(1.0, self._dt / cfg.nis_average_s)
+            self.nis = np.where(ok, self.nis + w * (innov**2 / S - self.nis), self.nis)
+        if cfg.gate_sigma > 0.0:
+            S = np.maximum(S, innov**2 / cfg.gate_sigma**2)
+        K = PH / S[:, None]
+        K[~ok] = 0.0
+        if cfg.bias:
+            # The offset is learnt from rested (OCV) measurements only, and only once a
+            # cell's filter has converged: under load the innovations mostly carry the
+            # ECM's own error, and while converging they say nothing about the offset.
+            # Otherwise it is a "consider" state (its covariance still counts).
+            unsure = (P[:, 0, 0] > cfg.bias_learn_max_soc_std**2) | (self.nis > cfg.bias_learn_max_nis)
+            if not rest:
+                unsure |= np.abs(over) > cfg.bias_learn_max_overpotential_v
+                if not cfg.bias_learn_under_load:
+                    unsure[:] = True
+            K[unsure, self._b] = 0.0
+        x += K * innov[:, None]
+        # Joseph-equivalent form, valid for the suboptimal gain above as well.
+        KPH = K[:, :, None] * PH[:, None, :]
+        P += S[:, None, None] * (K[:, :, None] * K[:, None, :]) - KPH - KPH.transpose(0, 2, 1)
+        P[:] = 0.5 * (P + P.transpose(0, 2, 1))
+        d = self._diag
+        P[:, d, d] = np.maximum(P[:, d, d], 1e-12)
+        np.clip(x[:, 0], *cfg.soc_bounds, out=x[:, 0])
+
+    def _track_rest(self, dt: float, i_now: float, v: FloatArray, ok: BoolArray, temp_c: ArrayLike) -> None:
+        cfg = self.config
+        offset = float(np.mean(self.x[:, self._b])) if cfg.bias else 0.0
+        if abs(i_now - offset) > cfg.rest_current_a:
+            self._rest_s = 0.0
+            self._rest_recalibrated = False
+            return
+        if self._rest_s == 0.0:
+            self._rest_v = np.where(ok, v, np.nan)
+        else:
+            w = min(1.0, dt / cfg.rest_average_s)
+            have = ok & np.isfinite(self._rest_v)
+            self._rest_v = np.where(have, self._rest_v + w * (v - self._rest_v), np.where(ok, v, self._rest_v))
+        self._rest_s += dt
+        if not self._rest_recalibrated and self._rest_s >= cfg.rest_time_s:
+            self.recalibrate_at_rest(self._rest_v, temp_c)
+            self._rest_recalibrated = True
+
+    def recalibrate_at_rest(self, rested_voltage_v: ArrayLike, temp_c: ArrayLike = 25.0) -> None:
+        """Fuse rested cell voltages as OCV measurements (``rest_voltage_noise_v``).
+
+        Called automatically once per detected rest; the daemon may call it after a
+        known rest (e.g. the contactors were open).
+        """
+        v = np.asarray(rested_voltage_v, dtype=np.float64)
+        self._update(v, np.isfinite(v), 0.0, temp_c, self.config.rest_voltage_noise_v, rest=True)
+        self.recalibrations += 1
+
+    # ---------------------------------------------------------------- outputs
+
+    @property
+    def soc(self) -> FloatArray:
+        """Per-cell SoC estimate (fraction, clipped to [0, 1])."""
+        return np.clip(self.x[:, 0], 0.0, 1.0)
+
+    @property
+    def soc_std(self) -> FloatArray:
+        """Per-cell SoC standard deviation (fraction)."""
+        return np.sqrt(self.P[:, 0, 0])
+
+    @property
+    def current_offset_a(self) -> float:
+        """Estimated current-sensor offset in A (mean over cells; 0 without the bias state)."""
+        return float(np.mean(self.x[:, self._b])) if self.config.bias else 0.0
+
+    @property
+    def rest_s(self) -> float:
+        """Seconds the pack has been at rest (0 under load)."""
+        return self._rest_s
+
+    def pack(self) -> PackSoc:
+        """Pack SoC, SoE and min/max cell SoC (see :class:`PackSoc`)."""
+        return pack_soc(self.cell, self.soc, self.params.capacity_ah)
+
+    # ----------------------------------------------------------- parameters
+
+    def set_params(self, params: EcmParams) -> None:
+        """Use new ECM parameters; a different RC branch count resizes the state."""
+        if params.n_cells != self.n_cells:
+            raise ValueError(f"parameters for {params.n_cells} cells, filter has {self.n_cells}")
+        if params.n_rc != self.n_rc:
+            old_x, old_p, old_n = self.x, self.P, self.n_rc
+            self._alloc(params.n_rc)
+            k = min(old_n, self.n_rc)
+            keep_old = [0, *range(1, 1 + k)] + ([old_n + 1] if self.config.bias else [])
+            keep_new = [0, *range(1, 1 + k)] + ([self._b] if self.config.bias else [])
+            self.x = np.zeros((self.n_cells, self.m))
+            self.x[:, keep_new] = old_x[:, keep_old]
+            self.P = np.zeros((self.n_cells, self.m, self.m))
+            self.P[:, self._diag, self._diag] = (0.1 * self.config.init_rc_std_v) ** 2
+            self.P[np.ix_(np.arange(self.n_cells), keep_new, keep_new)] = old_p[np.ix_(
+                np.arange(self.n_cells), keep_old, keep_old)]
+        self.params = params.copy()
+
+    # ---------------------------------------------------------------- persist
+
+    def export_state(self) -> dict[str, Any]:
+        """Plain-data snapshot (lists and numbers) of everything the filter has learnt."""
+        return {
+            "version": STATE_VERSION,
+            "n_cells": self.n_cells,
+            "n_rc": self.n_rc,
+            "bias": self.config.bias,
+            "x": self.x.tolist(),
+            "P": self.P.tolist(),
+            "params": self.params.to_dict(),
+            "nis": self.nis.tolist(),
+            "i_prev": self._i_prev if np.isfinite(self._i_prev) else None,
+            "rest_s": self._rest_s,
+            "rest_v": [None if not np.isfinite(v) else float(v) for v in self._rest_v],
+            "rest_recalibrated": self._rest_recalibrated,
+        }
+
+    def import_state(self, state: Mapping[str, Any], offline_s: float = 0.0) -> None:
+        """Restore :meth:`export_state` output; ``offline_s`` widens the SoC variance for
+        the time the gateway did not watch (self-discharge, unseen currents).
+
+        Raises ValueError (state unchanged) when the snapshot does not fit this filter.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("n_cells") != self.n_cells or bool(state.get("bias")) != self.config.bias:
+            raise ValueError("state was saved for a different cell count or bias setting")
+        params = EcmParams.from_dict(state["params"]) if "params" in state else self.params
+        if params.n_cells != self.n_cells:
+            raise ValueError("state parameters are for a different cell count")
+        m = 1 + params.n_rc + (1 if self.config.bias else 0)
+        x = np.asarray(state["x"], dtype=np.float64)
+        P = np.asarray(state["P"], dtype=np.float64)
+        if x.shape != (self.n_cells, m) or P.shape != (self.n_cells, m, m):
+            raise ValueError("state arrays have the wrong shape")
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(P))):
+            raise ValueError("state holds non-finite values")
+        if np.any(np.diagonal(P, axis1=1, axis2=2) < 0.0):
+            raise ValueError("state covariance has negative variances")
+        nis = np.asarray(state.get("nis", self.nis), dtype=np.float64)
+        rest_v = np.asarray([np.nan if v is None else v for v in state.get("rest_v", [None] * self.n_cells)],
+                            dtype=np.float64)
+        if nis.shape != (self.n_cells,) or rest_v.shape != (self.n_cells,):
+            raise ValueError("state arrays have the wrong shape")
+        self.params = params
+        self._alloc(params.n_rc)
+        self.x = x.copy()
+        self.P = P.copy()
+        self.nis = nis.copy()
+        offline = max(0.0, float(offline_s))
+        self.P[:, 0, 0] += (self.config.self_discharge_std_per_day * offline / 86400.0) ** 2
+        # Continue exactly where the snapshot stopped, unless time has passed since.
+        fresh = offline == 0.0
+        i_prev = state.get("i_prev")
+        self._i_prev = float(i_prev) if fresh and i_prev is not None else float("nan")
+        self._rest_s = float(state.get("rest_s", 0.0)) if fresh else 0.0
+        self._rest_v = rest_v
+        self._rest_recalibrated = bool(state.get("rest_recalibrated", False)) and fresh
