@@ -1,0 +1,303 @@
+"""The EIS driver and the simulated EIS module talking the protocol to each other, tick by tick."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import can
+import cantools
+import numpy as np
+import pytest
+
+from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, Phase, SweepSettings
+from drivers.sim_eis import DBC_PATH, STATE_ABORTED, STATE_DONE, SimConditions, SimEis
+
+DB = cantools.database.load_file(str(DBC_PATH))
+SWEEP = SweepSettings(f_start_hz=10_000.0, f_stop_hz=0.01, points_per_decade=10)
+
+
+class Link:
+    """Driver and simulated module on a lossless wire; the clock is the module's tick."""
+
+    def __init__(self, sim_kw: dict[str, object] | None = None, **cfg: object) -> None:
+        self.to_gw: list[can.Message] = []
+        self.sent: list[can.Message] = []
+        self.received: list[can.Message] = []
+        kw: dict[str, object] = {"speed": 2000.0, "noise": 0.0}
+        kw.update(sim_kw or {})
+        self.sim = SimEis(self.to_gw.append, **kw)  # type: ignore[arg-type]
+        base: dict[str, object] = {"sweep": SWEEP, "stable_window_s": 0.2, "retry_delay_s": 0.2}
+        base.update(cfg)
+        self.drv = EisDriver(lambda t: Conditions(3.65, 24.0, 0.5), EisDriverConfig(**base))  # type: ignore[arg-type]
+
+    def run(self, ticks: int, current: float | Callable[[float], float] = 0.0,
+            protection: Callable[[float], bool] = lambda t: False,
+            until: Callable[[], bool] | None = None) -> None:
+        for _ in range(ticks):
+            self.sim.tick()
+            for m in self.to_gw:
+                self.received.append(m)
+                self.drv.on_frame(m, self.sim.now)
+            self.to_gw.clear()
+            now = self.sim.now
+            out = self.drv.tick(now, current(now) if callable(current) else current, protection(now))
+            self.sent.extend(out)
+            for m in out:
+                self.sim.receive(m)
+            if until is not None and until():
+                return
+
+    def sent_named(self, name: str) -> list[dict[str, float]]:
+        msg = DB.get_message_by_name(name)
+        return [DB.decode_message(m.arbitration_id, m.data, decode_choices=False)
+                for m in self.sent if m.arbitration_id == msg.frame_id]
+
+
+def _check_against_truth(link: Link, rec_target: str = "cell[5]") -> None:
+    recs = link.drv.pop_records()
+    assert len(recs) == 1
+    r = recs[0]
+    assert r.target == rec_target and r.n == 61
+    expect = SWEEP.grid()
+    np.testing.assert_allclose(r.frequency_hz, expect, rtol=1e-6)
+    truth = link.sim.true_impedance(0, 5, r.frequency_hz, 24.0, 0.5)  # noise 0, no current: exact but float32
+    np.testing.assert_allclose(r.z_re_ohm, truth.real, rtol=1e-6)
+    np.testing.assert_allclose(r.z_im_ohm, truth.imag, rtol=1e-6, atol=1e-12)
+    assert np.all(r.voltage_v == 3.65) and np.all(r.temperature_c == 24.0) and np.all(r.soc == 0.5)
+    np.testing.assert_allclose(r.abs_ohm, np.abs(truth), rtol=1e-6)
+
+
+def _setup(link: Link) -> None:
+    link.sim.set_conditions(0, 5, SimConditions(temperature_c=24.0, soc=0.5))
+
+
+def test_classic_sweep_three_frames_per_point() -> None:
+    link = Link()
+    _setup(link)
+    link.drv.request_sweep("cell[5]")
+    link.run(400, until=lambda: bool(link.drv._records))
+    result_frames = [m for m in link.received if m.arbitration_id == 0x320]
+    assert len(result_frames) == 3 * 61 and all(len(m.data) == 8 and not m.is_fd for m in result_frames)
+    parts = [DB.decode_message(0x320, m.data, decode_choices=False)["Part"] for m in result_frames]
+    assert parts == [0, 1, 2] * 61
+    _check_against_truth(link)
+    assert link.drv.phase is Phase.IDLE and link.drv.stats.sweeps_completed == 1
+    assert link.drv.stats.resend_requests == 0
+
+
+def test_fd_sweep_five_points_per_frame() -> None:
+    link = Link()
+    _setup(link)
+    link.drv.request_sweep(EisTarget("cell", 5), fd=True)
+    link.run(400, until=lambda: bool(link.drv._records))
+    fd = [m for m in link.received if m.arbitration_id == 0x321]
+    assert fd and all(m.is_fd and len(m.data) == 64 for m in fd)
+    counts = [DB.decode_message(0x321, m.data, decode_choices=False)["PointCount"] for m in fd]
+    assert sum(counts) == 61 and max(counts) == 5 and len(fd) < 61 / 2
+    assert not any(m.arbitration_id == 0x320 for m in link.received)
+    _check_against_truth(link)
+
+
+def test_fd_request_falls_back_to_classic_on_a_classic_module() -> None:
+    link = Link(sim_kw={"fd_capable": False})
+    _setup(link)
+    link.sim.tick()  # no capabilities known yet: the driver asks for FD and is refused
+    link.drv.capabilities = None
+    link.drv.request_sweep("cell[5]", fd=True)
+    link.run(400, until=lambda: bool(link.drv._records))
+    reqs = link.sent_named("EIS_SweepRequest")
+    assert [r["ResultFormat"] for r in reqs] == [1, 0]
+    _check_against_truth(link)
+
+
+@pytest.mark.parametrize("fd", [False, True])
+def test_lost_result_frames_are_asked_for_again(fd: bool) -> None:
+    link = Link()
+    _setup(link)
+    link.sim.drop_result_frames = 4  # the first point, and part of the second (or the first FD frame)
+    link.drv.request_sweep("cell[5]", fd=fd)
+    link.run(1000, until=lambda: bool(link.drv._records))
+    resend = link.sent_named("EIS_ResendRequest")
+    assert resend and resend[0]["FirstPoint"] == 0
+    assert link.drv.stats.resend_requests >= 1
+    _check_against_truth(link)
+
+
+def test_silent_module_ack_timeout_retries_then_gives_up() -> None:
+    link = Link(ack_timeout_s=0.1, ack_repeats=2, max_attempts=3)
+    link.sim.silent = True
+    h = link.drv.request_sweep("cell[5]")
+    link.run(600)
+    reqs = link.sent_named("EIS_SweepRequest")
+    ids = [int(r["SweepId"]) for r in reqs]
+    assert len(reqs) == 3 * 3  # each attempt: the request and 2 repeats with the same SweepId
+    assert len(set(ids)) == 3 and ids[0] == ids[1] == ids[2]
+    fails = link.drv.pop_failures()
+    assert [f.attempt for f in fails] == [1, 2, 3] and [f.final for f in fails] == [False, False, True]
+    assert all(f.handle == h and "no answer" in f.reason for f in fails)
+    assert link.drv.stats.ack_timeouts == 3 and link.drv.phase is Phase.IDLE and not link.drv.pop_records()
+
+
+def test_module_that_comes_back_completes_on_retry() -> None:
+    link = Link(ack_timeout_s=0.1, ack_repeats=0)
+    _setup(link)
+    link.sim.silent = True
+    link.drv.request_sweep("cell[5]")
+    link.run(45)
+    assert link.drv.stats.ack_timeouts == 1
+    link.sim.silent = False
+    link.run(600, until=lambda: bool(link.drv._records))
+    _check_against_truth(link)
+    assert link.drv.stats.retries == 1
+
+
+def test_lost_status_mid_sweep_aborts_and_retries() -> None:
+    link = Link(status_timeout_s=0.3)
+    _setup(link)
+    link.sim.speed = 50.0  # a slower sweep, so it is still running when the module goes quiet
+    link.drv.request_sweep("cell[5]")
+    link.run(100)
+    assert link.drv.phase is Phase.RUNNING
+    link.sim.silent = True
+    link.run(60)
+    assert link.drv.stats.status_timeouts == 1
+    assert link.sent_named("EIS_Abort")[-1]["AbortReason"] == 4
+    link.sim.silent = False
+    link.sim.speed = 2000.0
+    link.run(3000, until=lambda: bool(link.drv._records))
+    _check_against_truth(link)
+
+
+def test_module_error_is_retried_and_reported() -> None:
+    link = Link()
+    _setup(link)
+    link.sim.fail_next = 11  # Overload half-way through the first sweep
+    link.drv.request_sweep("cell[5]")
+    link.run(1000, until=lambda: bool(link.drv._records))
+    fails = link.drv.pop_failures()
+    assert len(fails) == 1 and "Overload" in fails[0].reason and not fails[0].final
+    _check_against_truth(link)
+
+
+def test_permanent_error_is_not_retried() -> None:
+    link = Link()
+    link.drv.request_sweep("cell[500]")  # the module has 224 cells
+    link.run(200)
+    fails = link.drv.pop_failures()
+    assert len(fails) == 1 and fails[0].final and "InvalidTarget" in fails[0].reason
+    assert len(link.sent_named("EIS_SweepRequest")) == 1
+
+
+def test_protection_event_aborts_first_and_retries_when_clear() -> None:
+    link = Link()
+    _setup(link)
+    link.sim.speed = 50.0
+    link.drv.request_sweep("cell[5]")
+    link.run(60)
+    assert link.drv.phase is Phase.RUNNING
+    t_trip = link.sim.now
+    out = link.drv.tick(t_trip, 0.0, True)
+    assert out and out[0].arbitration_id == 0x300
+    abort = DB.decode_message(0x300, out[0].data, decode_choices=False)
+    assert abort["SweepId"] == 0 and abort["AbortReason"] == 2
+    for m in out:
+        link.sim.receive(m)
+    assert link.sim.state == STATE_ABORTED
+    # while the event lasts nothing starts; after it, a stable current again, then the retry
+    link.run(100, protection=lambda t: t < t_trip + 0.5)
+    link.sim.speed = 2000.0
+    link.run(2000, until=lambda: bool(link.drv._records))
+    _check_against_truth(link)
+    assert "protection" in link.drv.pop_failures()[0].reason
+
+
+def test_current_change_aborts_and_unstable_current_blocks_the_start() -> None:
+    link = Link(stable_window_s=1.0)
+    _setup(link)
+    link.sim.speed = 50.0
+    link.drv.request_sweep("cell[5]")
+    def wobble(t: float) -> float:
+        return 0.8 * (int(t * 10) % 2)  # 0 / 0.8 A: a spread above 0.5 A
+
+    link.run(300, current=wobble)
+    assert not link.sent_named("EIS_SweepRequest")
+    link.run(200, current=0.3)  # steady and small: starts after the 1 s window
+    assert len(link.sent_named("EIS_SweepRequest")) == 1 and link.drv.phase is Phase.RUNNING
+    link.run(5, current=5.0)
+    aborts = link.sent_named("EIS_Abort")
+    assert len(aborts) == 1 and aborts[0]["AbortReason"] == 3 and aborts[0]["SweepId"] != 0
+    assert link.sim.state == STATE_ABORTED
+    assert "current" in link.drv.pop_failures()[0].reason
+
+
+def test_busy_module_is_cleared_then_measured() -> None:
+    link = Link()
+    _setup(link)
+    # a long sweep started by someone else (a previous gateway run): about 9 s on this clock
+    req = DB.encode_message("EIS_SweepRequest", {"SweepId": 200, "TargetType": 0, "TargetIndex": 9,
+                                                 "StartFreqLog10": 3, "StopFreqLog10": -3, "PointsPerDecade": 20,
+                                                 "ExcitationAmplitude": 0, "ResultFormat": 0})
+    link.sim.receive(can.Message(arbitration_id=0x301, data=req, is_extended_id=False))
+    link.drv.request_sweep("cell[5]")
+    link.run(2000, until=lambda: bool(link.drv._records))
+    assert "busy" in link.drv.pop_failures()[0].reason
+    aborts = link.sent_named("EIS_Abort")
+    assert aborts and aborts[0]["SweepId"] == 0
+    _check_against_truth(link)
+
+
+def test_periodic_round_robin_and_on_demand_first() -> None:
+    targets = (EisTarget("cell", 0), EisTarget("cell", 1), EisTarget("module", 2))
+    link = Link(periodic_targets=targets, period_s=1.0,
+                sweep=SweepSettings(f_start_hz=1000.0, f_stop_hz=10.0, points_per_decade=5))
+    link.drv.request_sweep("cell[7]")
+    seen: list[str] = []
+    for _ in range(8):
+        link.run(400, until=lambda: bool(link.drv._records))
+        seen += [r.target for r in link.drv.pop_records()]
+    assert seen[:5] == ["cell[7]", "cell[0]", "cell[1]", "module[2]", "cell[0]"]
+    starts = [link.sim.now]  # the periodic ones are at least period_s apart: count them over a time span
+    assert link.drv.stats.sweeps_started == len(seen) and starts
+
+
+def test_cancel_aborts_the_running_sweep() -> None:
+    link = Link()
+    _setup(link)
+    link.sim.speed = 50.0
+    h = link.drv.request_sweep("cell[5]")
+    link.run(50)
+    assert link.drv.cancel(h)
+    link.run(5)
+    assert link.sim.state == STATE_ABORTED and link.sent_named("EIS_Abort")[0]["AbortReason"] == 1
+    assert link.drv.pop_failures()[0].final
+    link.run(100)
+    assert len(link.sent_named("EIS_SweepRequest")) == 1
+
+
+def test_requests_are_validated() -> None:
+    link = Link()
+    with pytest.raises(ValueError):
+        link.drv.request_sweep("cell[5]", points_per_decade=0)
+    with pytest.raises(ValueError):
+        link.drv.request_sweep("pack[0]")
+    with pytest.raises(ValueError):
+        link.drv.request_sweep("cell[5]", f_start_hz=1e6)
+    link.run(10)  # capabilities arrive: 1 mHz .. 20 kHz, 10 A, 512 points
+    with pytest.raises(ValueError):
+        link.drv.request_sweep("cell[5]", amplitude_a=15.0)
+    with pytest.raises(ValueError):
+        link.drv.request_sweep("cell[5]", f_start_hz=1e5)
+
+
+def test_sweep_under_current_gives_a_drifted_record_and_module_done() -> None:
+    """A DC current the driver tolerates (below max_abs_current_a) still drifts the lowest points."""
+    link = Link(max_abs_current_a=5.0, max_current_spread_a=1.0)
+    link.sim.set_conditions(0, 5, SimConditions(temperature_c=24.0, soc=0.5, current_a=4.0))
+    link.drv.request_sweep("cell[5]")
+    link.run(400, current=4.0, until=lambda: bool(link.drv._records))
+    assert link.sim.state == STATE_DONE
+    r = link.drv.pop_records()[0]
+    truth = link.sim.true_impedance(0, 5, r.frequency_hz, 24.0, 0.5)
+    dev = np.abs(r.z - truth) / np.abs(truth)
+    assert dev[-1] > 0.02 and dev[0] < 1e-5  # 10 mHz drifted, 10 kHz not
+    assert r.pack_current_a == 4.0
