@@ -125,6 +125,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"temp     min {_fmt(t['min'], '.1f')} C (module {t.get('min_module')})   "
         f"max {_fmt(t['max'], '.1f')} C (module {t.get('max_module')})   not good {t['not_good']}",
     ]
+    est = st.get("estimates")
+    if est and est["initialised"]:
+        lim = est["limits"] or {}
+        lines.append(f"soc      {_fmt(est['soc'] and est['soc'] * 100, '.1f')} %   soe "
+                     f"{_fmt(est['soe'] and est['soe'] * 100, '.1f')} %   cells {_fmt(est['min_cell_soc'] and est['min_cell_soc'] * 100, '.1f')}"
+                     f"..{_fmt(est['max_cell_soc'] and est['max_cell_soc'] * 100, '.1f')} %   limits charge "
+                     f"{_fmt(lim.get('charge_current_a'), '.1f')} A  discharge {_fmt(lim.get('discharge_current_a'), '.1f')} A")
     for b in st["buses"]:
         errs = b["decode_errors"]
         lines.append(f"bus {b['name']:<8} {b['state']:<6} {b['frames_per_s']:8.0f} frames/s  total {b['frames']}  "

@@ -18,6 +18,7 @@ from typing import Literal
 from drivers.canbus import AdapterSettings
 from gateway.contactors import ContactorSettings
 from gateway.dbcfile import LoadedDbc, load_dbc, merge
+from gateway.estimation import EstimatorSection
 from gateway.image import ProcessImage
 from gateway.ingest import Ingest
 from gateway.lane import LaneSettings
@@ -140,6 +141,7 @@ class Config:
     hardware_limits: HardwareSection = field(default_factory=HardwareSection)
     protection: ProtectionSection = field(default_factory=ProtectionSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    estimators: EstimatorSection = field(default_factory=EstimatorSection)
     sim: SimSection | None = None
 
     def limit_table(self) -> LimitTable:
@@ -163,6 +165,8 @@ class Config:
                 raise ValueError(f"bus[{i}].name: '{n}' is used twice")
         if self.sim is not None and self.sim.bus not in names:
             raise ValueError(f"sim.bus: no [[bus]] named '{self.sim.bus}'")
+        if self.estimators.enabled and self.site.chemistry not in ("NMC", "LFP"):
+            raise ValueError(f"estimators: no cell model for {self.site.chemistry} yet (set estimators.enabled = false)")
         if self.protection.contactor_bus and self.protection.contactor_bus not in names:
             raise ValueError(f"protection.contactor_bus: no [[bus]] named '{self.protection.contactor_bus}'")
         try:
@@ -266,21 +270,34 @@ def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource]
                            f"bus '{bus}' has no message '{p.contactor_message}' in its DBC to command the contactors")
 
 
-def _user_dir(kind: str) -> Path:
-    if os.geteuid() == 0:
-        return Path({"run": "/run/bmsgw", "state": "/var/lib/bmsgw"}[kind])
-    env = {"run": "XDG_RUNTIME_DIR", "state": "XDG_STATE_HOME"}[kind]
-    if os.environ.get(env):
-        return Path(os.environ[env]) / "bmsgw"
-    if kind == "state":
-        return Path.home() / ".local" / "state" / "bmsgw"
-    return Path(tempfile.gettempdir()) / f"bmsgw-{os.getuid()}"
+SYSTEM_SOCKET = Path("/run/bmsgw/control.sock")
 
 
 def default_socket() -> Path:
-    """Where the daemon listens and the CLI looks when the config does not say."""
+    """Where the daemon listens and the CLI looks when the config does not say.
+
+    $BMSGW_SOCKET; else the system service's socket when it exists (so a technician's shell
+    finds the service); else root's /run/bmsgw, or the user's runtime directory.
+    """
     env = os.environ.get("BMSGW_SOCKET")
-    return Path(env) if env else _user_dir("run") / "control.sock"
+    if env:
+        return Path(env)
+    if SYSTEM_SOCKET.exists() or os.geteuid() == 0:
+        return SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "bmsgw" if runtime else Path(tempfile.gettempdir()) / f"bmsgw-{os.getuid()}"
+    return base / "control.sock"
+
+
+def default_state_dir() -> Path:
+    """systemd's $STATE_DIRECTORY, else $XDG_STATE_HOME/bmsgw, else /var/lib/bmsgw (root) or ~/.local/state/bmsgw."""
+    for env, sub in (("STATE_DIRECTORY", ""), ("XDG_STATE_HOME", "bmsgw")):
+        value = os.environ.get(env)
+        if value:
+            return Path(value.split(":")[0]) / sub
+    if os.geteuid() == 0:
+        return Path("/var/lib/bmsgw")
+    return Path.home() / ".local" / "state" / "bmsgw"
 
 
 def socket_path(cfg: Config) -> Path:
@@ -288,4 +305,4 @@ def socket_path(cfg: Config) -> Path:
 
 
 def state_dir(cfg: Config) -> Path:
-    return Path(cfg.gateway.state_dir) if cfg.gateway.state_dir else _user_dir("state")
+    return Path(cfg.gateway.state_dir) if cfg.gateway.state_dir else default_state_dir()

@@ -23,6 +23,7 @@ from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine, DeepDischargeLatch
 from gateway.control import ControlError, ControlServer
 from gateway.decode import Decoder, frame_record
+from gateway.estimation import Estimation
 from gateway.events import Recorder
 from gateway.image import Quality
 from gateway.lane import ProtectionLane
@@ -52,6 +53,15 @@ class Gateway:
         self.loops = [LoopStats("bus-rates", RATE_PERIOD_S, "P3"),
                       LoopStats("watchdog", self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0, "P3")]
         self.rates: dict[str, float] = {b.name: 0.0 for b in loaded.config.bus}
+        cfg = loaded.config
+        est = cfg.estimators
+        self.estimation: Estimation | None = None
+        if est.enabled:
+            self.estimation = Estimation(est, cfg.site.chemistry, self.image, cfg.site.cells_per_module,
+                                         state_dir(cfg), cfg.limit_table().deep_discharge_v)
+            self.loops += [LoopStats("limits", est.limits_period_ms / 1000.0, "P1"),
+                           LoopStats("soc", est.soc_period_ms / 1000.0, "P2"),
+                           LoopStats("persist", est.persist_s, "P3")]
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
         self.control = ControlServer(socket_path(loaded.config), {
@@ -77,12 +87,19 @@ class Gateway:
                     metrics = serve_metrics(self.loaded.config.metrics, self.status_snapshot)
                 tg.start_soon(run_periodic, self.loops[0], self._refresh)
                 tg.start_soon(run_periodic, self.loops[1], self._feed_watchdog)
+                if self.estimation is not None:
+                    e = self.estimation
+                    tg.start_soon(run_periodic, self.loops[2], lambda: e.step_limits(self._derate()))
+                    tg.start_soon(run_periodic, self.loops[3], e.step_soc)
+                    tg.start_soon(run_periodic, self.loops[4], lambda: anyio.to_thread.run_sync(e.persist))
                 tg.start_soon(self._wait_for_signal, tg.cancel_scope)
                 log.info("bmsgw %s running: %d buses, %d signals, P0 process %d, control socket %s", __version__,
                          len(self.rates), self.image.size, p0.pid, self.control.path)
                 self.notifier.send(READY=1, STATUS=self._status_line())
         finally:
             self.notifier.send(STOPPING=1)
+            if self.estimation is not None:
+                self.estimation.persist()
             if metrics is not None:
                 metrics.shutdown()
             await anyio.to_thread.run_sync(p0.stop)
@@ -122,6 +139,10 @@ class Gateway:
                 self.rates[b["name"]] = (b["frames"] - frames) / (now - then)
                 self._last_frames[b["name"]] = (now, b["frames"])
         self._p0_status = st
+
+    def _derate(self) -> bool:
+        prot = self._p0_status.get("protection")
+        return bool(prot and prot.get("derate"))
 
     @property
     def healthy(self) -> bool:
@@ -167,6 +188,7 @@ class Gateway:
             "healthy": self.healthy,
             "protection": st.get("protection"),
             "simulator": st.get("simulator"),
+            "estimates": None if self.estimation is None else self.estimation.snapshot(),
         }
 
     async def cmd_alarms(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+"""The estimator loops on the live process image (the simulated pack through the real pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gateway.estimation import Estimation, EstimatorSection
+from tests.test_protection import Rig
+
+
+def make(rig: Rig, tmp: Path) -> Estimation:
+    cfg = rig.loaded.config
+    return Estimation(EstimatorSection(), cfg.site.chemistry, rig.image, cfg.site.cells_per_module, tmp / "est",
+                      cfg.limit_table().deep_discharge_v)
+
+
+def test_soc_follows_the_simulated_pack_and_limits_come_up(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, start_hour=12.0, initial_soc=0.6)
+    est = make(rig, tmp_path)
+    rig.run(0.5)
+    for _ in range(600):  # 60 s of 100 ms steps, the pack charging from the PV
+        rig.run(0.1)
+        est.step_soc(rig.t)
+        est.step_limits(derate=False, now=rig.t)
+    truth = rig.sim.pack.soc
+    assert est.initialised and est.steps > 500
+    assert np.abs(est.ekf.soc - truth).max() < 0.05
+    snap = est.snapshot()
+    assert 0.5 < snap["soc"] < 0.7
+    assert est.limits is not None and est.limits.charge_current_a > 1.0  # recovered from the cautious start
+    derated = est.limits.charge_current_a
+    est.step_limits(derate=True, now=rig.t + 0.1)
+    assert est.limits.charge_current_a <= 0.5 * derated + 1e-9
+    assert snap["passport"]["charge_ah"] > 0
+
+
+def test_no_current_means_no_estimate_and_zero_limits(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    est = make(rig, tmp_path)
+    est.step_soc(1.0)
+    est.step_limits(derate=False, now=1.0)
+    assert not est.initialised and est.skipped == 1
+    assert est.limits is not None and est.limits.charge_current_a == 0 and est.limits.discharge_current_a == 0
+
+
+def test_state_survives_a_restart_and_bad_ecm_updates_are_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, initial_soc=0.4)
+    est = make(rig, tmp_path)
+    rig.run(0.5)
+    for _ in range(50):
+        rig.run(0.1)
+        est.step_soc(rig.t)
+    est.persist()
+    again = make(rig, tmp_path)
+    assert again.initialised
+    assert np.allclose(again.ekf.soc, est.ekf.soc, atol=1e-6)
+    ok, reason = est.update_ecm({"cell": 3, "voltage_v": 3.7, "r0_ohm": -0.001, "r1_ohm": 0.001, "c1_f": 5000.0})
+    assert not ok and "r0" in reason.lower()
+    ok, reason = est.update_ecm({"cell": 3, "voltage_v": 3.7, "r0_ohm": 0.0016, "r1_ohm": 0.0007, "c1_f": 15000.0,
+                                 "r2_ohm": 0.0009, "c2_f": 300000.0})
+    assert ok, reason
