@@ -6,9 +6,8 @@ into the slot buffers), so nothing here sleeps or depends on the wall clock.
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 
 import numpy as np
 import pytest
