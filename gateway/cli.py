@@ -372,6 +372,28 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cloud_decode(args: argparse.Namespace) -> int:
+    from cloudlink.batch import BatchError
+    from cloudlink.cli import decode_file, format_batches
+
+    try:
+        items = decode_file(args.file, args.rows)
+    except (BatchError, OSError) as exc:
+        print(f"bmsgw: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(items, indent=2, default=str) if args.json else format_batches(items))
+    return EXIT_OK
+
+
+def cmd_cloud_status(args: argparse.Namespace) -> int:
+    from cloudlink.cli import format_status
+    from gateway.control import request
+
+    st = request(_socket(args), "cloud.status")
+    print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
+    return EXIT_OK
+
+
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
@@ -444,6 +466,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="only the summary, not every frame")
     p.add_argument("--frames", action="store_true", help="with --json: include every frame")
 
+    cloud = sub.add_parser("cloud", help="the cloud link").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = add("decode", cmd_cloud_decode, "print a batch payload file or a gateway's buffer (cloud.db)", parent=cloud)
+    p.add_argument("file")
+    p.add_argument("--rows", type=int, default=5, help="rows to show per stream")
+    add("status", cmd_cloud_status, "connection, buffer, oldest unsent, drain estimate, losses", daemon=True,
+        parent=cloud)
     sim = sub.add_parser("sim", help="the simulated battery").add_subparsers(dest="sub", required=True, metavar="SUB")
     p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, json_flag=False, parent=sim)
     p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded, precharge_open, "

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from cloudlink.config import CloudSection
 from drivers.canbus import AdapterSettings
 from gateway.contactors import ContactorSettings
 from gateway.dbcfile import LoadedDbc, load_dbc, merge
@@ -142,6 +143,7 @@ class Config:
     protection: ProtectionSection = field(default_factory=ProtectionSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     estimators: EstimatorSection = field(default_factory=EstimatorSection)
+    cloud: CloudSection = field(default_factory=CloudSection)
     sim: SimSection | None = None
 
     def limit_table(self) -> LimitTable:

@@ -18,6 +18,7 @@ import anyio
 import can
 import numpy as np
 
+from cloudlink.link import CloudLink, catalogue_from_sources, dbc_hash
 from gateway import __version__
 from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine, DeepDischargeLatch
@@ -27,6 +28,7 @@ from gateway.estimation import Estimation
 from gateway.events import Recorder
 from gateway.image import Quality
 from gateway.lane import ProtectionLane
+from gateway.limits import LimitTable
 from gateway.loops import LoopStats, run_periodic
 from gateway.metrics import serve as serve_metrics
 from gateway.notify import Notifier
@@ -64,11 +66,37 @@ class Gateway:
                            LoopStats("persist", est.persist_s, "P3")]
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
+        self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop: the metrics thread reads this
+        self.limits = cfg.limit_table()  # the table in force in P0 (remote changes update it)
+        self.cloud: CloudLink | None = None
+        if cfg.cloud.enabled:
+            self.cloud = CloudLink(cfg.cloud, self.image, self.recorder, self._cloud_handlers(), state_dir(cfg),
+                                   cfg.gateway.id, cfg.gateway.site, catalogue=catalogue_from_sources(loaded.sources),
+                                   dbc_hash=dbc_hash(d.path for ds in loaded.dbcs.values() for d in ds),
+                                   hardware_limits=cfg.hardware(), current_limits=lambda: self.limits)
+            self.loops += self.cloud.loops
         self.control = ControlServer(socket_path(loaded.config), {
             "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
             "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
-            "contactors": self.cmd_contactors,
+            "contactors": self.cmd_contactors, "cloud.status": self.cmd_cloud_status,
         }, {"candump": self.stream_candump})
+
+    def _cloud_handlers(self) -> dict[str, Any]:
+        """What cloud commands may do: the same functions the CLI uses, nothing else."""
+        h: dict[str, Any] = {}
+        if self.loaded.config.protection.enabled:
+            h["reset_error"] = self._remote_reset
+            h["set_protection_limits"] = LimitsStage(self)
+        if self.estimation is not None:
+            h["set_ecm_parameters"] = EcmStage(self.estimation)
+        return h
+
+    async def _remote_reset(self, args: dict[str, Any]) -> tuple[bool, str]:
+        try:
+            res = await self._p0("reset", {"clear_deep_discharge": bool(args.get("clear_deep_discharge"))})
+        except ControlError as exc:
+            return False, str(exc)
+        return True, str(res["reason"])
 
     def start_p0(self) -> P0Process:
         """Fork the P0 process: before any thread or event loop of this process exists."""
@@ -92,6 +120,8 @@ class Gateway:
                     tg.start_soon(run_periodic, self.loops[2], lambda: e.step_limits(self._derate()))
                     tg.start_soon(run_periodic, self.loops[3], e.step_soc)
                     tg.start_soon(run_periodic, self.loops[4], lambda: anyio.to_thread.run_sync(e.persist))
+                if self.cloud is not None:
+                    tg.start_soon(self.cloud.run)
                 tg.start_soon(self._wait_for_signal, tg.cancel_scope)
                 log.info("bmsgw %s running: %d buses, %d signals, P0 process %d, control socket %s", __version__,
                          len(self.rates), self.image.size, p0.pid, self.control.path)
@@ -123,6 +153,8 @@ class Gateway:
     async def _refresh(self) -> None:
         """Poll P0's counters once a second: bus rates, health; a dead P0 ends the daemon."""
         assert self.p0 is not None
+        if self.cloud is not None:
+            self._cloud_status = self.cloud.status()
         if not self.p0.alive:
             log.critical("the P0 process exited (code %s): stopping", self.p0.exit_code)
             raise SystemExit(1)
@@ -189,7 +221,19 @@ class Gateway:
             "protection": st.get("protection"),
             "simulator": st.get("simulator"),
             "estimates": None if self.estimation is None else self.estimation.snapshot(),
+            "cloud": self._cloud_status,
+            "extra_metrics": self._extra_metrics(),
         }
+
+    def _extra_metrics(self) -> dict[str, float]:
+        c = self._cloud_status
+        if not c:
+            return {}
+        b = c["buffer"]
+        return {"cloud_connected": float(c["connection"]["state"] == "connected"),
+                "cloud_buffer_bytes": float(b["total_bytes"]), "cloud_buffer_rows": float(sum(b["rows"].values())),
+                "cloud_oldest_unsent_age_seconds": float(b["oldest_unsent_age_s"] or 0.0),
+                "cloud_lost_samples": float(sum(v.get("samples", 0) for v in c["losses"].values()))}
 
     async def cmd_alarms(self, args: dict[str, Any]) -> dict[str, Any]:
         """Active conditions and recent events."""
@@ -207,6 +251,12 @@ class Gateway:
         fb = {c: self.image.read(f"contactor.{c}").value if f"contactor.{c}" in self.image.scalars else None
               for c in ("main_positive", "main_negative", "precharge")}
         return {**res, "feedback": fb}
+
+    async def cmd_cloud_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Connection, buffer per class, oldest unsent age, drain estimate, last ack, losses."""
+        if self.cloud is None:
+            raise ControlError("the cloud link is disabled (cloud.enabled = false)")
+        return self.cloud.status()
 
     async def cmd_sim_fault(self, args: dict[str, Any]) -> str:
         return str(await self._p0("sim_fault", args))
@@ -242,6 +292,69 @@ class Gateway:
                     await self._p0("tap_close", {"id": tap})
                 except ControlError:
                     pass
+
+
+class LimitsStage:
+    """A remote protection-limit change: snapshot, apply in P0, health-check, roll back."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def snapshot(self) -> LimitTable:
+        return self.gw.limits
+
+    def apply(self, args: dict[str, Any]) -> tuple[bool, str]:
+        assert self.gw.p0 is not None
+        try:
+            reason = self.gw.p0.call("set_limits", {"table": args["table"]})
+        except P0Error as exc:
+            return False, str(exc)
+        self.gw.limits = args["table"]
+        return True, str(reason)
+
+    def health(self) -> tuple[bool, str]:
+        assert self.gw.p0 is not None
+        try:
+            st = self.gw.p0.call("status")
+        except P0Error as exc:
+            return False, str(exc)
+        return bool(st["healthy"]), "protection lane healthy" if st["healthy"] else "protection lane unhealthy"
+
+    def restore(self, snapshot: LimitTable) -> None:
+        assert self.gw.p0 is not None
+        self.gw.p0.call("set_limits", {"table": snapshot})
+        self.gw.limits = snapshot
+
+
+class EcmStage:
+    """A remote ECM parameter update (the cloud's R0, R1..R4, C1..C4 for some cells), with rollback."""
+
+    def __init__(self, est: Estimation) -> None:
+        self.est = est
+
+    def snapshot(self) -> Any:
+        return self.est.ekf.params.copy()
+
+    def apply(self, args: dict[str, Any]) -> tuple[bool, str]:
+        for cell in args["cells"]:
+            update = {"cell": cell, "r0_ohm": args["r0_ohm"],
+                      "voltage_v": args["ocv_v"] or float(self.est.cell.ocv.ocv(args["soc"] or 0.5)),
+                      **{f"r{k}_ohm": r for k, r in enumerate(args["r_ohm"], 1)},
+                      **{f"c{k}_f": c for k, c in enumerate(args["c_f"], 1)}}
+            if args["temperature_c"] is not None:
+                update["temperature_c"] = args["temperature_c"]
+            ok, reason = self.est.update_ecm(update)
+            if not ok:
+                return False, f"cell {cell}: {reason}"
+        return True, f"ECM parameters of {len(args['cells'])} cells applied"
+
+    def health(self) -> tuple[bool, str]:
+        ok = bool(np.isfinite(self.est.ekf.soc).all())
+        return ok, "estimator healthy" if ok else "estimator diverged"
+
+    def restore(self, snapshot: Any) -> None:
+        self.est.ekf.set_params(snapshot)
+        self.est.params = snapshot
 
 
 def make_lane(loaded: Loaded, recorder: Recorder, send: Callable[[can.Message], bool]) -> ProtectionLane:

@@ -129,12 +129,21 @@ def check_daemon(cfg: Config) -> list[Finding]:
     return out
 
 
+def check_broker(cfg: Config) -> list[Finding]:
+    c = cfg.cloud
+    if not c.enabled:
+        return [Finding("broker", "ok", "cloud link disabled")]
+    err = _tcp(c.host, c.broker_port(), timeout=3.0)
+    return [Finding("broker", "fail" if err else "ok", f"{c.host}:{c.broker_port()}: {err or 'reachable'}",
+                    "check the network (4G/Wi-Fi), DNS and firewall; data is buffered meanwhile" if err else "")]
+
+
 def run(path: Path) -> list[Finding]:
     """Every check, in the order a technician would go."""
     cfg, findings = check_config(path)
     if cfg is None:
         return findings
-    return findings + check_daemon(cfg) + check_buses(cfg) + check_disk(cfg) + check_clock()
+    return findings + check_daemon(cfg) + check_buses(cfg) + check_broker(cfg) + check_disk(cfg) + check_clock()
 
 
 def as_json(findings: list[Finding]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from drivers.sim_pack import SimRunner, virtual_bus_sim
 from gateway.config import Loaded
 from gateway.events import Event, FlightRecord, Recorder
 from gateway.lane import ProtectionLane
+from gateway.limits import LimitTable, validate
 from gateway.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,20 @@ class P0Core:
         elif action:
             raise P0Error(f"unknown action '{action}' (open or close)")
         return machine.status()
+
+    def req_limits(self, args: dict[str, Any]) -> LimitTable:
+        return self._lane().protection.limits
+
+    def req_set_limits(self, args: dict[str, Any]) -> str:
+        """Remote limit changes: checked again here against the fixed hardware limits, never wider."""
+        table = args["table"]
+        if not isinstance(table, LimitTable):
+            raise P0Error("set_limits needs a LimitTable")
+        problems = validate(table, self.loaded.config.hardware())
+        if problems:
+            raise P0Error("; ".join(problems))
+        self._lane().protection.set_limits(table)
+        return "limits applied"
 
     def req_sim_fault(self, args: dict[str, Any]) -> str:
         if self.sim is None:

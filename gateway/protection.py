@@ -342,6 +342,14 @@ class Protection:
                 c = self.checks["pack_voltage_mismatch"]
                 c.step(0, c.severity(diff), diff, None, self)
 
+    def set_limits(self, table: LimitTable) -> None:
+        """New thresholds (already validated against the hardware limits); counters carry on."""
+        with self.lock:
+            self.limits = table
+            for name, chk in self.checks.items():
+                chk.thresholds = table.get(name).as_tuple()
+            self.deep.thresholds = (table.deep_discharge_v,)
+
     # -- state for reset, alarms and derating ----------------------------------------------
 
     def trip_causes(self) -> list[str]:
