@@ -334,6 +334,9 @@ class P0Process:
             _child(loaded, simulate, rpc_there, ev_there)
         rpc_there.close()
         ev_there.close()
+        # on a 2-core box everything competes for the CPU: the scheduler should prefer P0
+        # (raising P0's priority needs privileges; lowering our own does not)
+        os.nice(loaded.config.protection.main_process_nice)
         self._rpc = rpc_here
         self._events = ev_here
         self._lock = threading.Lock()

@@ -264,6 +264,7 @@ async def run(mode: str, args: argparse.Namespace, frames: list[can.Message]) ->
             done.wait()
             side_stop()
             os._exit(0)
+        os.nice(loaded.config.protection.main_process_nice)  # as P0Process does
     elif mode == "thread":
         stop_side = gateway_side(loaded, port, rec, frames)
     else:
