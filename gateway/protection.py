@@ -170,8 +170,8 @@ class Protection:
                 idx = self.sensors
             elif name.startswith("pack_current_"):
                 idx = np.array([self.current_index])
-            else:  # aggregates: evaluated on the tick, one element
-                period = max(img.period(int(s)) for s in np.unique(img.slot_of[self.cells]))
+            else:  # aggregates: evaluated on the tick at most once per cell-voltage cycle, one element
+                period = min(img.period(int(s)) for s in np.unique(img.slot_of[self.cells]))
                 self.checks[name] = LevelCounters(name, Kind.LIMIT, lim.get(name).as_tuple(), high,
                                                   [samples_for(db.delay_s(name), period)])
                 continue
@@ -204,6 +204,8 @@ class Protection:
                 grp.image_index.append(int(i))
                 grp.local.append(local)
         self._agg_seq = -1
+        self._agg_time = -math.inf
+        self._agg_period = min(img.period(int(s)) for s in self._cell_slots)
 
     def _bound(self, span: slice) -> np.ndarray:
         idx = np.arange(span.start, span.stop)
@@ -316,9 +318,11 @@ class Protection:
                     stale.step(k, 1, float(img.value[watched[k]]), int(watched[k]), self)
             for j in [j for j in stale.pending if not is_stale[j]]:
                 stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
+            # the aggregates' "sample": new cell data, taken at most at the cell-voltage cycle
             seq = int(img.seq[self._cell_slots].sum())
-            if seq != self._agg_seq:
+            if seq != self._agg_seq and now - self._agg_time >= self._agg_period:
                 self._agg_seq = seq
+                self._agg_time = now
                 self._aggregates(now)
 
     def _aggregates(self, now: float) -> None:
