@@ -89,6 +89,7 @@ class Gateway:
             h["set_protection_limits"] = LimitsStage(self)
         if self.estimation is not None:
             h["set_ecm_parameters"] = EcmStage(self.estimation)
+            h["set_estimator_settings"] = SettingsStage(self.estimation)
         return h
 
     async def _remote_reset(self, args: dict[str, Any]) -> tuple[bool, str]:
@@ -355,6 +356,27 @@ class EcmStage:
     def restore(self, snapshot: Any) -> None:
         self.est.ekf.set_params(snapshot)
         self.est.params = snapshot
+
+
+class SettingsStage:
+    """A remote change of tunable estimator settings, with rollback."""
+
+    def __init__(self, est: Estimation) -> None:
+        self.est = est
+
+    def snapshot(self) -> Any:
+        return self.est.section
+
+    def apply(self, args: dict[str, Any]) -> tuple[bool, str]:
+        return self.est.apply_settings(args["settings"])
+
+    def health(self) -> tuple[bool, str]:
+        lim = self.est.limits
+        ok = lim is None or (np.isfinite(lim.charge_current_a) and np.isfinite(lim.discharge_current_a))
+        return bool(ok), "limits finite" if ok else "limits not finite"
+
+    def restore(self, snapshot: Any) -> None:
+        self.est._use(snapshot)
 
 
 def make_lane(loaded: Loaded, recorder: Recorder, send: Callable[[can.Message], bool]) -> ProtectionLane:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class Estimation:
         self.ekf = SocEkf(self.cell, self.params)
         self.limiter = SofLimiter(sof_preset(chemistry, section.capacity_ah, n, section.max_charge_c,
                                              section.max_discharge_c))
+        if section.max_charge_c <= 0 or section.max_discharge_c <= 0:
+            raise ValueError("max_charge_c and max_discharge_c must be > 0")
         self.passport = PassportCounters(n, PassportConfig(rated_capacity_ah=section.capacity_ah,
                                                            deep_discharge_v=deep_discharge_v,
                                                            deep_release_v=deep_discharge_v + 0.3),
@@ -152,6 +154,28 @@ class Estimation:
         self.ekf.set_params(result.params)
         self.params = result.params
         return True, result.reason or "applied"
+
+    # -- settings (cloud: set_estimator_settings) ------------------------------------------------------
+
+    TUNABLE = ("rsl_derate", "max_charge_c", "max_discharge_c")
+
+    def apply_settings(self, settings: dict[str, Any]) -> tuple[bool, str]:
+        """Change tunable settings, validated like the config file's; limits are rebuilt."""
+        unknown = sorted(set(settings) - set(self.TUNABLE))
+        if unknown:
+            return False, f"{unknown[0]}: not a tunable estimator setting (tunable: {', '.join(self.TUNABLE)})"
+        try:
+            new = replace(self.section, **{k: float(v) for k, v in settings.items()})  # type: ignore[arg-type]
+            new.check()
+        except (TypeError, ValueError) as exc:
+            return False, str(exc)
+        self._use(new)
+        return True, f"estimator settings applied: {', '.join(sorted(settings))}"
+
+    def _use(self, section: EstimatorSection) -> None:
+        self.section = section
+        self.limiter = SofLimiter(sof_preset(self.cell.name, section.capacity_ah, self.n_cells,
+                                             section.max_charge_c, section.max_discharge_c))
 
     # -- persistence ------------------------------------------------------------------------------
 

@@ -61,3 +61,16 @@ def test_state_survives_a_restart_and_bad_ecm_updates_are_refused(tmp_path: Path
     ok, reason = est.update_ecm({"cell": 3, "voltage_v": 3.7, "r0_ohm": 0.0016, "r1_ohm": 0.0007, "c1_f": 15000.0,
                                  "r2_ohm": 0.0009, "c2_f": 300000.0})
     assert ok, reason
+
+
+def test_tunable_settings_apply_and_refuse(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    est = make(rig, tmp_path)
+    ok, reason = est.apply_settings({"max_charge_c": 0.25, "rsl_derate": 0.3})
+    assert ok, reason
+    assert est.section.max_charge_c == 0.25 and est.limiter.config.max_charge_a == 0.25 * 60.0
+    ok, reason = est.apply_settings({"capacity_ah": 10.0})
+    assert not ok and "not a tunable" in reason
+    ok, reason = est.apply_settings({"rsl_derate": 2.0})
+    assert not ok and "rsl_derate" in reason
+    assert est.section.rsl_derate == 0.3  # a refused change leaves the settings as they were
