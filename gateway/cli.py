@@ -394,6 +394,12 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_opcua_hash(args: argparse.Namespace) -> int:
+    from gateway.opcua_config import main as opcua_main
+
+    return int(opcua_main(["hash-password", *(["--pbkdf2"] if args.pbkdf2 else [])]))
+
+
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
@@ -472,6 +478,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=5, help="rows to show per stream")
     add("status", cmd_cloud_status, "connection, buffer, oldest unsent, drain estimate, losses", daemon=True,
         parent=cloud)
+    opcua = sub.add_parser("opcua", help="the OPC UA server").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = add("hash-password", cmd_opcua_hash, "hash a password for [[opcua.user]] (reads it from the terminal)",
+            json_flag=False, parent=opcua)
+    p.add_argument("--pbkdf2", action="store_true", help="PBKDF2-SHA256 instead of scrypt")
     sim = sub.add_parser("sim", help="the simulated battery").add_subparsers(dest="sub", required=True, metavar="SUB")
     p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, json_flag=False, parent=sim)
     p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded, precharge_open, "

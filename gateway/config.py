@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,7 @@ from gateway.limits import (
     with_overrides,
 )
 from gateway.metrics import MetricsSection
+from gateway.opcua_config import OpcuaSection
 from gateway.pipeline import BusSource, Layout, build
 from gateway.protection import PlausibleRanges, Protection
 from gateway.schema import ConfigError, Loader, read_toml
@@ -145,6 +146,7 @@ class Config:
     hardware_limits: HardwareSection = field(default_factory=HardwareSection)
     protection: ProtectionSection = field(default_factory=ProtectionSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    opcua: OpcuaSection = field(default_factory=OpcuaSection)
     estimators: EstimatorSection = field(default_factory=EstimatorSection)
     cloud: CloudSection = field(default_factory=CloudSection)
     sim: SimSection | None = None
@@ -227,6 +229,11 @@ def load_config(path: str | Path) -> Loaded:
     loader = Loader(path, text)
     cfg = loader.load(Config, data)
     base = path.resolve().parent
+    try:
+        cfg = replace(cfg, opcua=cfg.opcua.resolve(base))
+    except ValueError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise loader.error(f"opcua.{key}", reason) from None
     warnings: list[str] = []
     dbcs: dict[str, list[LoadedDbc]] = {}
     sources = []

@@ -28,10 +28,11 @@ from gateway.estimation import Estimation
 from gateway.events import Recorder
 from gateway.image import Quality
 from gateway.lane import ProtectionLane
-from gateway.limits import LimitTable
+from gateway.limits import LevelOverride, LimitTable, validate, with_overrides
 from gateway.loops import LoopStats, run_periodic
 from gateway.metrics import serve as serve_metrics
 from gateway.notify import Notifier
+from gateway.opcua_server import OpcuaServer, limit_settings
 from gateway.p0 import P0Error, P0Process
 from gateway.protection import Protection
 
@@ -75,6 +76,19 @@ class Gateway:
                                    dbc_hash=dbc_hash(d.path for ds in loaded.dbcs.values() for d in ds),
                                    hardware_limits=cfg.hardware(), current_limits=lambda: self.limits)
             self.loops += self.cloud.loops
+        self.opcua: OpcuaServer | None = None
+        if cfg.opcua.enabled:
+            prot = cfg.protection.enabled
+            self.opcua = OpcuaServer(
+                cfg.opcua, self.image, cfg.site, self.recorder, state_dir(cfg),
+                methods={"ResetError": self._opcua_reset},
+                limits=lambda: self.limits.as_dict(),
+                diagnostics=self._opcua_diagnostics,
+                write_setting=self._opcua_write_setting if prot else None,
+                settings=limit_settings(self.limits.as_dict(), cfg.hardware()) if prot else (),
+                estimates=self._opcua_estimates,
+                gateway_id=cfg.gateway.id, site=cfg.gateway.site)
+            self.loops.append(self.opcua.loop)
         self.control = ControlServer(socket_path(loaded.config), {
             "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
             "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
@@ -91,6 +105,70 @@ class Gateway:
             h["set_ecm_parameters"] = EcmStage(self.estimation)
             h["set_estimator_settings"] = SettingsStage(self.estimation)
         return h
+
+    def _opcua_reset(self, clear_deep_discharge: bool) -> tuple[bool, str]:
+        assert self.p0 is not None
+        try:
+            res = self.p0.call("reset", {"clear_deep_discharge": bool(clear_deep_discharge)})
+        except P0Error as exc:
+            return False, str(exc)
+        return True, str(res.get("reason", "reset"))
+
+    def _opcua_write_setting(self, name: str, value: Any) -> tuple[bool, str]:
+        """An engineer's write of Limits.<Check>.<LEVEL> or Limits.DeepDischargeVoltage: never beyond the hardware."""
+        parts = name.split(".")
+        check = next((c for c in self.limits.as_dict() if len(parts) > 1 and c.replace("_", "").lower() == parts[1].lower()),
+                     None)
+        try:
+            if name == "Limits.DeepDischargeVoltage":
+                new = with_overrides(self.limits, {}, float(value))
+            elif len(parts) == 3 and check is not None and parts[2].lower() in ("mol", "rsl", "msl"):
+                new = with_overrides(self.limits, {check: LevelOverride(**{parts[2].lower(): float(value)})})
+            else:
+                return False, f"{name}: not a setting of this gateway"
+        except ValueError as exc:
+            return False, str(exc)
+        problems = validate(new, self.loaded.config.hardware())
+        if problems:
+            return False, problems[0]
+        assert self.p0 is not None
+        try:
+            reason = self.p0.call("set_limits", {"table": new})
+        except P0Error as exc:
+            return False, str(exc)
+        self.limits = new
+        return True, str(reason)
+
+    def _opcua_diagnostics(self) -> dict[str, Any]:
+        st = self._p0_status
+        own = getattr(self.opcua, "loop", None)
+        return {"loops": st.get("loops", []) + [s.summary() for s in self.loops if s is not own],
+                "buses": [{"frames_per_s": self.rates.get(b["name"], 0.0), **b} for b in st.get("buses", [])],
+                "healthy": self.healthy, "uptime_s": round(time.monotonic() - self.started_mono, 1),
+                "protection": st.get("protection"), "cloud": self._cloud_status}
+
+    def _opcua_estimates(self) -> dict[str, Any]:
+        prot = self._p0_status.get("protection") or {}
+        state = (prot.get("contactors") or {}).get("state")
+        out: dict[str, Any] = {}
+        if state:
+            out["pack.contactor_state"] = str(state)
+            out["pack.bms_state"] = "error" if state == "ERROR" else "derate" if self._derate() else "normal"
+        e = self.estimation
+        if e is not None and e.initialised:
+            pack = e.ekf.pack()
+            out.update({"pack.soc": pack.soc * 100.0, "pack.soe": pack.soe * 100.0, "cell.soc": e.ekf.soc * 100.0})
+            if e.limits is not None:
+                out.update({"pack.charge_current_limit": e.limits.charge_current_a,
+                            "pack.discharge_current_limit": e.limits.discharge_current_a,
+                            "pack.charge_voltage_limit": e.limits.charge_voltage_v,
+                            "pack.discharge_voltage_limit": e.limits.discharge_voltage_v})
+            pp = e.passport.summary()
+            out.update({"pack.ah_charged": pp["charge_ah"], "pack.ah_discharged": pp["discharge_ah"],
+                        "pack.kwh_charged": pp["energy_in_wh"] / 1000.0, "pack.kwh_discharged": pp["energy_out_wh"] / 1000.0,
+                        "pack.equivalent_full_cycles": pp["full_equivalent_cycles"],
+                        "pack.deep_discharge_events": pp["deep_discharge_events"]})
+        return out
 
     async def _remote_reset(self, args: dict[str, Any]) -> tuple[bool, str]:
         try:
@@ -123,6 +201,8 @@ class Gateway:
                     tg.start_soon(run_periodic, self.loops[4], lambda: anyio.to_thread.run_sync(e.persist))
                 if self.cloud is not None:
                     tg.start_soon(self.cloud.run)
+                if self.opcua is not None:
+                    await tg.start(self.opcua.run)  # returns at once: the address space is built in a thread
                 tg.start_soon(self._wait_for_signal, tg.cancel_scope)
                 log.info("bmsgw %s running: %d buses, %d signals, P0 process %d, control socket %s", __version__,
                          len(self.rates), self.image.size, p0.pid, self.control.path)
@@ -223,15 +303,22 @@ class Gateway:
             "simulator": st.get("simulator"),
             "estimates": None if self.estimation is None else self.estimation.snapshot(),
             "cloud": self._cloud_status,
+            "opcua": None if self.opcua is None else self.opcua.status(),
             "extra_metrics": self._extra_metrics(),
         }
 
     def _extra_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.opcua is not None:
+            o = self.opcua.status()
+            out |= {"opcua_listening": float(o["listening"]), "opcua_subscriptions": float(o["subscriptions"]),
+                    "opcua_monitored_items": float(o["monitored_items"]),
+                    "opcua_refused_requests": float(o["writes_refused"] + o["calls_refused"] + o["logins_refused"])}
         c = self._cloud_status
         if not c:
-            return {}
+            return out
         b = c["buffer"]
-        return {"cloud_connected": float(c["connection"]["state"] == "connected"),
+        return out | {"cloud_connected": float(c["connection"]["state"] == "connected"),
                 "cloud_buffer_bytes": float(b["total_bytes"]), "cloud_buffer_rows": float(sum(b["rows"].values())),
                 "cloud_oldest_unsent_age_seconds": float(b["oldest_unsent_age_s"] or 0.0),
                 "cloud_lost_samples": float(sum(v.get("samples", 0) for v in c["losses"].values()))}

@@ -138,12 +138,33 @@ def check_broker(cfg: Config) -> list[Finding]:
                     "check the network (4G/Wi-Fi), DNS and firewall; data is buffered meanwhile" if err else "")]
 
 
+def check_opcua(cfg: Config) -> list[Finding]:
+    o = cfg.opcua
+    if not o.enabled:
+        return [Finding("opc ua", "ok", "OPC UA server disabled")]
+    err = _tcp(o.host if o.host not in ("0.0.0.0", "::") else "127.0.0.1", o.port)
+    return [Finding("opc ua", "fail" if err else "ok", f"{o.endpoint}: {err or 'listening'}",
+                    "is the daemon running? another program on the port? ('ss -ltnp')" if err else "")]
+
+
+def check_permissions(cfg: Config, path: Path) -> list[Finding]:
+    out = []
+    sock = socket_path(cfg)
+    if sock.exists() and not os.access(sock, os.R_OK | os.W_OK):
+        out.append(Finding("permissions", "fail", f"no access to {sock}",
+                           "add your user to the gateway's group (sudo usermod -a -G bmsgw $USER), log in again"))
+    if not os.access(path, os.R_OK):
+        out.append(Finding("permissions", "fail", f"cannot read {path}", "run as the gateway's user or with sudo"))
+    return out or [Finding("permissions", "ok", "config readable, control socket usable")]
+
+
 def run(path: Path) -> list[Finding]:
     """Every check, in the order a technician would go."""
     cfg, findings = check_config(path)
     if cfg is None:
         return findings
-    return findings + check_daemon(cfg) + check_buses(cfg) + check_broker(cfg) + check_disk(cfg) + check_clock()
+    return (findings + check_permissions(cfg, path) + check_daemon(cfg) + check_buses(cfg) + check_broker(cfg)
+            + check_opcua(cfg) + check_disk(cfg) + check_clock())
 
 
 def as_json(findings: list[Finding]) -> dict[str, Any]:

@@ -58,4 +58,4 @@ async def run_periodic(stats: LoopStats, body: Callable[[], Awaitable[None] | No
         if end > due:
             stats.overruns += 1
             due = end  # skip the missed cycles instead of running them back to back
-        await anyio.sleep(due - time.monotonic())
+        await anyio.sleep(max(0.0, due - time.monotonic()))

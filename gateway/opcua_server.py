@@ -1,0 +1,2099 @@
+"""The OPC UA server for inverters, EMS and SCADA (asyncua), fed from the process image.
+
+docs/opcua.md describes the address space, the security model and how to run
+the interoperability check; this module is the implementation:
+
+* **Start-up off the event loop.** asyncua builds its standard address space
+  and we build ours (thousands of nodes) in a worker thread with a private
+  event loop; only the listening socket and the publishing tasks live in the
+  daemon's loop, so neither the control socket nor any other task waits
+  (protection runs in its own threads anyway).
+* **Honest values.** Image-backed variables are written only when their slot
+  has a new sample (new ``seq``) or their quality changed, at most at the
+  configured rate, with SourceTimestamp = the sample's receive time and a
+  status from the image's quality.  An unchanged sample is never re-stamped.
+* **Fast write path.** Values go straight into asyncua's address space and its
+  monitored items (:class:`_FastWriter`: what ``Server.write_attribute_value``
+  does, without its per-item waste), in batches, never through
+  ``Node.write_value`` and the attribute service.  Our DataValues are immutable
+  once made, so they opt out of the deep copy asyncua makes for every monitored
+  item (``__deepcopy__``).
+* **Alarms.** Protection events arrive from the Recorder's threads through a
+  lock-free deque; LIMIT, DATA and CONTACTOR events drive one AlarmCondition
+  per check, the rest are plain events; operators acknowledge.
+* **Security.** Role checks per operation: a permission ruleset per secure
+  channel (knows its security mode, keeps None read-only or discovery-only),
+  our own attribute service for writes, and role checks in every method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import gc
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import anyio
+import anyio.abc
+import numpy as np
+from asyncua import Node, Server, ua
+from asyncua.common import event_objects, events
+from asyncua.common.utils import ServiceError
+from asyncua.crypto import cert_gen
+from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User, UserRole
+from asyncua.crypto.security_policies import SecurityPolicyFactory, SecurityPolicyNone
+from asyncua.server.address_space import AttributeService
+from asyncua.server.internal_server import InternalServer
+from asyncua.server.monitored_item_service import MonitoredItemService
+from asyncua.server.user_managers import UserManager
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import __version__
+from gateway.events import Event, Kind, Level, Recorder
+from gateway.image import ProcessImage, Quality
+from gateway.limits import CHECKS, HardwareLimits, _bounds
+from gateway.loops import LoopStats
+from gateway.opcua_config import ROLES, OpcuaSection, OpcuaUser, parse_password_hash, verify_password
+from gateway.pipeline import Layout
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_URI = "urn:bmsgw:opcua:BatterySystem"
+ROOT = "BatterySystem"
+PRODUCT_URI = "urn:bmsgw"
+
+MethodHandler = Callable[..., tuple[bool, str]]
+LimitsProvider = Callable[[], Mapping[str, Any]]
+DiagnosticsProvider = Callable[[], Mapping[str, Any]]
+EstimatesProvider = Callable[[], Mapping[str, Any]]
+SettingWriter = Callable[[str, Any], tuple[bool, str]]
+
+
+def _nid(identifier: int | str, namespace: int = 0) -> ua.NodeId:
+    return ua.NodeId(cast(Any, identifier), cast(Any, namespace))
+
+
+def _code(code: int) -> ua.StatusCode:
+    return ua.StatusCode(cast(Any, code))
+
+
+# -- statuses ---------------------------------------------------------------------------------
+
+NEVER = 3  # our fourth quality: stale because never received (no measurement time to show)
+_STATUS = (
+    _code(ua.StatusCodes.Good),
+    _code(ua.StatusCodes.UncertainLastUsableValue),
+    _code(ua.StatusCodes.BadSensorFailure),
+    _code(ua.StatusCodes.BadWaitingForInitialData),
+)
+GOOD = _STATUS[0]
+WAITING = _STATUS[NEVER]
+SEVERITY = {Level.INFO: 100, Level.MOL: 300, Level.RSL: 600, Level.MSL: 900}
+TRIP_SEVERITY = 1000
+ROLE_RANK: dict[str, int] = {r: k for k, r in enumerate(ROLES)}
+
+# -- engineering units (UNECE codes, OPC UA Part 8) -------------------------------------------
+
+UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
+UNITS: dict[str, tuple[str, str, str]] = {
+    "V": ("VLT", "V", "volt"),
+    "A": ("AMP", "A", "ampere"),
+    "W": ("WTT", "W", "watt"),
+    "degC": ("CEL", "°C", "degree Celsius"),
+    "%": ("P1", "%", "percent"),
+    "ohm": ("OHM", "Ω", "ohm"),
+    "F": ("FAR", "F", "farad"),
+    "Hz": ("HTZ", "Hz", "hertz"),
+    "deg": ("DD", "°", "degree (angle)"),
+    "Ah": ("AMH", "A·h", "ampere hour"),
+    "kWh": ("KWH", "kW·h", "kilowatt hour"),
+    "h": ("HUR", "h", "hour"),
+    "ms": ("C26", "ms", "millisecond"),
+    "s": ("SEC", "s", "second"),
+}
+
+
+def unit_id(code: str) -> int:
+    """UnitId of a UNECE common code as OPC UA Part 8 defines it (one byte per character)."""
+    n = 0
+    for ch in code:
+        n = (n << 8) | ord(ch)
+    return n
+
+
+def eu_information(unit: str) -> ua.EUInformation:
+    code, display, description = UNITS[unit]
+    return ua.EUInformation(NamespaceUri=UNECE_URI, UnitId=unit_id(code), DisplayName=ua.LocalizedText(display),
+                            Description=ua.LocalizedText(description))
+
+
+def camel(name: str) -> str:
+    """``cell_voltage_high`` -> ``CellVoltageHigh``; ``module.temperature_bad_data`` -> ``ModuleTemperatureBadData``."""
+    parts = [p for p in re.split(r"[^A-Za-z0-9]+", name) if p]
+    out = "".join(p[:1].upper() + p[1:] for p in parts)
+    return out if out and not out[0].isdigit() else f"N{out}"
+
+
+def guess_unit(name: str) -> str | None:
+    n = name.lower()
+    for key, unit in (("voltage", "V"), ("current", "A"), ("temperature", "degC"), ("power", "W"),
+                      ("resistance", "ohm")):
+        if key in n:
+            return unit
+    if re.search(r"(^|_)(soc|soh|soe)$", n):
+        return "%"
+    return None
+
+
+# -- DataValues that asyncua need not copy ---------------------------------------------------
+
+
+class _DataValue(ua.DataValue):
+    """A DataValue that is never changed after it is made, so one instance can be shared.
+
+    asyncua deep-copies every written DataValue once per monitored item "to prevent
+    referencing the inner value"; ours are never mutated (asyncua itself only ever
+    replaces them), so the copy is skipped: the biggest cost of an update with several
+    subscribers.
+    """
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _DataValue:
+        return self
+
+
+def _dv(value: ua.Variant, status: ua.StatusCode, source: datetime | None, server: datetime | None) -> _DataValue:
+    return _DataValue(value, status, cast(Any, source), cast(Any, server))
+
+
+def _utc(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+class _FastWriter:
+    """Writes our values into asyncua's address space and hands them to its monitored items.
+
+    It does what ``AddressSpace.write_attribute_value`` and asyncua's
+    ``MonitoredItemService.datachange_callback`` do, item for item (same change test,
+    same deadband filter, same queueing), minus two costs that are pure waste for values
+    we make ourselves: the type check (we write the node's own type) and a default
+    ``MonitoredItemNotification()`` built and then overwritten for every monitored item
+    (about 6 us each, more than the rest of the delivery). Anything it does not
+    recognise (another asyncua version, a value setter, a foreign callback) goes through
+    asyncua's own path, which ``inline = False`` also forces.
+    """
+
+    def __init__(self, aspace: Any) -> None:
+        self.aspace = aspace
+        self.inline = all(hasattr(MonitoredItemService, a) for a in
+                          ("datachange_callback", "_is_data_changed", "_is_deadband_exceeded"))
+        self.fallbacks = 0
+
+    async def __call__(self, nodeid: ua.NodeId, attr: ua.AttributeIds, dv: ua.DataValue) -> None:
+        node = self.aspace.get(nodeid)
+        attval = node.attributes.get(attr) if node is not None else None
+        if not self.inline or attval is None or attval.value_setter is not None:
+            await self.aspace.write_attribute_value(nodeid, attr, dv)
+            return
+        attval.value = dv
+        attval.value_callback = None
+        if not attval.datachange_callbacks:
+            return
+        for handle, callback in list(attval.datachange_callbacks.items()):
+            mis: Any = getattr(callback, "__self__", None)
+            mdata = None
+            if getattr(callback, "__func__", None) is _MIS_DATACHANGE:
+                mid = getattr(mis, "_monitored_datachange", {}).get(handle)
+                mdata = getattr(mis, "_monitored_items", {}).get(mid) if mid is not None else None
+            if mdata is None or not hasattr(getattr(mdata, "mvalue", None), "current_dvalue"):
+                self.fallbacks += 1
+                await callback(handle, dv)
+                continue
+            if mdata.mode == ua.MonitoringMode.Disabled:
+                continue
+            values = mdata.mvalue
+            old = values.current_dvalue
+            values.old_dvalue, values.current_dvalue = old, dv  # set_current_datavalue without the deep copy
+            flt = mdata.filter
+            if flt:
+                changed = mis._is_data_changed(values, flt.Trigger) and mis._is_deadband_exceeded(values, flt)
+            else:  # the default trigger, StatusValue: our status codes are shared objects, so test identity first
+                changed = old is None or (old.StatusCode is not dv.StatusCode and old.StatusCode != dv.StatusCode) \
+                    or old.Value != dv.Value
+            if changed:
+                await mis.isub.enqueue_datachange_event(
+                    mid, ua.MonitoredItemNotification(ClientHandle=mdata.client_handle, Value=dv), mdata.queue_size)
+
+
+_MIS_DATACHANGE = getattr(MonitoredItemService, "datachange_callback", None)
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """A variable under ``BatterySystem/Settings`` that an engineer may write.
+
+    The server answers BadOutOfRange outside [low, high] and BadTypeMismatch for another
+    type before calling the writer; the writer (``write_setting(name, value)``) validates
+    against the hardware limits and applies, or refuses (BadOutOfRange).
+    """
+
+    name: str  # browse path below Settings, "." between folders, e.g. "Limits.CellVoltageHigh.RSL"
+    low: float = -math.inf
+    high: float = math.inf
+    unit: str | None = None
+    description: str = ""
+    kind: Literal["double", "boolean", "int32"] = "double"
+    initial: float | bool | None = None
+    limit: tuple[str, str] | None = None  # mirrors limits()[check][level] (level "" for a plain number)
+
+
+def limit_settings(limits: Mapping[str, Any], hardware: HardwareLimits) -> list[SettingSpec]:
+    """One engineer setting per limit level (MOL/RSL/MSL of every check), bounded by the hardware limits."""
+    bounds = _bounds(hardware)
+    out = []
+    for check, (_direction, unit, _group) in CHECKS.items():
+        levels = limits.get(check)
+        if not isinstance(levels, Mapping):
+            continue
+        lo, hi = bounds[check]
+        for level in ("mol", "rsl", "msl"):
+            out.append(SettingSpec(f"Limits.{camel(check)}.{level.upper()}", lo, hi, unit,
+                                   f"{check} {level.upper()} threshold (engineer; within the hardware limits)",
+                                   initial=float(levels[level]), limit=(check, level)))
+    if "deep_discharge_v" in limits:
+        out.append(SettingSpec("Limits.DeepDischargeVoltage", hardware.cell_voltage_min, hardware.cell_voltage_max,
+                               "V", "deep-discharge threshold (latched below it)",
+                               initial=float(limits["deep_discharge_v"]), limit=("deep_discharge_v", "")))
+    return out
+
+
+# -- request context: who is calling, on what channel -----------------------------------------
+
+
+@dataclass
+class OpcuaIdentity(User):
+    """An authenticated OPC UA user (asyncua role is always User: Admin would bypass every check)."""
+
+    bms_role: str = "viewer"
+    method: str = "anonymous"  # password, certificate or anonymous
+
+
+@dataclass(frozen=True)
+class _Request:
+    user: OpcuaIdentity | None
+    read_only: bool  # the channel has security None
+
+
+_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("bmsgw_opcua_request", default=None)
+_X509_TOKEN: contextvars.ContextVar[bool] = contextvars.ContextVar("bmsgw_opcua_x509", default=False)
+
+_USER_SERVICES = frozenset(_nid(t) for t in USER_TYPES)
+_MUTATING = frozenset(_nid(t) for t in (ua.ObjectIds.WriteRequest_Encoding_DefaultBinary,
+                                             ua.ObjectIds.CallRequest_Encoding_DefaultBinary,
+                                             ua.ObjectIds.HistoryUpdateRequest_Encoding_DefaultBinary))
+
+
+class _ChannelRules(PermissionRuleset):
+    """Permission ruleset of one secure channel; also records who asks, for the per-item checks.
+
+    A secured channel must use a trusted client certificate for every request: asyncua checks
+    the trust list only against the certificate a client *declares* in CreateSession (and not
+    at all when it declares none), while the channel is protected by the one it opened with.
+    """
+
+    def __init__(self, mode: ua.MessageSecurityMode, allowed: bool, trust: _TrustList | None = None,
+                 peer: bytes | None = None) -> None:
+        self.read_only = mode == ua.MessageSecurityMode.None_
+        self.allowed = allowed  # False: a None channel that exists only for discovery (GetEndpoints)
+        self.trust = trust
+        self.peer = peer
+        self._peer_ok: bool | None = None
+
+    def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
+        if not self.allowed or action_type_id not in _USER_SERVICES:
+            return False  # never the node-management services, whoever asks
+        if self.read_only and action_type_id in _MUTATING:
+            return False
+        if not self.read_only and self.trust is not None:
+            if self._peer_ok is None:
+                self._peer_ok = self.trust.accepts(self.peer)
+            if not self._peer_ok:
+                return False
+        _REQUEST.set(_Request(user if isinstance(user, OpcuaIdentity) else None, self.read_only))
+        return True
+
+
+class _PolicyFactory(SecurityPolicyFactory):
+    """asyncua's policy factory, giving every channel its own ruleset that knows the channel's certificate."""
+
+    def __init__(self, base: SecurityPolicyFactory, allowed: bool, trust: _TrustList | None) -> None:
+        super().__init__(base.cls, base.mode, base.certificate, base.private_key, None, base.certificate_chain)
+        self.allowed = allowed
+        self.trust = trust
+
+    def create(self, peer_certificate: Any) -> Any:
+        policy = super().create(peer_certificate)
+        policy.permissions = _ChannelRules(self.mode, self.allowed, self.trust,
+                                           bytes(peer_certificate) if peer_certificate else None)
+        return policy
+
+
+def _request() -> _Request | None:
+    return _REQUEST.get()
+
+
+class _Users(UserManager):
+    """Users from the config: password (hashed), X.509 user certificate, or anonymous."""
+
+    def __init__(self, section: OpcuaSection, certificates: dict[bytes, OpcuaUser]) -> None:
+        self.anonymous = section.anonymous
+        self.by_name = {u.name: u for u in section.user if u.password_hash}
+        self.hashes = {u.name: parse_password_hash(u.password_hash) for u in self.by_name.values()}
+        self.certificates = certificates
+        self._key = os.urandom(32)
+        self._verified: set[bytes] = set()  # keyed digests of good (name, password) pairs: repeat logins are cheap
+        self.refused = 0
+
+    def _digest(self, name: str, password: str) -> bytes:
+        return hashlib.blake2b(f"{name}\0{password}".encode(), key=self._key).digest()
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        x509_token = _X509_TOKEN.get()
+        _X509_TOKEN.set(False)
+        if username is not None:
+            entry = self.by_name.get(username)
+            if entry is None or password is None:
+                self.refused += 1
+                log.warning("OPC UA login refused: unknown user %r", username)
+                return None
+            key = self._digest(username, password)
+            if key not in self._verified:
+                if not verify_password(password, self.hashes[username]):
+                    self.refused += 1
+                    log.warning("OPC UA login refused: wrong password for %r", username)
+                    return None
+                self._verified.add(key)
+            return OpcuaIdentity(role=UserRole.User, name=username, bms_role=entry.role, method="password")
+        if x509_token:
+            entry = self.certificates.get(bytes(certificate)) if certificate is not None else None
+            if entry is None:
+                self.refused += 1
+                log.warning("OPC UA login refused: unknown user certificate")
+                return None
+            return OpcuaIdentity(role=UserRole.User, name=entry.name, bms_role=entry.role, method="certificate")
+        if self.anonymous:
+            return OpcuaIdentity(role=UserRole.User, name="anonymous", bms_role="viewer", method="anonymous")
+        self.refused += 1
+        return None
+
+
+class _InternalServer(InternalServer):
+    def verify_x509_token(self, isession: Any, token: ua.X509IdentityToken, signature: ua.SignatureData) -> bytes:
+        der = super().verify_x509_token(isession, token, signature)
+        _X509_TOKEN.set(True)  # same task as the get_user call that follows: that login is a certificate login
+        return der
+
+
+class _Server(Server):
+    """asyncua's Server with a ruleset per channel and a discovery-only None channel when None is off."""
+
+    def __init__(self, iserver: InternalServer, allow_none: bool, trust: _TrustList) -> None:
+        super().__init__(iserver=iserver)
+        self._allow_none = allow_none
+        self._trust = trust
+
+    async def _setup_server_nodes(self) -> None:
+        await super()._setup_server_nodes()
+        self._policies[:] = [_PolicyFactory(f, True, self._trust) for f in self._policies]
+        if not any(f.mode == ua.MessageSecurityMode.None_ for f in self._policies):
+            # without this, asyncua falls back to a None policy without any ruleset for a client that asks
+            # for None: that channel may do GetEndpoints, and nothing else
+            self._policies.append(_PolicyFactory(SecurityPolicyFactory(SecurityPolicyNone, ua.MessageSecurityMode.None_),
+                                                 self._allow_none, None))
+
+
+_ADMIN = User(role=UserRole.Admin)
+
+
+class _AttributeService(AttributeService):
+    """Client writes: only Settings variables, only engineers on a secured channel, typed and in range."""
+
+    def __init__(self, owner: OpcuaServer, base: AttributeService) -> None:
+        super().__init__(base._aspace)
+        self.owner = owner
+
+    async def write(self, params: ua.WriteParameters, user: User = _ADMIN) -> list[ua.StatusCode]:
+        if user.role == UserRole.Admin:  # the server's own internal session
+            return await super().write(params, user)
+        return [await self.owner._client_write(wv, user) for wv in params.NodesToWrite]
+
+
+class _TrustList:
+    """Client application certificates we accept: the configured ones (or CAs among them), within validity."""
+
+    def __init__(self, trusted: list[x509.Certificate], accept_any: bool) -> None:
+        self.der = {c.public_bytes(serialization.Encoding.DER) for c in trusted}
+        self.cas = [c for c in trusted if _is_ca(c)]
+        self.accept_any = accept_any
+        self.rejected = 0
+
+    def check(self, cert: x509.Certificate) -> int:
+        """0 when trusted, else the Bad status code."""
+        now = datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return ua.StatusCodes.BadCertificateTimeInvalid
+        if self.accept_any or cert.public_bytes(serialization.Encoding.DER) in self.der:
+            return 0
+        for ca in self.cas:
+            try:
+                cert.verify_directly_issued_by(ca)
+                return 0
+            except Exception:  # any failure means "not issued by this CA"
+                continue
+        return ua.StatusCodes.BadCertificateUntrusted
+
+    def accepts(self, der: bytes | None) -> bool:
+        try:
+            ok = der is not None and self.check(x509.load_der_x509_certificate(_first_der(der))) == 0
+        except ValueError:
+            ok = False
+        if not ok:
+            self.rejected += 1
+            log.warning("OPC UA secure channel refused: its client certificate is not trusted")
+        return ok
+
+    async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        code = self.check(cert)
+        if code:
+            self.rejected += 1
+            log.warning("OPC UA client certificate refused (%s): %s, application %s",
+                        ua.StatusCode(cast(Any, code)).name, cert.subject.rfc4514_string(), app.ApplicationUri)
+            raise ServiceError(code)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    """A certificate authority, not an application instance certificate (which may also say ca=True)."""
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        return False  # application certificates carry clientAuth/serverAuth
+    except x509.ExtensionNotFound:
+        return bool(basic.ca and usage.key_cert_sign)
+
+
+def _first_der(data: bytes) -> bytes:
+    """The first certificate of a DER chain (a SEQUENCE: tag, length, content)."""
+    if len(data) < 4 or data[0] != 0x30:
+        raise ValueError("not a DER certificate")
+    n = data[1]
+    if n < 0x80:
+        return data[: 2 + n]
+    size = int.from_bytes(data[2: 2 + (n & 0x7F)], "big")
+    return data[: 2 + (n & 0x7F) + size]
+
+
+def load_certificates(paths: Iterable[str]) -> list[x509.Certificate]:
+    """Certificates from files and folders (DER or PEM)."""
+    out = []
+    for p in map(Path, paths):
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".der", ".pem", ".crt", ".cer")) \
+            if p.is_dir() else [p]
+        for f in files:
+            data = f.read_bytes()
+            out.append(x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                       else x509.load_der_x509_certificate(data))
+    return out
+
+
+def ensure_server_certificate(folder: Path, application_uri: str, hostnames: Sequence[str], days: int,
+                              common_name: str = "bmsgw") -> tuple[Path, Path]:
+    """The server's key and self-signed certificate in ``folder``, created on first start.
+
+    The key is kept for ever (clients trust the certificate); the certificate is made again
+    only when the application URI or a host name is missing from it or it has expired.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_file, cert_file = folder / "server_key.pem", folder / "server_cert.der"
+    if key_file.is_file():
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{key_file}: not an RSA key")
+    else:
+        key = cert_gen.generate_private_key()
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cert_gen.dump_private_key_as_pem(key))
+        cert_file.unlink(missing_ok=True)
+    names = list(dict.fromkeys(h for h in hostnames if h))
+    if cert_file.is_file():
+        cert = x509.load_der_x509_certificate(cert_file.read_bytes())
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+            have = set(san.get_values_for_type(x509.DNSName)) | {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            uris, have = [], set()
+        fresh = cert.not_valid_after_utc > datetime.now(UTC)
+        same_key = cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+        if fresh and same_key and application_uri in uris and set(names) <= have:
+            return key_file, cert_file
+        log.warning("OPC UA server certificate %s is made again (URI, host names or validity changed)", cert_file)
+    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+    for h in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            alt.append(x509.DNSName(h))
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, common_name, {"organizationName": "bmsgw"}, alt,
+        extended=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days=days)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    return key_file, cert_file
+
+
+# -- address-space description -------------------------------------------------------------
+
+
+_DT = {
+    ua.VariantType.Double: ua.ObjectIds.Double, ua.VariantType.Boolean: ua.ObjectIds.Boolean,
+    ua.VariantType.Int32: ua.ObjectIds.Int32, ua.VariantType.UInt32: ua.ObjectIds.UInt32,
+    ua.VariantType.String: ua.ObjectIds.String, ua.VariantType.DateTime: ua.ObjectIds.DateTime,
+    ua.VariantType.Int64: ua.ObjectIds.Int64,
+}
+KIND_DOUBLE, KIND_BOOL, KIND_INT = 0, 1, 2
+_KIND_VT = (ua.VariantType.Double, ua.VariantType.Boolean, ua.VariantType.Int32)
+
+# image families: (browse name, kind, unit, description)
+FAMILY_NODES: dict[str, tuple[str, int, str | None, str]] = {
+    "cell.voltage": ("Voltage", KIND_DOUBLE, "V", "cell voltage"),
+    "cell.temperature": ("Temperature", KIND_DOUBLE, "degC", "cell temperature (sensor)"),
+    "cell.balancing": ("Balancing", KIND_BOOL, None, "balancing of this cell is active"),
+    "module.temperature": ("Temperature", KIND_DOUBLE, "degC", "module temperature sensor"),
+    "module.board_temperature": ("BoardTemperature", KIND_DOUBLE, "degC", "module electronics temperature"),
+    "module.voltage": ("Voltage", KIND_DOUBLE, "V", "module voltage (measured by the module)"),
+    "module.state": ("State", KIND_INT, None, "module state code (see the pack's CAN protocol)"),
+    "module.fault": ("Fault", KIND_INT, None, "module fault code (0: none)"),
+    "string.current": ("Current", KIND_DOUBLE, "A", "string current (positive: charging)"),
+    "string.voltage": ("Voltage", KIND_DOUBLE, "V", "string voltage"),
+}
+
+# estimator/provider keys: key -> (path below BatterySystem, variant type, unit, description)
+PACK_ESTIMATES: dict[str, tuple[str, ua.VariantType, str | None, str]] = {
+    "pack.soc": ("Pack.SoC", ua.VariantType.Double, "%", "state of charge (EKF over the cells)"),
+    "pack.soe": ("Pack.SoE", ua.VariantType.Double, "%", "state of energy"),
+    "pack.soh": ("Pack.SoH", ua.VariantType.Double, "%", "state of health (capacity), from the cloud"),
+    "pack.charge_current_limit": ("Pack.ChargeCurrentLimit", ua.VariantType.Double, "A",
+                                  "charge current the battery accepts now (SoF)"),
+    "pack.discharge_current_limit": ("Pack.DischargeCurrentLimit", ua.VariantType.Double, "A",
+                                     "discharge current the battery delivers now (SoF)"),
+    "pack.charge_voltage_limit": ("Pack.ChargeVoltageLimit", ua.VariantType.Double, "V", "highest pack voltage"),
+    "pack.discharge_voltage_limit": ("Pack.DischargeVoltageLimit", ua.VariantType.Double, "V",
+                                     "lowest pack voltage"),
+    "pack.contactor_state": ("Pack.ContactorState", ua.VariantType.String, None,
+                             "contactor state machine: STANDBY, PRECHARGE, CLOSED, OPENING, ERROR"),
+    "pack.bms_state": ("Pack.BmsState", ua.VariantType.String, None, "gateway state: normal, derate, error"),
+    "pack.ah_charged": ("Pack.SoHInputs.ChargeThroughput", ua.VariantType.Double, "Ah", "charge throughput"),
+    "pack.ah_discharged": ("Pack.SoHInputs.DischargeThroughput", ua.VariantType.Double, "Ah",
+                           "discharge throughput"),
+    "pack.kwh_charged": ("Pack.SoHInputs.EnergyCharged", ua.VariantType.Double, "kWh", "energy charged"),
+    "pack.kwh_discharged": ("Pack.SoHInputs.EnergyDischarged", ua.VariantType.Double, "kWh", "energy discharged"),
+    "pack.equivalent_full_cycles": ("Pack.SoHInputs.EquivalentFullCycles", ua.VariantType.Double, None,
+                                    "number of full equivalent cycles"),
+    "pack.deep_discharge_events": ("Pack.SoHInputs.DeepDischargeEvents", ua.VariantType.Double, None,
+                                   "deep-discharge events"),
+    "pack.hours_above_temperature": ("Pack.SoHInputs.TimeAboveTemperature", ua.VariantType.Double, "h",
+                                     "time spent above the high-temperature threshold"),
+    "pack.hours_below_temperature": ("Pack.SoHInputs.TimeBelowTemperature", ua.VariantType.Double, "h",
+                                     "time spent below the low-temperature threshold"),
+    "eis.time": ("EIS.MeasuredAt", ua.VariantType.DateTime, None, "when the last spectrum was measured"),
+    "eis.target": ("EIS.Target", ua.VariantType.String, None, "what the last spectrum measured (cell/module)"),
+    "eis.kk_valid": ("EIS.KramersKronigValid", ua.VariantType.Boolean, None,
+                     "the last spectrum passed the lin-KK test"),
+    "eis.frequency_hz": ("EIS.Frequency", ua.VariantType.Double, "Hz", "frequencies of the last spectrum"),
+    "eis.z_re_ohm": ("EIS.ZReal", ua.VariantType.Double, "ohm", "real part of the impedance"),
+    "eis.z_im_ohm": ("EIS.ZImag", ua.VariantType.Double, "ohm", "imaginary part of the impedance"),
+    "eis.magnitude_ohm": ("EIS.Magnitude", ua.VariantType.Double, "ohm", "|Z|"),
+    "eis.phase_deg": ("EIS.Phase", ua.VariantType.Double, "deg", "phase of Z"),
+    "eis.voltage_v": ("EIS.CellVoltage", ua.VariantType.Double, "V", "cell voltage at each point"),
+    "eis.fit.time": ("EIS.Fit.FittedAt", ua.VariantType.DateTime, None, "when the ECM parameters were fitted"),
+    "eis.fit.ocv_v": ("EIS.Fit.Ocv", ua.VariantType.Double, "V", "open-circuit voltage"),
+    **{f"eis.fit.r{k}_ohm": (f"EIS.Fit.R{k}", ua.VariantType.Double, "ohm", f"ECM resistance R{k}") for k in range(5)},
+    **{f"eis.fit.c{k}_f": (f"EIS.Fit.C{k}", ua.VariantType.Double, "F", f"ECM capacitance C{k}") for k in range(1, 5)},
+}
+EIS_ARRAYS = frozenset(k for k in PACK_ESTIMATES if k.startswith("eis.") and k.endswith(("_hz", "_ohm", "_deg", "_v"))
+                       and not k.startswith("eis.fit."))
+CELL_ESTIMATES: dict[str, tuple[str, str, str]] = {
+    "cell.soc": ("SoC", "%", "cell state of charge (EKF)"),
+    "cell.sot": ("SoT", "degC", "cell temperature from the EIS phase (when available)"),
+}
+
+
+@dataclass
+class _Var:
+    path: str
+    vtype: ua.VariantType
+    unit: str | None = None
+    description: str = ""
+    eu_range: tuple[float, float] | None = None
+    writable: bool = False
+    array: bool = False
+    sampling_ms: float = 0.0
+
+
+class _Batch:
+    """AddNodesItems of one build step (parents before children)."""
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+        self.items: list[ua.AddNodesItem] = []
+        self.vars: list[tuple[ua.NodeId, _Var]] = []
+
+    def nodeid(self, path: str) -> ua.NodeId:
+        return _nid(f"{ROOT}.{path}" if path else ROOT, self.ns)
+
+    def obj(self, path: str, description: str = "", folder: bool = False, notifier: bool = False,
+            typedef: ua.NodeId | None = None, parent: ua.NodeId | None = None) -> ua.NodeId:
+        name = path.rsplit(".", 1)[-1] or ROOT
+        item = ua.AddNodesItem()
+        item.RequestedNewNodeId = self.nodeid(path)
+        item.BrowseName = ua.QualifiedName(name, self.ns)
+        item.NodeClass = ua.NodeClass.Object
+        item.ParentNodeId = parent if parent is not None else self.nodeid(path.rpartition(".")[0])
+        item.ReferenceTypeId = _nid(ua.ObjectIds.Organizes if folder or parent is not None
+                                     else ua.ObjectIds.HasComponent)
+        item.TypeDefinition = typedef or _nid(ua.ObjectIds.FolderType if folder else ua.ObjectIds.BaseObjectType)
+        attrs = ua.ObjectAttributes()
+        attrs.DisplayName = ua.LocalizedText(name)
+        attrs.Description = ua.LocalizedText(description or name)
+        attrs.EventNotifier = 1 if notifier else 0
+        attrs.WriteMask = attrs.UserWriteMask = 0
+        item.NodeAttributes = attrs
+        self.items.append(item)
+        return item.RequestedNewNodeId
+
+    def var(self, v: _Var) -> ua.NodeId:
+        name = v.path.rsplit(".", 1)[-1]
+        nid = self.nodeid(v.path)
+        item = ua.AddNodesItem()
+        item.RequestedNewNodeId = nid
+        item.BrowseName = ua.QualifiedName(name, self.ns)
+        item.NodeClass = ua.NodeClass.Variable
+        item.ParentNodeId = self.nodeid(v.path.rpartition(".")[0])
+        item.ReferenceTypeId = _nid(ua.ObjectIds.HasComponent)
+        analog = v.vtype == ua.VariantType.Double and (v.unit is not None or v.eu_range is not None)
+        item.TypeDefinition = _nid(ua.ObjectIds.AnalogItemType if analog else ua.ObjectIds.BaseDataVariableType)
+        attrs = ua.VariableAttributes()
+        attrs.DisplayName = ua.LocalizedText(name)
+        attrs.Description = ua.LocalizedText(v.description or name)
+        attrs.DataType = _nid(_DT[v.vtype])
+        attrs.ValueRank = 1 if v.array else -1
+        attrs.ArrayDimensions = [0] if v.array else []
+        attrs.Value = ua.Variant([] if v.array else None, v.vtype if v.array else ua.VariantType.Null)
+        access = ua.AccessLevel.CurrentRead.mask | (ua.AccessLevel.CurrentWrite.mask if v.writable else 0)
+        attrs.AccessLevel = attrs.UserAccessLevel = access
+        attrs.MinimumSamplingInterval = v.sampling_ms
+        attrs.Historizing = False
+        attrs.WriteMask = attrs.UserWriteMask = 0
+        item.NodeAttributes = attrs
+        self.items.append(item)
+        if v.unit is not None:
+            self._property(nid, v.path + ".EngineeringUnits", ua.ObjectIds.EUInformation,
+                           ua.Variant(eu_information(v.unit), ua.VariantType.ExtensionObject))
+        if analog:
+            lo, hi = v.eu_range or (-math.inf, math.inf)
+            self._property(nid, v.path + ".EURange", ua.ObjectIds.Range,
+                           ua.Variant(ua.Range(Low=lo, High=hi), ua.VariantType.ExtensionObject))
+        self.vars.append((nid, v))
+        return nid
+
+    def _property(self, parent: ua.NodeId, path: str, datatype: int, value: ua.Variant) -> None:
+        name = path.rsplit(".", 1)[-1]
+        item = ua.AddNodesItem()
+        item.RequestedNewNodeId = self.nodeid(path)
+        item.BrowseName = ua.QualifiedName(name, 0)
+        item.NodeClass = ua.NodeClass.Variable
+        item.ParentNodeId = parent
+        item.ReferenceTypeId = _nid(ua.ObjectIds.HasProperty)
+        item.TypeDefinition = _nid(ua.ObjectIds.PropertyType)
+        attrs = ua.VariableAttributes()
+        attrs.DisplayName = ua.LocalizedText(name)
+        attrs.Description = ua.LocalizedText(name)
+        attrs.DataType = _nid(datatype)
+        attrs.ValueRank = -1
+        attrs.Value = value
+        attrs.AccessLevel = attrs.UserAccessLevel = ua.AccessLevel.CurrentRead.mask
+        item.NodeAttributes = attrs
+        self.items.append(item)
+
+
+# -- push groups -------------------------------------------------------------------------------
+
+
+class _ImageGroup:
+    """Image-backed variables written at one rate: per node, the last pushed sample and quality."""
+
+    def __init__(self, name: str, period_s: float) -> None:
+        self.name = name
+        self.period_s = period_s
+        self.nodeids: list[ua.NodeId] = []
+        self.index: list[int] = []
+        self.kinds: list[int] = []
+
+    def add(self, nodeid: ua.NodeId, index: int, kind: int) -> None:
+        self.nodeids.append(nodeid)
+        self.index.append(index)
+        self.kinds.append(kind)
+
+    def freeze(self, image: ProcessImage) -> None:
+        n = len(self.index)
+        self.idx = np.asarray(self.index, dtype=np.intp)
+        self.slots = image.slots(self.idx) if n else np.zeros(0, dtype=np.intp)
+        self.kind = np.asarray(self.kinds, dtype=np.int8)
+        cycle = np.array([image.period(int(s)) for s in self.slots], dtype=np.float64)
+        self.wait = np.where(np.isfinite(cycle), np.minimum(cycle, self.period_s), 0.0)
+        self.last_seq = np.zeros(n, dtype=np.uint64)
+        self.last_q = np.full(n, -1, dtype=np.int8)
+        self.last_push = np.full(n, -np.inf)
+
+
+@dataclass
+class _Aggregate:
+    """A value computed from image families (min/max cell voltage, power): pushed when an input changes."""
+
+    nodeid: ua.NodeId
+    compute: Callable[[float], tuple[float, int, float]]  # now -> (value, quality, measurement time)
+    inputs: np.ndarray  # slots
+    last_seq: int = -1
+    last_q: int = -1
+    last_value: float = math.nan
+    last_push: float = -math.inf
+
+
+@dataclass
+class _Condition:
+    """One alarm condition (one protection check): which elements are active at which level."""
+
+    kind: str
+    name: str
+    nodeid: ua.NodeId
+    browse: str
+    active: dict[tuple[int | None, Level], Event] = field(default_factory=dict)
+    acked: bool = True
+    event_id: bytes = b""
+    severity: int = 0
+    last_severity: int = 0
+    comment: str = ""
+    client_user: str = ""
+    transition: datetime | None = None
+    last: Event | None = None
+    last_fields: Any = None  # the last event object sent (for ConditionRefresh)
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.active)
+
+    @property
+    def retain(self) -> bool:
+        return self.is_active or not self.acked
+
+
+@dataclass
+class OpcuaStats:
+    updates: int = 0
+    updates_per_s: float = 0.0
+    events_emitted: int = 0
+    events_dropped: int = 0
+    writes_refused: int = 0
+    writes_accepted: int = 0
+    calls: int = 0
+    calls_refused: int = 0
+    last_refusal: str = ""
+    start_s: float = 0.0
+    starts: int = 0
+    last_error: str = ""
+
+
+class OpcuaServer:
+    """The OPC UA server of one gateway: address space from the layout, values from the image.
+
+    ``methods``: ``{"ResetError": f(clear_deep_discharge: bool), "StartEisSweep": f(target: str),
+    "RequestBalancing": f(enable: bool)}``, each returning ``(accepted, reason)``; they run in a
+    worker thread. ``limits()`` returns the MOL/RSL/MSL table (``LimitTable.as_dict()``),
+    ``diagnostics()`` a nested dict of loop/bus/cloud statistics, ``estimates()`` the
+    estimator outputs (keys in docs/opcua.md); these three run in the event loop and must be
+    cheap. ``write_setting(name, value)`` validates and applies an engineer write of one of
+    ``settings`` and returns ``(accepted, reason)``; it runs in a worker thread.
+    """
+
+    def __init__(self, section: OpcuaSection, image: ProcessImage, layout: Layout, recorder: Recorder,
+                 state_dir: Path | str, methods: Mapping[str, MethodHandler] | None = None,
+                 limits: LimitsProvider | None = None, diagnostics: DiagnosticsProvider | None = None,
+                 write_setting: SettingWriter | None = None, *, settings: Sequence[SettingSpec] = (),
+                 estimates: EstimatesProvider | None = None, gateway_id: str = "bmsgw", site: str = "site",
+                 max_pending_events: int = 10_000) -> None:
+        self.section = section
+        self.image = image
+        self.layout = layout
+        self.recorder = recorder
+        self.state_dir = Path(state_dir)
+        self.methods = dict(methods or {})
+        self.limits = limits
+        self.diagnostics = diagnostics
+        self.write_setting = write_setting
+        self.settings = list(settings)
+        self.estimates = estimates
+        self.gateway_id = gateway_id
+        self.site = site
+        self.application_uri = section.application_uri or f"urn:bmsgw:{gateway_id}"
+        self.url = section.endpoint
+        self.stats = OpcuaStats()
+        self.loop = LoopStats("opcua-push", section.scan_ms / 1000.0, "P3")
+        self.server: Server | None = None
+        self.certificate_file: Path | None = None
+        self._ready: anyio.Event | None = None
+        self._pending: deque[Event] = deque()
+        self._max_pending = max_pending_events
+        recorder.subscribers.append(self._on_event)
+        quiet = logging.getLogger("asyncua")  # logs every request at INFO: thousands of lines a minute
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)
+        self._write = None  # type: Callable[..., Any] | None
+        self.writer: _FastWriter | None = None
+        self._settings_by_node: dict[ua.NodeId, SettingSpec] = {}
+        self._conditions: dict[tuple[str, str], _Condition] = {}
+        self._diag_nodes: dict[str, tuple[ua.NodeId, ua.VariantType, Any]] = {}
+        self._limit_nodes: dict[tuple[str, str], tuple[ua.NodeId, Any]] = {}
+        self._est_nodes: dict[str, tuple[ua.NodeId, ua.VariantType, Any]] = {}
+        self._cell_est: dict[str, tuple[list[ua.NodeId], np.ndarray]] = {}
+        self._updates_mark = (0, time.monotonic())
+        self._groups: list[_ImageGroup] = []
+        self._aggregates: list[_Aggregate] = []
+        self._last_estimates = -math.inf
+        self._est_last: dict[str, Any] = {}
+        self._est_time: dict[str, float] = {}
+        self._method_nodes: dict[ua.NodeId, tuple[str, tuple[ua.VariantType, ...]]] = {}
+        self._made_objs: set[str] = set()
+        self._alarm_vars: dict[str, ua.NodeId] = {}
+        self.ns = 0
+        self.root = ua.NodeId()
+        self._trust: _TrustList | None = None
+        self._users: _Users | None = None
+        self._method_lock: anyio.Lock | None = None
+        self._frozen = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> anyio.Event:
+        """Set once the server listens (run() signals task_status at once and builds in the background)."""
+        if self._ready is None:
+            self._ready = anyio.Event()
+        return self._ready
+
+    def status(self) -> dict[str, Any]:
+        """Counters for `bmsgw status` and the Gateway/OpcUa diagnostics folder."""
+        s = self.stats
+        iserver = self.server.iserver if self.server is not None else None
+        subs = iserver.subscription_service.subscriptions if iserver is not None else {}
+        items = sum(len(sub.monitored_item_srv._monitored_items) for sub in subs.values())
+        return {
+            "endpoint": self.url, "listening": self._ready is not None and self._ready.is_set(),
+            "subscriptions": len(subs), "monitored_items": items, "updates": s.updates,
+            "updates_per_s": round(s.updates_per_s, 1), "events_emitted": s.events_emitted,
+            "events_dropped": s.events_dropped, "events_pending": len(self._pending),
+            "writes_accepted": s.writes_accepted, "writes_refused": s.writes_refused, "calls": s.calls,
+            "calls_refused": s.calls_refused, "logins_refused": self._users.refused if self._users else 0,
+            "certificates_refused": self._trust.rejected if self._trust else 0, "last_refusal": s.last_refusal,
+            "start_s": round(s.start_s, 3), "starts": s.starts, "last_error": s.last_error,
+            "active_alarms": sum(1 for c in list(self._conditions.values()) if c.is_active),
+            "push_loop": self.loop.summary(),
+        }
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[OpcuaServer] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. ``task_status.started`` is signalled at once: building the address
+        space never holds up the caller (``await server.ready.wait()`` for the listening socket).
+        A failed start (port taken, broken certificate) is logged and retried with back-off: the
+        gateway keeps protecting and publishing elsewhere."""
+        self.ready  # noqa: B018 - created in this event loop
+        task_status.started(self)
+        backoff = 2.0
+        while True:
+            try:
+                await self._serve()
+                return
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:  # a P3 component: log, expose, retry; never take the daemon down
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("OPC UA server failed; retrying in %.0f s", backoff)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    async def push_once(self, force: bool = False) -> int:
+        """One scan of the image, aggregates and estimates; ``force`` ignores the rates (benchmarks).
+        Returns how many values were written into the address space."""
+        now = time.monotonic()
+        n = 0
+        for group in self._groups:
+            n += await self._push_group(group, now, force)
+        n += await self._push_aggregates(now, force)
+        if force or now - self._last_estimates >= 0.98 / self.section.pack_rate_hz:
+            self._last_estimates = now
+            n += await self._push_estimates(now, force)
+        self.stats.updates += n
+        return n
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        t0 = time.monotonic()
+        self.stats.starts += 1
+        limits0 = dict(self.limits()) if self.limits is not None else {}
+        gc_enabled = gc.isenabled()
+        # asyncua's standard address space and ours are some 600,000 objects without a single
+        # reference cycle to collect; with the collector running, every full collection during the
+        # build stopped every thread of the process for 50-200 ms (and doubled the build time).
+        # The collector pauses while we build, and what was built is frozen once the server listens.
+        gc.disable()
+        try:
+            server = await anyio.to_thread.run_sync(self._build_in_thread, limits0, abandon_on_cancel=True)
+            self.server = server
+            await server.start()
+            # the address space stays for the daemon's lifetime: keep its objects out of every collection
+            gc.freeze()
+            self._frozen = True
+        except BaseException:
+            if self.server is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    try:
+                        await self.server.stop()
+                    except Exception:  # stopping a half-started server must not hide the first error
+                        log.debug("OPC UA server stop failed", exc_info=True)
+                self.server = None
+            raise
+        finally:
+            if gc_enabled:
+                gc.enable()
+        try:
+            self.writer = _FastWriter(server.iserver.aspace)
+            self._write = self.writer
+            await self._alarm_summary(datetime.now(UTC))
+            self.stats.start_s = time.monotonic() - t0
+            self.stats.last_error = ""
+            log.info("OPC UA server listening on %s (%d variables, ready in %.2f s)", self.url,
+                     sum(len(g.nodeids) for g in self._groups), self.stats.start_s)
+            self.ready.set()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._push_loop)
+                tg.start_soon(self._event_loop)
+                tg.start_soon(self._slow_loop)
+        finally:
+            self._write = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    await server.stop()
+                except Exception:  # stopping a half-started server must not hide the first error
+                    log.debug("OPC UA server stop failed", exc_info=True)
+            self.server = None
+            if self._frozen:  # the old address space may be collected now
+                gc.unfreeze()
+                self._frozen = False
+            if self._ready is not None and self._ready.is_set():
+                self._ready = None  # a restart gets a fresh event
+
+    def _build_in_thread(self, limits0: dict[str, Any]) -> Server:
+        return asyncio.run(self._build(limits0))
+
+    async def _build(self, limits0: dict[str, Any]) -> Server:
+        """Everything that takes CPU time before the socket opens (runs in a worker thread)."""
+        sec = self.section
+        host = socket.gethostname()
+        names = [host, *sec.cert_hostnames]
+        if sec.host not in ("0.0.0.0", "::", ""):
+            names.append(sec.host)
+        key_file, cert_file = ensure_server_certificate(self.state_dir / "opcua", self.application_uri, names,
+                                                        sec.cert_days, f"bmsgw {self.gateway_id}")
+        self.certificate_file = cert_file
+        user_certs: dict[bytes, OpcuaUser] = {}
+        for u in sec.user:
+            if u.certificate:
+                cert = load_certificates([u.certificate])[0]
+                user_certs[cert.public_bytes(serialization.Encoding.DER)] = u
+        self._users = _Users(sec, user_certs)
+        iserver = _InternalServer(user_manager=self._users)
+        self._trust = _TrustList(load_certificates(sec.trusted_client_certs), sec.accept_any_client_cert)
+        server = _Server(iserver, sec.allow_none_readonly, self._trust)
+        await server.init()
+        server.set_endpoint(self.url)
+        server.set_server_name(f"bmsgw {self.gateway_id}")
+        server.product_uri = PRODUCT_URI
+        server.manufacturer_name = "bmsgw"
+        await server.set_application_uri(self.application_uri)
+        await server.set_build_info(PRODUCT_URI, "bmsgw", "bmsgw", __version__, "0", datetime.now(UTC))
+        await server.load_certificate(str(cert_file))
+        await server.load_private_key(str(key_file))
+        policies = [getattr(ua.SecurityPolicyType, p) for p in sec.security]
+        if sec.allow_none_readonly:
+            policies.append(ua.SecurityPolicyType.NoSecurity)
+        server.set_security_policy(policies)
+        tokens: list[type] = [ua.UserNameIdentityToken, ua.X509IdentityToken]
+        if sec.anonymous:
+            tokens.append(ua.AnonymousIdentityToken)
+        server.set_identity_tokens(tokens)
+        server.set_certificate_validator(self._trust)
+        iserver.max_connections = sec.max_connections
+        iserver.max_monitored_item_queue_size = sec.max_queue_size
+        iserver.attribute_service = _AttributeService(self, iserver.attribute_service)
+        await self._build_model(server, limits0)
+        return server
+
+    # -- the information model ----------------------------------------------------------------
+
+    async def _build_model(self, server: Server, limits0: dict[str, Any]) -> None:
+        sec, img, lay = self.section, self.image, self.layout
+        # a restart builds a new address space: forget the nodes of the old one (alarm states are kept)
+        for table in (self._diag_nodes, self._limit_nodes, self._est_nodes, self._cell_est, self._settings_by_node,
+                      self._est_last, self._est_time, self._alarm_vars, self._method_nodes):
+            table.clear()
+        self._last_estimates = -math.inf
+        self.ns = ns = await server.register_namespace(NAMESPACE_URI)
+        b = _Batch(ns)
+        pack_ms, cell_ms = 1000.0 / sec.pack_rate_hz, 1000.0 / sec.cell_rate_hz
+        ranges = _eu_ranges(limits0, lay)
+        root = b.obj("", "the battery: pack, strings, modules, cells, limits, alarms, estimators, EIS, gateway",
+                     notifier=True, parent=_nid(ua.ObjectIds.ObjectsFolder))
+        self.root = root
+        # identification
+        b.obj("Identification", "who and what this gateway and battery are")
+        ident: list[tuple[str, ua.VariantType, Any, str]] = [
+            ("GatewayId", ua.VariantType.String, self.gateway_id, "gateway id (config gateway.id)"),
+            ("Site", ua.VariantType.String, self.site, "site name"),
+            ("SoftwareVersion", ua.VariantType.String, __version__, "bmsgw version"),
+            ("Strings", ua.VariantType.UInt32, lay.strings, "strings in parallel"),
+            ("ModulesPerString", ua.VariantType.UInt32, lay.modules_per_string, "modules in series per string"),
+            ("CellsPerModule", ua.VariantType.UInt32, lay.cells_per_module, "cells in series per module"),
+            ("SensorsPerModule", ua.VariantType.UInt32, lay.sensors_per_module, "temperature sensors per module"),
+            ("Cells", ua.VariantType.UInt32, lay.cells, "cells in the battery"),
+        ]
+        static: list[tuple[ua.NodeId, ua.Variant]] = []
+        for name, vt, value, desc in ident:
+            nid = b.var(_Var(f"Identification.{name}", vt, description=desc))
+            static.append((nid, ua.Variant(value, vt)))
+        # pack, scalars of the image, aggregates
+        b.obj("Pack", "pack-level measurements, estimates and limits")
+        groups = {"pack": _ImageGroup("pack", 1.0 / sec.pack_rate_hz), "cells": _ImageGroup("cells", 1.0 / sec.cell_rate_hz)}
+        made_objs = {"Pack", "Identification"}
+        self._made_objs = made_objs
+
+        def ensure_obj(path: str, description: str = "") -> None:
+            parts = path.split(".")
+            for k in range(1, len(parts) + 1):
+                p = ".".join(parts[:k])
+                if p not in made_objs:
+                    made_objs.add(p)
+                    b.obj(p, description if k == len(parts) else "")
+
+        for name, index in img.scalars.items():
+            if img.slot_of[index] < 0:
+                continue
+            parts = name.split(".")
+            path = ".".join(["Pack" if parts[0] == "pack" else camel(parts[0]), *(camel(p) for p in parts[1:])])
+            ensure_obj(path.rpartition(".")[0])
+            unit = guess_unit(parts[-1])
+            rng = ranges.get(name) or (ranges.get(f"*{unit}") if unit else None)
+            nid = b.var(_Var(path, ua.VariantType.Double, unit, f"{name} (from the signal map)", rng,
+                             sampling_ms=pack_ms))
+            groups["pack"].add(nid, index, KIND_DOUBLE)
+        self._aggregates = self._aggregate_vars(b, ranges, pack_ms)
+        for key, (path, vt, unit, desc) in PACK_ESTIMATES.items():
+            ensure_obj(path.rpartition(".")[0])
+            arr = key in EIS_ARRAYS
+            nid = b.var(_Var(path, vt, unit, desc, ranges.get(key), array=arr, sampling_ms=pack_ms))
+            self._est_nodes[key] = (nid, vt, None)
+        # strings, modules, cells
+        b.obj("Strings", "strings of modules in series", folder=True)
+        per_cell: dict[str, list[ua.NodeId]] = {k: [] for k in CELL_ESTIMATES}
+        fams = img.families
+        for s in range(lay.strings):
+            sp = f"Strings.String{s}"
+            b.obj(sp, f"string {s}")
+            self._family_vars(b, groups, "string", s, sp, ranges, pack_ms, (s,))
+            b.obj(f"{sp}.Modules", "modules of this string", folder=True)
+            for ml in range(lay.modules_per_string):
+                m = s * lay.modules_per_string + ml
+                mp = f"{sp}.Modules.Module{m}"
+                b.obj(mp, f"module {m}")
+                self._family_vars(b, groups, "module", m, mp, ranges, cell_ms, (m,))
+                b.obj(f"{mp}.Cells", "cells of this module", folder=True)
+                for cl in range(lay.cells_per_module):
+                    c = m * lay.cells_per_module + cl
+                    cp = f"{mp}.Cells.Cell{c}"
+                    b.obj(cp, f"cell {c}")
+                    self._family_vars(b, groups, "cell", c, cp, ranges, cell_ms, (c,))
+                    for key, (leaf, unit, desc) in CELL_ESTIMATES.items():
+                        per_cell[key].append(b.var(_Var(f"{cp}.{leaf}", ua.VariantType.Double, unit, desc,
+                                                        ranges.get(key), sampling_ms=cell_ms)))
+        for key, nodes in per_cell.items():
+            self._cell_est[key] = (nodes, np.full(len(nodes), np.nan))
+        del fams
+        # limits (read-only), settings (engineer)
+        b.obj("Limits", "protection limits in force: MOL (info), RSL (warning, derate), MSL (trip); read-only",
+              folder=True)
+        made_objs.add("Limits")
+        for check, levels in limits0.items():
+            unit = CHECKS.get(check, ("high", guess_unit(check) or "", ""))[1] or None
+            if isinstance(levels, Mapping):
+                cp = f"Limits.{camel(check)}"
+                b.obj(cp, f"{check} ({CHECKS[check][0] if check in CHECKS else ''} limit)")
+                made_objs.add(cp)
+                for level in ("mol", "rsl", "msl"):
+                    if level in levels:
+                        nid = b.var(_Var(f"{cp}.{level.upper()}", ua.VariantType.Double, unit,
+                                         f"{check} {level.upper()}"))
+                        self._limit_nodes[(check, level)] = (nid, None)
+            elif isinstance(levels, int | float):
+                leaf = "DeepDischargeVoltage" if check == "deep_discharge_v" else camel(check)
+                nid = b.var(_Var(f"Limits.{leaf}", ua.VariantType.Double, guess_unit(check) or
+                                 ("V" if check.endswith("_v") else None), check))
+                self._limit_nodes[(check, "")] = (nid, None)
+        b.obj("Settings", "settings an engineer may write, inside the hardware limits", folder=True)
+        made_objs.add("Settings")
+        for spec in self.settings:
+            ensure_obj(f"Settings.{spec.name}".rpartition(".")[0])
+            vt = {"double": ua.VariantType.Double, "boolean": ua.VariantType.Boolean,
+                  "int32": ua.VariantType.Int32}[spec.kind]
+            rng = (spec.low, spec.high) if spec.kind != "boolean" else None
+            nid = b.var(_Var(f"Settings.{spec.name}", vt, spec.unit, spec.description, rng, writable=True))
+            self._settings_by_node[nid] = spec
+            if spec.initial is not None:
+                static.append((nid, ua.Variant(_coerce(spec.initial, vt), vt)))
+        # alarms
+        b.obj("Alarms", "protection alarms (conditions; acknowledge with the Acknowledge method)", folder=True)
+        self._alarm_vars = {
+            "ActiveCount": b.var(_Var("Alarms.ActiveCount", ua.VariantType.UInt32, description="active conditions")),
+            "UnacknowledgedCount": b.var(_Var("Alarms.UnacknowledgedCount", ua.VariantType.UInt32,
+                                              description="conditions not acknowledged")),
+            "Active": b.var(_Var("Alarms.Active", ua.VariantType.String, description="active conditions: check, "
+                                 "level, element", array=True)),
+        }
+        # estimators, EIS, gateway
+        b.obj("Estimators", "estimator outputs without a fixed place (provider keys estimators.*)", folder=True)
+        made_objs.update({"Estimators", "Settings", "Limits", "Alarms"})
+        b.obj("Gateway", "gateway diagnostics: loops, buses, cloud link, OPC UA", folder=True)
+        b.obj("Gateway.Diagnostics", "live statistics (refreshed every slow_period_s)", folder=True)
+        made_objs.update({"Gateway", "Gateway.Diagnostics"})
+        iserver = server.iserver
+        results = await iserver.isession.add_nodes(b.items)
+        for item, res in zip(b.items, results, strict=True):
+            if not res.StatusCode.is_good():
+                raise RuntimeError(f"OPC UA model: cannot add {item.RequestedNewNodeId}: {res.StatusCode}")
+        aspace = iserver.aspace
+        srv = datetime.now(UTC)
+        for nid, v in b.vars:
+            empty = ua.Variant([], v.vtype) if v.array else ua.Variant()
+            await aspace.write_attribute_value(nid, ua.AttributeIds.Value, _dv(empty, WAITING, None, srv))
+        for nid, variant in static:
+            await aspace.write_attribute_value(nid, ua.AttributeIds.Value, _dv(variant, GOOD, srv, srv))
+        for g in groups.values():
+            g.freeze(img)
+        self._groups = [groups["pack"], groups["cells"]]
+        # references that make the model discoverable for event clients
+        await iserver.isession.add_references([_ref(ua.ObjectIds.Server, ua.ObjectIds.HasNotifier, root),
+                                               _ref(ua.ObjectIds.Server, ua.ObjectIds.HasEventSource, root)])
+        await self._build_events(server)
+        await self._build_methods(server)
+
+    def _family_vars(self, b: _Batch, groups: dict[str, _ImageGroup], prefix: str, element: int, path: str,
+                     ranges: dict[str, tuple[float, float]], sampling_ms: float, index: tuple[int, ...]) -> None:
+        img = self.image
+        for fam_name, fam in img.families.items():
+            head, _, tail = fam_name.partition(".")
+            if head != prefix:
+                continue
+            name, kind, unit, desc = FAMILY_NODES.get(fam_name, (camel(tail), KIND_DOUBLE, guess_unit(tail), fam_name))
+            extra = fam.shape[1:]
+            for rest in np.ndindex(*extra) if extra else [()]:
+                full = (*index, *rest)
+                if len(full) != len(fam.shape) or any(i >= n for i, n in zip(full, fam.shape, strict=True)):
+                    continue
+                flat = fam.element(full)
+                if img.slot_of[flat] < 0:
+                    continue  # not bound by the signal map: no node (docs/opcua.md)
+                leaf = name + "".join(str(i) for i in rest)
+                vt = _KIND_VT[kind]
+                nid = b.var(_Var(f"{path}.{leaf}", vt, unit if vt == ua.VariantType.Double else None,
+                                 f"{desc} ({fam.element_name(flat)})", ranges.get(fam_name), sampling_ms=sampling_ms))
+                (groups["pack"] if prefix == "string" else groups["cells"]).add(nid, flat, kind)
+
+    def _aggregate_vars(self, b: _Batch, ranges: dict[str, tuple[float, float]], ms: float) -> list[_Aggregate]:
+        img = self.image
+        out: list[_Aggregate] = []
+
+        def bound(family: str) -> np.ndarray:
+            if family not in img.families:
+                return np.zeros(0, dtype=np.intp)
+            idx = np.arange(img.span(family).start, img.span(family).stop)
+            return idx[img.slot_of[idx] >= 0]
+
+        def extreme(idx: np.ndarray, op: str) -> Callable[[float], tuple[float, int, float]]:
+            slots = img.slots(idx)
+
+            def compute(now: float) -> tuple[float, int, float]:
+                q = img.quality(idx, now)
+                received = img.seq[slots] > 0
+                values = img.value[idx]
+                good = q == Quality.GOOD
+                usable = received & (q != Quality.INVALID) & ~np.isnan(values)
+                use = good if good.any() else usable
+                if not use.any():
+                    t = img.rx_time[slots][received]
+                    return math.nan, (Quality.INVALID if received.any() else NEVER), \
+                        float(t.max()) if t.size else math.nan
+                v = values[use]
+                value = float(v.min() if op == "min" else v.max() if op == "max" else v.max() - v.min())
+                status = Quality.GOOD if good.all() else Quality.STALE  # Uncertain: some inputs are not good
+                return value, int(status), float(img.rx_time[slots][use].max())
+            return compute
+
+        cells_v = bound("cell.voltage")
+        temps = bound("cell.temperature")
+        if not temps.size:
+            temps = bound("module.temperature")
+        specs: list[tuple[str, np.ndarray, str, str | None, str, str]] = [
+            ("MinCellVoltage", cells_v, "min", "V", "cell.voltage", "lowest cell voltage (of the good ones)"),
+            ("MaxCellVoltage", cells_v, "max", "V", "cell.voltage", "highest cell voltage (of the good ones)"),
+            ("CellVoltageSpread", cells_v, "spread", "V", "", "highest minus lowest cell voltage"),
+            ("MinTemperature", temps, "min", "degC", "cell.temperature", "lowest cell/module temperature"),
+            ("MaxTemperature", temps, "max", "degC", "cell.temperature", "highest cell/module temperature"),
+        ]
+        for name, idx, op, unit, rng, desc in specs:
+            if idx.size:
+                nid = b.var(_Var(f"Pack.{name}", ua.VariantType.Double, unit,
+                                 desc + "; Uncertain when some inputs are not good", ranges.get(rng), sampling_ms=ms))
+                out.append(_Aggregate(nid, extreme(idx, op), np.unique(img.slots(idx))))
+        if "pack.voltage" in img.scalars and "pack.current" in img.scalars:
+            iv, ic = img.index("pack.voltage"), img.index("pack.current")
+            if img.slot_of[iv] >= 0 and img.slot_of[ic] >= 0:
+                pair = np.array([iv, ic], dtype=np.intp)
+                slots = img.slots(pair)
+
+                def power(now: float) -> tuple[float, int, float]:
+                    q = img.quality(pair, now)
+                    t = img.rx_time[slots]
+                    tt = float(t.max()) if np.isfinite(t).any() else math.nan
+                    worst = int(q.max())
+                    if worst == Quality.STALE and not (img.seq[slots] > 0).all():
+                        worst = NEVER
+                    return float(img.value[iv] * img.value[ic]), worst, tt
+                nid = b.var(_Var("Pack.Power", ua.VariantType.Double, "W", "pack voltage x pack current "
+                                 "(positive: charging)", ranges.get("pack.power"), sampling_ms=ms))
+                out.append(_Aggregate(nid, power, np.unique(slots)))
+        return out
+
+    async def _build_events(self, server: Server) -> None:
+        ns = self.ns
+        props = [("Kind", ua.VariantType.String), ("Check", ua.VariantType.String), ("Level", ua.VariantType.String),
+                 ("Element", ua.VariantType.Int32), ("MeasuredValue", ua.VariantType.Double),
+                 ("LimitValue", ua.VariantType.Double)]
+        self.event_type = await server.create_custom_event_type(ns, "BmsEventType", ua.ObjectIds.BaseEventType, props)
+        self.alarm_type = await server.create_custom_event_type(ns, "BmsAlarmType", ua.ObjectIds.AlarmConditionType,
+                                                                props)
+        self._event_template = await events.get_event_obj_from_type_node(self.event_type)
+        self._alarm_template = await events.get_event_obj_from_type_node(self.alarm_type)
+        for tmpl in (self._event_template, self._alarm_template):
+            for name, vt in props:
+                tmpl.add_property(name, None, vt)
+        a = self._alarm_template
+        a.add_property("NodeId", None, ua.VariantType.NodeId)  # ConditionId
+        for name in ("ActiveState/TransitionTime", "AckedState/TransitionTime", "EnabledState/TransitionTime"):
+            a.add_property(name, None, ua.VariantType.DateTime)
+        known = [(Kind.LIMIT, c) for c in CHECKS] + [(Kind.LIMIT, "cell_deep_discharge")] + \
+            [(Kind.DATA, n) for n in ("cell.voltage_bad_data", "module.temperature_bad_data", "pack.current_bad_data",
+                                      "stale_data")] + \
+            [(Kind.CONTACTOR, n) for n in ("main_positive", "main_negative", "precharge")]
+        items = [self._condition_item(kind, name) for kind, name in dict.fromkeys([*known, *self._conditions])]
+        for res in await server.iserver.isession.add_nodes([i for i, _ in items]):
+            res.StatusCode.check()
+        await server.iserver.isession.add_references([_ref(self.root, ua.ObjectIds.HasCondition, c.nodeid)
+                                                      for _, c in items])
+        server.iserver.isession.add_method_callback(_nid(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),
+                                                    self._acknowledge)
+        for mid in (ua.ObjectIds.ConditionType_ConditionRefresh, ua.ObjectIds.ConditionType_ConditionRefresh2):
+            server.iserver.isession.add_method_callback(_nid(mid), self._condition_refresh)
+
+    def _condition_item(self, kind: str, name: str) -> tuple[ua.AddNodesItem, _Condition]:
+        browse = camel(name) if kind != Kind.CONTACTOR else "Contactor" + camel(name)
+        b = _Batch(self.ns)
+        nid = b.obj(f"Alarms.{browse}", f"{kind} condition {name}", typedef=self.alarm_type.nodeid)
+        cond = self._conditions.get((kind, name))
+        if cond is None:
+            cond = self._conditions[(kind, name)] = _Condition(kind, name, nid, browse)
+        return b.items[0], cond
+
+    async def _build_methods(self, server: Server) -> None:
+        root = server.get_node(self.root)
+        out = [_argument("Accepted", ua.ObjectIds.Boolean, "true when the request was accepted"),
+               _argument("Reason", ua.ObjectIds.String, "what was done, or why it was refused")]
+        specs = [
+            ("ResetError", [_argument("ClearDeepDischarge", ua.ObjectIds.Boolean,
+                                      "also clear a latched deep discharge")], (ua.VariantType.Boolean,),
+             "leave ERROR when every cause is gone (same rules as `bmsgw reset`)"),
+            ("StartEisSweep", [_argument("Target", ua.ObjectIds.String, "what to measure: cell[N] or module[N]")],
+             (ua.VariantType.String,), "start an impedance sweep (needs low, stable current)"),
+            ("RequestBalancing", [_argument("Enable", ua.ObjectIds.Boolean, "true: start, false: stop")],
+             (ua.VariantType.Boolean,), "start or stop active balancing"),
+        ]
+        for name, inargs, types, _desc in specs:
+            node = await root.add_method(_nid(f"{ROOT}.{name}", self.ns), ua.QualifiedName(name, self.ns),
+                                         self._make_method(name), inargs, out)
+            self._method_nodes[node.nodeid] = (name, types)
+
+    # -- pushing values ------------------------------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        loop = self.loop
+        period = loop.period_s
+        due = time.monotonic()
+        while True:
+            start = time.monotonic()
+            loop.late_s.append(max(0.0, start - due))
+            try:
+                await self.push_once()
+            except Exception as exc:  # counted, never fatal
+                loop.errors += 1
+                loop.last_error = f"{type(exc).__name__}: {exc}"
+                log.debug("OPC UA push failed", exc_info=True)
+            end = time.monotonic()
+            loop.busy_s.append(end - start)
+            loop.runs += 1
+            due += period
+            if end > due:
+                loop.overruns += 1
+                due = end
+            await anyio.sleep(max(0.0, due - time.monotonic()))
+
+    async def _push_group(self, g: _ImageGroup, now: float, force: bool) -> int:
+        if not g.nodeids or self._write is None:
+            return 0
+        img = self.image
+        seq = img.seq[g.slots]
+        q = img.quality(g.idx, now)
+        q = np.where((seq == 0) & (q == Quality.STALE), NEVER, q).astype(np.int8)
+        changed_q = q != g.last_q
+        new = seq != g.last_seq
+        if force:
+            due = new | changed_q
+        else:
+            # rate limit per node; once the window is open, wait (at most one cycle of the source) for a
+            # sample measured after it opened, so a push follows a measurement within one scan instead of
+            # publishing a sample that sat out the window
+            opened = g.last_push + g.period_s * 0.98
+            due = (new & (now >= opened) & ((img.rx_mono[g.slots] >= opened) | (now >= opened + g.wait))) \
+                | changed_q
+        sel = np.flatnonzero(due)
+        if not sel.size:
+            return 0
+        idx, slots = g.idx[sel], g.slots[sel]
+        values = img.value[idx].tolist()
+        times = img.rx_time[slots].tolist()
+        qs = q[sel].tolist()
+        kinds = g.kind[sel].tolist()
+        srv = datetime.now(UTC)
+        stamps: dict[float, datetime] = {}
+        write = self._write
+        nodeids = g.nodeids
+        value_attr = ua.AttributeIds.Value
+        for k, (i, v, t, qq, kind) in enumerate(zip(sel.tolist(), values, times, qs, kinds, strict=True)):
+            src = stamps.get(t)
+            if src is None and t == t:  # not NaN
+                src = stamps[t] = _utc(t)
+            await write(nodeids[i], value_attr, _image_dv(kind, v, qq, src, srv))
+            if k % 512 == 511:
+                await anyio.sleep(0)
+        g.last_seq[sel] = seq[sel]
+        g.last_q[sel] = q[sel]
+        g.last_push[sel] = now
+        return int(sel.size)
+
+    async def _push_aggregates(self, now: float, force: bool) -> int:
+        if self._write is None:
+            return 0
+        n = 0
+        period = 1.0 / self.section.pack_rate_hz
+        srv = None
+        for a in self._aggregates:
+            seq = int(self.image.seq[a.inputs].sum())
+            if not force and now - a.last_push < period * 0.98:
+                continue
+            value, q, t = a.compute(now)
+            if seq == a.last_seq and q == a.last_q and _same(a.last_value, value):
+                continue  # an input's quality change alone can change the value (min of the good cells)
+            srv = srv or datetime.now(UTC)
+            src = _utc(t) if t == t and q != NEVER else None
+            await self._write(a.nodeid, ua.AttributeIds.Value, _image_dv(KIND_DOUBLE, value, q, src, srv))
+            a.last_seq, a.last_q, a.last_value, a.last_push = seq, q, value, now
+            n += 1
+        return n
+
+    async def _push_estimates(self, now: float, force: bool) -> int:
+        if self.estimates is None or self._write is None:
+            return 0
+        data = self.estimates()
+        if not data:
+            return 0
+        t_all = data.get("time")
+        t_all = float(t_all) if isinstance(t_all, int | float) else None
+        srv = datetime.now(UTC)
+        wall = time.time()
+        n = 0
+        for key, value in data.items():
+            if key == "time":
+                continue
+            stamp, per_key = t_all, False
+            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int | float):
+                value, stamp, per_key = value[0], float(value[1]), True
+            if key in self._cell_est:
+                n += await self._push_cell_estimate(key, value, stamp if stamp is not None else wall, srv, now, force)
+                continue
+            entry = self._est_nodes.get(key)
+            if entry is None:
+                entry = await self._add_estimator_node(key, value)
+                if entry is None:
+                    continue
+            nid, vt, _ = entry
+            try:
+                variant = _variant(value, vt, key in EIS_ARRAYS)
+            except (TypeError, ValueError, OverflowError):
+                continue
+            # numbers: a new estimate (new time) is a new sample; states (text, flags): written when they
+            # change; an unchanged sample is never written again with a new timestamp
+            timed = per_key or vt == ua.VariantType.Double
+            if _same(self._est_last.get(key, _MISSING), variant.Value) and \
+                    (not timed or stamp is None or self._est_time.get(key) == stamp):
+                continue
+            self._est_last[key] = variant.Value
+            if stamp is not None:
+                self._est_time[key] = stamp
+            bad = vt == ua.VariantType.Double and not variant.is_array and not math.isfinite(variant.Value)
+            status = _STATUS[Quality.INVALID] if bad else GOOD
+            await self._write(nid, ua.AttributeIds.Value,
+                              _dv(ua.Variant() if bad else variant, status,
+                                  _utc(stamp if stamp is not None else wall), srv))
+            n += 1
+        return n
+
+    async def _push_cell_estimate(self, key: str, value: Any, t: float, srv: datetime, now: float,
+                                  force: bool) -> int:
+        nodes, last = self._cell_est[key]
+        try:
+            arr = np.asarray(value, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            return 0
+        if arr.size != len(nodes) or self._write is None:
+            return 0
+        last_t = self._est_time.get(key, -math.inf)
+        if not force and now - self._est_time.get(key + "@mono", -math.inf) < 0.98 / self.section.cell_rate_hz:
+            return 0
+        changed = ~((arr == last) | (np.isnan(arr) & np.isnan(last)))
+        if t != last_t:
+            changed |= np.isfinite(arr) | np.isfinite(last)  # a new estimate: new timestamps for every cell
+        sel = np.flatnonzero(changed)
+        if not sel.size:
+            return 0
+        src = _utc(t)
+        for k, (i, v) in enumerate(zip(sel.tolist(), arr[sel].tolist(), strict=True)):
+            ok = math.isfinite(v)
+            await self._write(nodes[i], ua.AttributeIds.Value,
+                              _dv(ua.Variant(v, ua.VariantType.Double) if ok else ua.Variant(),
+                                  GOOD if ok else _STATUS[Quality.INVALID], src, srv))
+            if k % 512 == 511:
+                await anyio.sleep(0)
+        last[sel] = arr[sel]
+        self._est_time[key] = t
+        self._est_time[key + "@mono"] = now
+        return int(sel.size)
+
+    async def _add_estimator_node(self, key: str, value: Any) -> tuple[ua.NodeId, ua.VariantType, Any] | None:
+        """A node for an ``estimators.*`` key the first time the provider returns it."""
+        if not key.startswith("estimators.") or self.server is None:
+            return None
+        vt = ua.VariantType.Boolean if isinstance(value, bool) else ua.VariantType.String if isinstance(value, str) \
+            else ua.VariantType.Double
+        parts = [camel(p) for p in key.split(".")[1:]]
+        path = ".".join(["Estimators", *parts])
+        b = _Batch(self.ns)
+        for k in range(2, len(parts) + 1):
+            p = ".".join(["Estimators", *parts[: k - 1]])
+            if p not in self._made_objs:
+                self._made_objs.add(p)
+                b.obj(p)
+        nid = b.var(_Var(path, vt, guess_unit(key.split(".")[-1]) if vt == ua.VariantType.Double else None, key))
+        for res in await self.server.iserver.isession.add_nodes(b.items):
+            if not res.StatusCode.is_good():
+                return None
+        self._est_nodes[key] = (nid, vt, None)
+        return self._est_nodes[key]
+
+    # -- slow loop: limits, diagnostics, summary -----------------------------------------------------
+
+    async def _slow_loop(self) -> None:
+        while True:
+            try:
+                await self._refresh_limits()
+                await self._refresh_diagnostics()
+            except Exception:  # counted in the push loop's stats; never fatal
+                self.loop.errors += 1
+                log.debug("OPC UA slow refresh failed", exc_info=True)
+            await anyio.sleep(self.section.slow_period_s)
+
+    async def _refresh_limits(self) -> None:
+        if self.limits is None or self._write is None:
+            return
+        table = self.limits()
+        srv = datetime.now(UTC)
+        for (check, level), (nid, last) in list(self._limit_nodes.items()):
+            entry = table.get(check)
+            value = entry.get(level) if level and isinstance(entry, Mapping) else entry if not level else None
+            if not isinstance(value, int | float) or value == last:
+                continue
+            await self._write(nid, ua.AttributeIds.Value, _dv(ua.Variant(float(value), ua.VariantType.Double),
+                                                                     GOOD, srv, srv))
+            self._limit_nodes[(check, level)] = (nid, value)
+            self.stats.updates += 1
+        for nid, spec in self._settings_by_node.items():
+            if spec.limit is None:
+                continue
+            check, level = spec.limit
+            entry = table.get(check)
+            value = entry.get(level) if level and isinstance(entry, Mapping) else entry if not level else None
+            if isinstance(value, int | float):
+                key = f"setting:{spec.name}"
+                if self._est_last.get(key) != value:
+                    self._est_last[key] = value
+                    await self._write(nid, ua.AttributeIds.Value,
+                                      _dv(ua.Variant(float(value), ua.VariantType.Double), GOOD, srv, srv))
+
+    async def _refresh_diagnostics(self) -> None:
+        if self.server is None or self._write is None:
+            return
+        now = time.monotonic()
+        count, mark = self._updates_mark
+        if now > mark:
+            self.stats.updates_per_s = (self.stats.updates - count) / (now - mark)
+        self._updates_mark = (self.stats.updates, now)
+        tree: dict[str, Any] = {"OpcUa": self.status()}
+        if self.diagnostics is not None:
+            tree.update(self.diagnostics())
+        leaves = list(_flatten(tree))
+        new = [(p, v) for p, v in leaves if p not in self._diag_nodes]
+        if new:
+            b = _Batch(self.ns)
+            for path, value in new:
+                parts = path.split(".")
+                for k in range(1, len(parts)):
+                    p = "Gateway.Diagnostics." + ".".join(parts[:k])
+                    if p not in self._made_objs:
+                        self._made_objs.add(p)
+                        b.obj(p, folder=False)
+                vt = _diag_type(value)
+                nid = b.var(_Var("Gateway.Diagnostics." + path, vt, array=vt == ua.VariantType.Double and
+                                 isinstance(value, list), description=path))
+                self._diag_nodes[path] = (nid, vt, _MISSING)
+            for res in await self.server.iserver.isession.add_nodes(b.items):
+                if not res.StatusCode.is_good():
+                    log.debug("diagnostics node not added: %s", res.StatusCode)
+        srv = datetime.now(UTC)
+        for path, value in leaves:
+            nid, vt, last = self._diag_nodes[path]
+            try:
+                variant = _variant(value, vt, isinstance(value, list) and vt == ua.VariantType.Double)
+            except (TypeError, ValueError, OverflowError):
+                variant = ua.Variant(json.dumps(value, default=str), ua.VariantType.String) \
+                    if vt == ua.VariantType.String else ua.Variant()
+            if _same(last, variant.Value):
+                continue
+            self._diag_nodes[path] = (nid, vt, variant.Value)
+            await self._write(nid, ua.AttributeIds.Value, _dv(variant, GOOD, srv, srv))
+
+    # -- events and alarms ------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        """Recorder subscriber: called from protection threads; never blocks."""
+        if len(self._pending) >= self._max_pending:
+            self.stats.events_dropped += 1
+            return
+        self._pending.append(event)
+
+    async def _event_loop(self) -> None:
+        while True:
+            while self._pending:
+                ev = self._pending.popleft()
+                try:
+                    await self._emit(ev)
+                except Exception:
+                    log.exception("OPC UA event %s not emitted", ev.name)
+            await anyio.sleep(0.05)
+
+    async def _emit(self, ev: Event) -> None:
+        if ev.kind in (Kind.LIMIT, Kind.DATA, Kind.CONTACTOR):
+            cond = self._conditions.get((ev.kind, ev.name))
+            if cond is None:
+                cond = await self._new_condition(ev.kind, ev.name)
+            key = (ev.index, ev.level)
+            was_active = cond.is_active
+            if ev.active:
+                if key not in cond.active:
+                    cond.acked = False
+                cond.active[key] = ev
+            else:
+                cond.active.pop(key, None)
+            sev = max((SEVERITY.get(lv, 100) for _, lv in cond.active), default=SEVERITY.get(ev.level, 100))
+            cond.last_severity, cond.severity = cond.severity, sev
+            if cond.is_active != was_active or cond.transition is None:
+                cond.transition = _utc(ev.time)
+            cond.last = ev
+            await self._send_condition(cond, ev.message, _utc(ev.time), ev)
+            await self._alarm_summary(_utc(ev.time))
+            return
+        e: Any = copy.copy(self._event_template)
+        e.EventId = uuid.uuid4().bytes
+        e.Time = _utc(ev.time)
+        e.ReceiveTime = datetime.now(UTC)
+        e.Message = ua.LocalizedText(ev.message or ev.name)
+        e.Severity = TRIP_SEVERITY if ev.kind == Kind.TRIP else SEVERITY.get(ev.level, 100)
+        e.SourceNode = self.root
+        e.SourceName = ROOT
+        _fill_bms(e, ev)
+        await self._trigger(e)
+
+    async def _new_condition(self, kind: str, name: str) -> _Condition:
+        item, cond = self._condition_item(kind, name)
+        if self.server is not None:
+            (res,) = await self.server.iserver.isession.add_nodes([item])
+            if not res.StatusCode.is_good():
+                log.warning("condition node %s not added: %s", cond.nodeid, res.StatusCode)
+        return cond
+
+    async def _send_condition(self, cond: _Condition, message: str, when: datetime, ev: Event | None) -> None:
+        e: Any = copy.copy(self._alarm_template)
+        cond.event_id = uuid.uuid4().bytes
+        e.EventId = cond.event_id
+        e.Time = when
+        e.ReceiveTime = datetime.now(UTC)
+        e.Message = ua.LocalizedText(message)
+        e.Severity = cond.severity
+        e.SourceNode = self.root
+        e.SourceName = ROOT
+        e.ConditionName = cond.browse
+        e.ConditionClassId = _nid(ua.ObjectIds.ProcessConditionClassType)
+        e.ConditionClassName = ua.LocalizedText("Process")
+        e.BranchId = ua.NodeId()
+        e.Retain = cond.retain
+        e.NodeId = cond.nodeid
+        e.EnabledState = ua.LocalizedText("Enabled")
+        setattr(e, "EnabledState/Id", True)
+        e.Quality = GOOD
+        e.LastSeverity = cond.last_severity
+        e.Comment = ua.LocalizedText(cond.comment)
+        e.ClientUserId = cond.client_user
+        e.AckedState = ua.LocalizedText("Acknowledged" if cond.acked else "Unacknowledged")
+        setattr(e, "AckedState/Id", cond.acked)
+        e.ActiveState = ua.LocalizedText("Active" if cond.is_active else "Inactive")
+        setattr(e, "ActiveState/Id", cond.is_active)
+        setattr(e, "ActiveState/TransitionTime", cond.transition)
+        e.SuppressedOrShelved = False
+        e.InputNode = ua.NodeId()
+        if ev is not None:
+            _fill_bms(e, ev)
+        elif cond.last is not None:
+            _fill_bms(e, cond.last)
+        cond.last_fields = e
+        await self._trigger(e)
+
+    async def _trigger(self, e: Any) -> None:
+        if self.server is None:
+            return
+        svc = self.server.iserver.subscription_service
+        for notifier in (_nid(ua.ObjectIds.Server), self.root):
+            one = copy.copy(e)
+            one.emitting_node = notifier
+            for sub in list(svc.subscriptions.values()):
+                await sub.monitored_item_srv.trigger_event(one)
+        self.stats.events_emitted += 1
+
+    async def _alarm_summary(self, when: datetime) -> None:
+        if self._write is None:
+            return
+        active = [c for c in self._conditions.values() if c.is_active]
+        rows = [f"{c.browse} {lv.name} {'' if el is None else el}".strip()
+                for c in active for (el, lv) in sorted(c.active, key=lambda k: (-k[1], k[0] or 0))]
+        srv = datetime.now(UTC)
+        values = {
+            "ActiveCount": ua.Variant(len(active), ua.VariantType.UInt32),
+            "UnacknowledgedCount": ua.Variant(sum(1 for c in self._conditions.values() if not c.acked),
+                                              ua.VariantType.UInt32),
+            "Active": ua.Variant(rows, ua.VariantType.String),
+        }
+        for name, variant in values.items():
+            await self._write(self._alarm_vars[name], ua.AttributeIds.Value, _dv(variant, GOOD, when, srv))
+
+    async def _acknowledge(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        res = ua.CallMethodResult()
+        req = _request()
+        cond = next((c for c in self._conditions.values() if c.nodeid == parent), None)
+        if cond is None:
+            res.StatusCode = _code(ua.StatusCodes.BadNodeIdInvalid)
+            return res
+        if len(args) < 2:
+            res.StatusCode = _code(ua.StatusCodes.BadArgumentsMissing)
+            return res
+        if req is None or req.read_only or req.user is None or ROLE_RANK.get(req.user.bms_role, 0) < 1:
+            self._refuse(f"Acknowledge {cond.browse} by {_who(req)}: needs operator")
+            res.StatusCode = _code(ua.StatusCodes.BadUserAccessDenied)
+            return res
+        event_id, comment = args[0].Value, args[1].Value
+        if args[0].VariantType != ua.VariantType.ByteString or args[1].VariantType != ua.VariantType.LocalizedText:
+            res.StatusCode = _code(ua.StatusCodes.BadInvalidArgument)
+            res.InputArgumentResults = [_code(ua.StatusCodes.BadTypeMismatch)
+                                        if a.VariantType != t else ua.StatusCode()
+                                        for a, t in zip(args[:2], (ua.VariantType.ByteString,
+                                                                   ua.VariantType.LocalizedText), strict=True)]
+            return res
+        if bytes(event_id or b"") != cond.event_id:
+            res.StatusCode = _code(ua.StatusCodes.BadEventIdUnknown)
+            return res
+        if cond.acked:
+            res.StatusCode = _code(ua.StatusCodes.BadConditionBranchAlreadyAcked)
+            return res
+        cond.acked = True
+        cond.comment = (comment.Text if isinstance(comment, ua.LocalizedText) else "") or ""
+        cond.client_user = req.user.name or ""
+        cond.last_severity = cond.severity
+        self.stats.calls += 1
+        await self._send_condition(cond, f"{cond.browse} acknowledged by {cond.client_user}"
+                                   + (f": {cond.comment}" if cond.comment else ""), datetime.now(UTC), None)
+        await self._alarm_summary(datetime.now(UTC))
+        return res
+
+    async def _condition_refresh(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        res = ua.CallMethodResult()
+        if self.server is None or not args:
+            res.StatusCode = _code(ua.StatusCodes.BadArgumentsMissing)
+            return res
+        sub = self.server.iserver.subscription_service.subscriptions.get(args[0].Value)
+        if sub is None:
+            res.StatusCode = _code(ua.StatusCodes.BadSubscriptionIdInvalid)
+            return res
+        only = args[1].Value if len(args) > 1 else None
+        mis = sub.monitored_item_srv
+        for notifier in (_nid(ua.ObjectIds.Server), self.root):
+            mids = [m for m in mis._monitored_events.get(notifier, []) if only is None or m == only]
+            for start_end in (event_objects.RefreshStartEvent, None, event_objects.RefreshEndEvent):
+                batch: list[Any] = []
+                if start_end is None:
+                    batch = [c.last_fields for c in self._conditions.values() if c.retain and c.last_fields]
+                else:
+                    marker: Any = start_end(sourcenode=_nid(ua.ObjectIds.Server))
+                    marker.EventId = uuid.uuid4().bytes
+                    marker.Time = marker.ReceiveTime = datetime.now(UTC)
+                    marker.Severity = 100
+                    marker.SourceName = "Server"
+                    marker.Message = ua.LocalizedText("ConditionRefresh")
+                    batch = [marker]
+                for e in batch:
+                    one = copy.copy(e)
+                    one.emitting_node = notifier
+                    for mid in mids:
+                        await mis.trigger_event(one, mid)
+        return res
+
+    # -- methods and writes ------------------------------------------------------------------------
+
+    def _make_method(self, name: str) -> Callable[..., Any]:
+        async def call(parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+            return await self._call(name, parent, args)
+        return call
+
+    async def _call(self, name: str, parent: ua.NodeId, args: Sequence[ua.Variant]) -> ua.CallMethodResult:
+        res = ua.CallMethodResult()
+        req = _request()
+        types = next(t for n, t in self._method_nodes.values() if n == name)
+        if parent != self.root:
+            res.StatusCode = _code(ua.StatusCodes.BadMethodInvalid)
+            return res
+        if req is None or req.read_only or req.user is None or ROLE_RANK.get(req.user.bms_role, 0) < 1:
+            self._refuse(f"{name} by {_who(req)}: needs operator")
+            self.stats.calls_refused += 1
+            res.StatusCode = _code(ua.StatusCodes.BadUserAccessDenied)
+            return res
+        if len(args) < len(types):
+            res.StatusCode = _code(ua.StatusCodes.BadArgumentsMissing)
+            return res
+        if len(args) > len(types):
+            res.StatusCode = _code(ua.StatusCodes.BadTooManyArguments)
+            return res
+        checks = [ua.StatusCode() if a.VariantType == t and not a.is_array else
+                  _code(ua.StatusCodes.BadTypeMismatch) for a, t in zip(args, types, strict=True)]
+        if any(not c.is_good() for c in checks):
+            res.StatusCode = _code(ua.StatusCodes.BadInvalidArgument)
+            res.InputArgumentResults = checks
+            return res
+        handler = self.methods.get(name)
+        values = [a.Value for a in args]
+        if handler is None:
+            ok, reason = False, f"{name} is not available on this gateway"
+        else:
+            async with self._serial():
+                try:
+                    ok, reason = await anyio.to_thread.run_sync(lambda: handler(*values))
+                except Exception as exc:
+                    log.exception("OPC UA method %s failed", name)
+                    ok, reason = False, f"failed: {type(exc).__name__}: {exc}"
+        self.stats.calls += 1
+        if not ok:
+            self.stats.calls_refused += 1
+        user = req.user.name
+        self.recorder(Event(Kind.INFO, f"opcua_{name}", Level.INFO, False,
+                            message=f"OPC UA {name}({', '.join(map(str, values))}) by {user}: "
+                                    f"{'accepted' if ok else 'refused'}: {reason}"))
+        res.OutputArguments = [ua.Variant(bool(ok), ua.VariantType.Boolean), ua.Variant(str(reason),
+                                                                                        ua.VariantType.String)]
+        return res
+
+    async def _client_write(self, wv: ua.WriteValue, user: User) -> ua.StatusCode:
+        req = _request()
+        who = _who(req)
+        spec = self._settings_by_node.get(wv.NodeId)
+        if spec is None or wv.AttributeId != ua.AttributeIds.Value:
+            if self.server is None or wv.NodeId not in self.server.iserver.aspace:
+                return _code(ua.StatusCodes.BadNodeIdUnknown)
+            self._refuse(f"write {wv.NodeId.to_string()} by {who}: not writable")
+            return _code(ua.StatusCodes.BadNotWritable)
+        role = user.bms_role if isinstance(user, OpcuaIdentity) else "viewer"
+        if req is None or req.read_only or ROLE_RANK.get(role, 0) < ROLE_RANK["engineer"]:
+            self._refuse(f"write {spec.name} by {who}: needs engineer on a secured channel")
+            return _code(ua.StatusCodes.BadUserAccessDenied)
+        if wv.IndexRange:
+            return _code(ua.StatusCodes.BadIndexRangeInvalid)
+        variant = wv.Value.Value if wv.Value is not None else None
+        vt = {"double": ua.VariantType.Double, "boolean": ua.VariantType.Boolean,
+              "int32": ua.VariantType.Int32}[spec.kind]
+        if variant is None or variant.VariantType != vt or variant.is_array:
+            self._refuse(f"write {spec.name} by {who}: type {variant.VariantType.name if variant else None}, "
+                         f"needs {vt.name}")
+            return _code(ua.StatusCodes.BadTypeMismatch)
+        value = variant.Value
+        if spec.kind != "boolean" and (not math.isfinite(float(value)) or not spec.low <= float(value) <= spec.high):
+            self._refuse(f"write {spec.name}={value} by {who}: outside [{spec.low}, {spec.high}]")
+            return _code(ua.StatusCodes.BadOutOfRange)
+        if self.write_setting is None:
+            ok, reason = False, "settings are read-only on this gateway"
+        else:
+            writer = self.write_setting
+            async with self._serial():
+                try:
+                    ok, reason = await anyio.to_thread.run_sync(lambda: writer(spec.name, value))
+                except Exception as exc:
+                    log.exception("OPC UA setting %s failed", spec.name)
+                    ok, reason = False, f"failed: {type(exc).__name__}: {exc}"
+        self.recorder(Event(Kind.INFO, "opcua_write", Level.INFO, False,
+                            message=f"OPC UA write {spec.name}={value} by {who}: "
+                                    f"{'accepted' if ok else 'refused'}: {reason}"))
+        if not ok:
+            self._refuse(f"write {spec.name}={value} by {who}: {reason}")
+            return _code(ua.StatusCodes.BadOutOfRange)
+        self.stats.writes_accepted += 1
+        now = datetime.now(UTC)
+        if self._write is not None:
+            await self._write(wv.NodeId, ua.AttributeIds.Value, _dv(ua.Variant(value, vt), GOOD, now, now))
+        if spec.limit is not None:
+            self._est_last[f"setting:{spec.name}"] = value
+        return ua.StatusCode()
+
+    def _serial(self) -> anyio.Lock:
+        """Methods and setting writes run one at a time (in a worker thread each)."""
+        if self._method_lock is None:
+            self._method_lock = anyio.Lock()
+        return self._method_lock
+
+    def _refuse(self, what: str) -> None:
+        if what.startswith("write"):
+            self.stats.writes_refused += 1
+        self.stats.last_refusal = what
+        log.info("OPC UA refused: %s", what)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _image_dv(kind: int, v: float, q: int, src: datetime | None, srv: datetime) -> _DataValue:
+    if q >= Quality.INVALID:  # Bad: the value must not be used (asyncua would null it anyway)
+        return _dv(ua.Variant(), _STATUS[q], src if q == Quality.INVALID else None, srv)
+    if kind == KIND_DOUBLE:
+        variant = ua.Variant(v, ua.VariantType.Double)
+    elif kind == KIND_BOOL:
+        variant = ua.Variant(v != 0.0, ua.VariantType.Boolean)
+    elif -2147483648.0 <= v <= 2147483647.0:
+        variant = ua.Variant(int(v), ua.VariantType.Int32)
+    else:
+        return _dv(ua.Variant(), _STATUS[Quality.INVALID], src, srv)
+    return _dv(variant, _STATUS[q], src, srv)
+
+
+def _coerce(value: Any, vt: ua.VariantType) -> Any:
+    if vt == ua.VariantType.Boolean:
+        return bool(value)
+    if vt == ua.VariantType.Int32:
+        return int(value)
+    return float(value)
+
+
+def _variant(value: Any, vt: ua.VariantType, array: bool) -> ua.Variant:
+    if array:
+        return ua.Variant([float(x) for x in np.asarray(value, dtype=np.float64).ravel()], vt)
+    if vt == ua.VariantType.String:
+        return ua.Variant(value if isinstance(value, str) else json.dumps(value, default=str), vt)
+    if vt == ua.VariantType.DateTime:
+        return ua.Variant(_utc(float(value)), vt)
+    if vt == ua.VariantType.Boolean:
+        return ua.Variant(bool(value), vt)
+    return ua.Variant(float(value), vt)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is _MISSING:
+        return False
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _diag_type(value: Any) -> ua.VariantType:
+    if isinstance(value, bool):
+        return ua.VariantType.Boolean
+    if isinstance(value, int | float):
+        return ua.VariantType.Double
+    if isinstance(value, list) and value and all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+        return ua.VariantType.Double
+    return ua.VariantType.String
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Leaves of a diagnostics dict as ("Buses.Pack.FramesPerS", value); lists of named dicts by name."""
+    for key, value in tree.items():
+        path = f"{prefix}{camel(str(key))}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, path + ".")
+        elif isinstance(value, list | tuple) and value and all(isinstance(x, Mapping) for x in value):
+            for k, item in enumerate(value):
+                label = item.get("name", k)
+                yield from _flatten({kk: vv for kk, vv in item.items() if kk != "name"},
+                                    f"{path}.{camel(str(label))}.")
+        elif value is None:
+            continue
+        else:
+            yield path, list(value) if isinstance(value, tuple) else value
+
+
+def _fill_bms(e: Any, ev: Event) -> None:
+    e.Kind = ev.kind
+    e.Check = ev.name
+    e.Level = ev.level.name
+    e.Element = -1 if ev.index is None else int(ev.index)
+    e.MeasuredValue = math.nan if ev.value is None else float(ev.value)
+    e.LimitValue = math.nan if ev.limit is None else float(ev.limit)
+
+
+def _who(req: _Request | None) -> str:
+    if req is None or req.user is None:
+        return "unknown"
+    return f"{req.user.name} ({req.user.bms_role}{', security None' if req.read_only else ''})"
+
+
+def _ref(source: Any, reftype: int, target: ua.NodeId) -> ua.AddReferencesItem:
+    ref = ua.AddReferencesItem()
+    ref.SourceNodeId = source if isinstance(source, ua.NodeId) else _nid(source)
+    ref.ReferenceTypeId = _nid(reftype)
+    ref.IsForward = True
+    ref.TargetNodeId = target
+    ref.TargetNodeClass = ua.NodeClass.Object
+    return ref
+
+
+def _argument(name: str, datatype: int, description: str) -> ua.Argument:
+    arg = ua.Argument()
+    arg.Name = name
+    arg.DataType = _nid(datatype)
+    arg.ValueRank = -1
+    arg.Description = ua.LocalizedText(description)
+    return arg
+
+
+def _eu_ranges(limits: Mapping[str, Any], layout: Layout) -> dict[str, tuple[float, float]]:
+    """EURange of the analog items: the MSL window of the limit table (normal operation stays inside)."""
+    def msl(check: str) -> float | None:
+        entry = limits.get(check)
+        v = entry.get("msl") if isinstance(entry, Mapping) else None
+        return float(v) if isinstance(v, int | float) else None
+
+    out: dict[str, tuple[float, float]] = {"cell.soc": (0.0, 100.0), "pack.soc": (0.0, 100.0),
+                                           "pack.soe": (0.0, 100.0), "pack.soh": (0.0, 100.0)}
+    vlo, vhi = msl("cell_voltage_low"), msl("cell_voltage_high")
+    if vlo is not None and vhi is not None:
+        out["cell.voltage"] = (vlo, vhi)
+        out["module.voltage"] = (vlo * layout.cells_per_module, vhi * layout.cells_per_module)
+        per_string = layout.modules_per_string * layout.cells_per_module
+        out["pack.voltage"] = out["pack.link_voltage"] = out["string.voltage"] = (vlo * per_string, vhi * per_string)
+        out["*V"] = out["pack.voltage"]
+        out["pack.charge_voltage_limit"] = out["pack.discharge_voltage_limit"] = out["pack.voltage"]
+    tlo = [x for x in (msl("cell_temperature_low_charge"), msl("cell_temperature_low_discharge")) if x is not None]
+    thi = [x for x in (msl("cell_temperature_high_charge"), msl("cell_temperature_high_discharge")) if x is not None]
+    if tlo and thi:
+        out["cell.temperature"] = out["module.temperature"] = out["cell.sot"] = (min(tlo), max(thi))
+        out["*degC"] = out["cell.temperature"]
+    ich, idis = msl("pack_current_charge"), msl("pack_current_discharge")
+    if ich is not None and idis is not None:
+        out["pack.current"] = out["string.current"] = out["*A"] = (-idis, ich)
+        out["pack.charge_current_limit"] = (0.0, ich)
+        out["pack.discharge_current_limit"] = (0.0, idis)
+        if "pack.voltage" in out:
+            vmax = out["pack.voltage"][1]
+            out["pack.power"] = (-idis * vmax, ich * vmax)
+    return out
+
+
+__all__ = ["NAMESPACE_URI", "OpcuaIdentity", "OpcuaServer", "OpcuaStats", "SettingSpec", "Node", "ROLES",
+           "ensure_server_certificate", "eu_information", "limit_settings", "load_certificates", "unit_id"]

@@ -1,0 +1,71 @@
+"""OPC UA inside the running daemon: live values from the P0 process's image, estimates, methods."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+from asyncua import ua
+
+from tests.procs import ROOT, Daemon, wait_for
+from tests.test_opcua_support import connect, node, ns_of
+from tests.test_ops import free_port, scrape
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, int, int]]:
+    tmp = tmp_path_factory.mktemp("opcua")
+    port, metrics = free_port(), free_port()
+    cfg = tmp / "bmsgw.toml"
+    cfg.write_text((ROOT / "gateway/configs/sim.toml").read_text() + f"""
+[metrics]
+port = {metrics}
+
+[opcua]
+enabled = true
+port = {port}
+anonymous = true
+allow_none_readonly = true
+""")
+    d = Daemon(tmp, "--sim", "--config", str(cfg))
+    wait_for(lambda: d.json("status")["opcua"]["listening"], 60, "the OPC UA endpoint")
+    yield d, port, metrics
+    assert d.stop() == 0
+
+
+def test_live_values_estimates_and_refused_method_over_none(site: tuple[Daemon, int, int]) -> None:
+    d, port, _ = site
+    wait_for(lambda: d.json("status")["estimates"]["initialised"], 30, "the estimator")
+
+    async def check() -> None:
+        async with connect(f"opc.tcp://127.0.0.1:{port}/bmsgw", policy=None) as client:
+            ns = await ns_of(client)
+            dv = await node(client, ns, "Pack.Voltage").read_data_value()
+            assert dv.StatusCode.is_good() and 224 * 3.3 < dv.Value.Value < 224 * 4.2
+            assert dv.SourceTimestamp is not None
+            soc = await node(client, ns, "Pack.SoC").read_value()
+            assert 10.0 < soc < 90.0
+            state = await node(client, ns, "Pack.ContactorState").read_value()
+            assert state in ("NORMAL", "PRECHARGE", "STANDBY")
+            with pytest.raises(ua.UaStatusCodeError):  # None is read-only: no method calls
+                bs = node(client, ns, "")
+                methods = [m for m in await bs.get_methods() if (await m.read_browse_name()).Name == "ResetError"]
+                await bs.call_method(methods[0], False)
+
+    asyncio.run(check())
+
+
+def test_endpoint_shows_in_status_metrics_and_doctor(site: tuple[Daemon, int, int]) -> None:
+    d, _port, metrics = site
+    st = d.json("status")["opcua"]
+    assert st["listening"] and st["endpoint"].endswith("/bmsgw")
+    m = scrape(metrics)
+    assert m["bmsgw_opcua_listening"] == 1 and "bmsgw_opcua_subscriptions" in m
+    cfg = next(a for a in d.proc.args if str(a).endswith(".toml"))  # type: ignore[union-attr]
+    doc = json.loads(d.cli("doctor", "--config", str(cfg), "--json").stdout)
+    checks = {f["check"]: f for f in doc["findings"]}
+    assert checks["opc ua"]["status"] == "ok" and checks["permissions"]["status"] == "ok"
