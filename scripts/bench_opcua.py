@@ -93,6 +93,9 @@ class _Handler:
 
 
 async def client_main(args: argparse.Namespace) -> None:
+    # the clients stand for SCADA machines on the network; sharing the gateway's 2 cores here,
+    # they yield the CPU like the daemon's main process does (P0 keeps priority)
+    os.nice(10)
     nodes_ids = json.loads(Path(args.nodes).read_text())
     client = Client(args.url, timeout=30)
     client.application_uri = args.uri
@@ -203,6 +206,7 @@ def start_pack_process(loaded: Any) -> int:
     cfg, site = loaded.config, loaded.config.site
     pid = os.fork()
     if pid:
+        os.nice(cfg.protection.main_process_nice)  # as the daemon's main process does after forking P0
         return pid
     try:
         ingest = loaded.ingests[cfg.bus[0].name]
