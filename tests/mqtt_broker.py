@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,31 +44,10 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from cloudlink.batch import BatchError, decode  # noqa: E402
 from gateway.image import ProcessImage  # noqa: E402
+from tests.procs import free_port, wait_for  # noqa: E402 - shared with the other process tests
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition", step: float = 0.05) -> Any:
-    """Poll until cond() is truthy (no timing is asserted; the timeout only bounds a hang)."""
-    end = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < end:
-        try:
-            last = cond()
-        except Exception as exc:  # the thing polled may not be up yet
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def port_open(port: int) -> bool:

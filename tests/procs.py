@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +20,15 @@ def bmsgw_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll until cond() is truthy; fail with what was awaited (no timing is asserted)."""
+def free_port() -> int:
+    """A free TCP port on loopback (tests never listen anywhere else)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition", step: float = 0.1) -> Any:
+    """Poll until cond() is truthy; fail with what was awaited (no timing is asserted, the timeout bounds a hang)."""
     end = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < end:
@@ -31,7 +39,7 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
         else:
             if last:
                 return last
-        time.sleep(0.1)
+        time.sleep(step)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 

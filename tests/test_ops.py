@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -13,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.logsetup import RepeatFilter
-from tests.procs import ROOT, Daemon, bmsgw_cmd, wait_for
+from tests.procs import ROOT, Daemon, bmsgw_cmd, free_port, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
