@@ -400,6 +400,25 @@ def cmd_opcua_hash(args: argparse.Namespace) -> int:
     return int(opcua_main(["hash-password", *(["--pbkdf2"] if args.pbkdf2 else [])]))
 
 
+def cmd_balance(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    sock = _socket(args)
+    st = request(sock, "balance", {"action": args.action})
+    while True:
+        if args.json:
+            print(json.dumps(st), flush=True)
+        else:
+            spread = "n/a" if st["spread_v"] is None else f"{st['spread_v'] * 1000:.0f} mV"
+            elapsed = "" if st["elapsed_s"] is None else f"  running {st['elapsed_s']:.0f} s"
+            print(f"balancing {st['status']}: spread {spread}, {st['bleeding']} cells bleeding{elapsed}"
+                  + (f"  ({st['reason']})" if st["reason"] else ""), flush=True)
+        if not args.follow or st["status"] in ("done", "timeout", "aborted", "idle"):
+            return EXIT_OK
+        time.sleep(args.interval)
+        st = request(sock, "balance")
+
+
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
@@ -457,6 +476,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also clear a latched deep discharge (only after checking the cells)")
     p = add("contactors", cmd_contactors, "contactor state; request open or close", daemon=True)
     p.add_argument("action", nargs="?", choices=["open", "close"])
+    p = add("balance", cmd_balance, "request or cancel cell balancing, and see its progress", daemon=True)
+    p.add_argument("action", nargs="?", choices=["start", "stop"])
+    p.add_argument("--follow", action="store_true", help="print the progress until the run ends")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between progress lines")
     p = add("doctor", cmd_doctor, "check config, CAN interfaces, daemon, disk and clock, and say what to fix")
     p.add_argument("--config", help="config file (default /etc/bmsgw/bmsgw.toml, else the shipped sim config)")
     p = add("top", cmd_top, "live full-screen view (plain snapshots without a terminal)", daemon=True,

@@ -64,7 +64,9 @@ class Gateway:
                                          state_dir(cfg), cfg.limit_table().deep_discharge_v)
             self.loops += [LoopStats("limits", est.limits_period_ms / 1000.0, "P1"),
                            LoopStats("soc", est.soc_period_ms / 1000.0, "P2"),
-                           LoopStats("persist", est.persist_s, "P3")]
+                           LoopStats("persist", est.persist_s, "P3"),
+                           LoopStats("balancing", 1.0, "P1")]
+        self._bleeding = False
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
         self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop: the metrics thread reads this
@@ -81,7 +83,7 @@ class Gateway:
             prot = cfg.protection.enabled
             self.opcua = OpcuaServer(
                 cfg.opcua, self.image, cfg.site, self.recorder, state_dir(cfg),
-                methods={"ResetError": self._opcua_reset},
+                methods={"ResetError": self._opcua_reset, "RequestBalancing": self._balancing},
                 limits=lambda: self.limits.as_dict(),
                 diagnostics=self._opcua_diagnostics,
                 write_setting=self._opcua_write_setting if prot else None,
@@ -92,7 +94,7 @@ class Gateway:
         self.control = ControlServer(socket_path(loaded.config), {
             "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
             "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
-            "contactors": self.cmd_contactors, "cloud.status": self.cmd_cloud_status,
+            "contactors": self.cmd_contactors, "cloud.status": self.cmd_cloud_status, "balance": self.cmd_balance,
         }, {"candump": self.stream_candump})
 
     def _cloud_handlers(self) -> dict[str, Any]:
@@ -104,6 +106,7 @@ class Gateway:
         if self.estimation is not None:
             h["set_ecm_parameters"] = EcmStage(self.estimation)
             h["set_estimator_settings"] = SettingsStage(self.estimation)
+            h["request_balancing"] = self._remote_balancing
         return h
 
     def _opcua_reset(self, clear_deep_discharge: bool) -> tuple[bool, str]:
@@ -170,6 +173,11 @@ class Gateway:
                         "pack.deep_discharge_events": pp["deep_discharge_events"]})
         return out
 
+    def _remote_balancing(self, args: dict[str, Any]) -> tuple[bool, str]:
+        if args.get("cells") and len(args["cells"]) != self.image.families["cell.voltage"].size:
+            return False, "this gateway balances the whole string: send no 'cells' (it picks the cells above the band)"
+        return self._balancing(True)
+
     async def _remote_reset(self, args: dict[str, Any]) -> tuple[bool, str]:
         try:
             res = await self._p0("reset", {"clear_deep_discharge": bool(args.get("clear_deep_discharge"))})
@@ -199,6 +207,7 @@ class Gateway:
                     tg.start_soon(run_periodic, self.loops[2], lambda: e.step_limits(self._derate()))
                     tg.start_soon(run_periodic, self.loops[3], e.step_soc)
                     tg.start_soon(run_periodic, self.loops[4], lambda: anyio.to_thread.run_sync(e.persist))
+                    tg.start_soon(run_periodic, self.loops[5], self._balance_step)
                 if self.cloud is not None:
                     tg.start_soon(self.cloud.run)
                 if self.opcua is not None:
@@ -252,6 +261,46 @@ class Gateway:
                 self.rates[b["name"]] = (b["frames"] - frames) / (now - then)
                 self._last_frames[b["name"]] = (now, b["frames"])
         self._p0_status = st
+
+    async def _balance_step(self) -> None:
+        """Balancing decisions once a second; masks go out while bleeding, and once more (zeros) when it stops."""
+        assert self.estimation is not None
+        prot = self._p0_status.get("protection") or {}
+        alarm = bool(prot.get("active_alarms")) or (prot.get("contactors") or {}).get("state") == "ERROR"
+        d = self.estimation.step_balancing(alarm)
+        if d.bleeding or self._bleeding:
+            cpm = self.loaded.config.site.cells_per_module
+            masks = [int(sum(1 << k for k in range(cpm) if d.bleed[m * cpm + k]))
+                     for m in range(self.loaded.config.site.modules)]
+            try:
+                await self._p0("balancing", {"masks": masks})
+            except ControlError as exc:
+                log.warning("balancing: %s", exc)
+        self._bleeding = bool(d.bleeding)
+
+    def _balancing(self, start: bool) -> tuple[bool, str]:
+        """The one entry point for balancing requests: CLI, OPC UA and the cloud."""
+        if self.estimation is None:
+            return False, "balancing needs the estimators (estimators.enabled = true)"
+        if start:
+            self.estimation.balancer.request()
+            return True, (f"balancing requested: starts at rest once the spread exceeds "
+                          f"{self.estimation.section.balancing_start_spread_v * 1000:.0f} mV")
+        self.estimation.balancer.cancel()
+        return True, "balancing cancelled"
+
+    async def cmd_balance(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Request or cancel balancing; its status and progress."""
+        action = args.get("action")
+        if action in ("start", "stop"):
+            ok, reason = self._balancing(action == "start")
+            if not ok:
+                raise ControlError(reason)
+        elif action:
+            raise ControlError(f"unknown action '{action}' (start or stop)")
+        if self.estimation is None:
+            raise ControlError("balancing needs the estimators (estimators.enabled = true)")
+        return self.estimation.balancing_status()
 
     def _derate(self) -> bool:
         prot = self._p0_status.get("protection")

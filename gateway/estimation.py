@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from estimators.balancing import BalanceConfig, BalanceDecision, Balancer
 from estimators.ecm import EcmParams, get_cell_type
 from estimators.limits import SofLimiter, SofLimits, sof_preset
 from estimators.model_update import apply_ecm_update
@@ -41,6 +42,10 @@ class EstimatorSection:
     max_charge_c: float = 0.5
     max_discharge_c: float = 1.0
     rsl_derate: float = 0.5  # factor on the current limits while protection reports an RSL condition
+    balancing_start_spread_v: float = 0.100  # a requested run starts only above this cell spread...
+    balancing_stop_spread_v: float = 0.030  # ...and ends below this one
+    balancing_settle_s: float = 60.0  # rest needed before bleeding (voltages must reflect SoC)
+    balancing_budget_s: float = 4 * 3600.0
 
     def check(self) -> None:
         if self.capacity_ah <= 0:
@@ -74,6 +79,11 @@ class Estimation:
                                                            deep_discharge_v=deep_discharge_v,
                                                            deep_release_v=deep_discharge_v + 0.3),
                                          ocv=self.cell.ocv)
+        self.balancer = Balancer(n, BalanceConfig(
+            start_spread_v=section.balancing_start_spread_v, stop_spread_v=section.balancing_stop_spread_v,
+            settle_s=section.balancing_settle_s, time_budget_s=section.balancing_budget_s,
+            cells_per_module=cells_per_module))
+        self.balance: BalanceDecision | None = None
         self.path = state_dir / "estimators.json"
         self.limits: SofLimits | None = None
         self.initialised = False
@@ -143,6 +153,25 @@ class Estimation:
             lim = SofLimits(lim.charge_current_a * f, lim.discharge_current_a * f, lim.charge_voltage_v,
                             lim.discharge_voltage_v, "protection RSL", "protection RSL")
         self.limits = lim
+
+    def step_balancing(self, alarm: bool, now: float | None = None) -> BalanceDecision:
+        """P1, once a second: which cells bleed (only at rest, cool, without alarms; see estimators.balancing)."""
+        now = time.monotonic() if now is None else now
+        got = self._inputs(now)
+        if got is None:
+            v, good, temp, current = np.full(self.n_cells, np.nan), np.zeros(self.n_cells, bool), math.nan, math.nan
+        else:
+            v, good, cell_t, current, _pack_v = got
+            temp = float(np.max(cell_t))
+        self.balance = self.balancer.step(now, v, current, temp, alarm, good)
+        return self.balance
+
+    def balancing_status(self) -> dict[str, Any]:
+        b = self.balance
+        return {"status": str(self.balancer.status), "bleeding": 0 if b is None else b.bleeding,
+                "cells": [] if b is None else np.flatnonzero(b.bleed).tolist(),
+                "spread_v": None if b is None else _f(b.spread_v), "elapsed_s": None if b is None else _f(b.elapsed_s),
+                "reason": "" if b is None else b.reason}
 
     # -- model updates (CLI, cloud, OPC UA) ------------------------------------------------------
 
@@ -216,6 +245,7 @@ class Estimation:
             "limits": None if self.limits is None else {k: _f(v) if isinstance(v, float) else v
                                                         for k, v in asdict(self.limits).items()},
             "passport": self.passport.summary(),
+            "balancing": self.balancing_status(),
         }
 
 

@@ -205,6 +205,23 @@ class P0Core:
         self._lane().protection.set_limits(table)
         return "limits applied"
 
+    def req_balancing(self, args: dict[str, Any]) -> int:
+        """Send the balancing masks (one frame per module, the module units stop on their own after 3 s)."""
+        bus = self.loaded.config.contactor_bus()
+        msg = next((m for s in self.loaded.sources if s.bus == bus for m in s.messages if m.name == "BALANCING_Command"),
+                   None)
+        if msg is None:
+            raise P0Error(f"bus '{bus}' has no BALANCING_Command in its DBC: this pack cannot balance on command")
+        sent = 0
+        for module, mask in enumerate(args["masks"]):
+            signal = f"BalancingMask{module:02d}"
+            if not any(s.name == signal for s in msg.signals):
+                continue
+            data = msg.encode({"BalancingModule": module, signal: int(mask)})
+            sent += self.adapters[bus].send(can.Message(arbitration_id=msg.frame_id, data=data,
+                                                        is_extended_id=msg.is_extended_frame))
+        return sent
+
     def req_sim_fault(self, args: dict[str, Any]) -> str:
         if self.sim is None:
             raise P0Error("the gateway is not running the simulator (start it with --sim)")
