@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
 
 import can
 from cantools.database.can import Message
@@ -50,14 +49,13 @@ def frame_key(frame_id: int, extended: bool) -> int:
 
 
 def _handler_source(message: Message, bindings: list[Binding], image: ProcessImage, bus: str,
-                    periods: dict[str, float]) -> tuple[str, dict[str, Any]]:
+                    periods: dict[str, float]) -> str:
     """Source of ``handle(data, ts, mono) -> int`` for one message."""
     length = message.length
     by_path: dict[MuxPath, list[Binding]] = {}
     for b in bindings:
         by_path.setdefault(b.path, []).append(b)
     period = periods.get(message.name, (message.cycle_time or 0) / 1000.0)
-    consts: dict[str, Any] = {}
     blocks: list[str] = []
     names = count()
 
@@ -105,7 +103,7 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
         "    be = int.from_bytes(data, 'big')\n"
         f"    return {top}(le, be, ts, mono)"
     )
-    return "\n\n".join(blocks) + "\n", consts
+    return "\n\n".join(blocks) + "\n"
 
 
 class Ingest:
@@ -134,8 +132,7 @@ class Ingest:
         """Generate the handlers; the image must be frozen."""
         img = self.image
         scope = {"V": img.w_value, "Q": img.w_valid, "T": img.w_rx_time, "M": img.w_rx_mono, "S": img.w_seq}
-        self.handlers = {key: compile_function(src, "handle", {**scope, **consts})
-                         for key, (src, consts) in self._sources.items()}
+        self.handlers = {key: compile_function(src, "handle", scope) for key, src in self._sources.items()}
 
     def on_frame(self, msg: can.Message) -> int:
         """Handle one received frame; returns the refreshed slot or a negative code."""
