@@ -7,18 +7,18 @@ process reads the process image from shared memory and talks to P0 over pipes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import can
 import numpy as np
 
-from cloudlink.link import CloudLink, catalogue_from_sources, dbc_hash
 from gateway import __version__
 from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine, DeepDischargeLatch
@@ -32,9 +32,12 @@ from gateway.limits import LevelOverride, LimitTable, validate, with_overrides
 from gateway.loops import LoopStats, run_periodic
 from gateway.metrics import serve as serve_metrics
 from gateway.notify import Notifier
-from gateway.opcua_server import OpcuaServer, limit_settings
 from gateway.p0 import P0Error, P0Process
 from gateway.protection import Protection
+
+if TYPE_CHECKING:
+    from cloudlink.link import CloudLink
+    from gateway.opcua_server import OpcuaServer
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +74,9 @@ class Gateway:
         self._p0_status: dict[str, Any] = {}
         self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop: the metrics thread reads this
         self.limits = cfg.limit_table()  # the table in force in P0 (remote changes update it)
+        # created after the fork (start_northbound): the P0 process never carries asyncua or MQTT
         self.cloud: CloudLink | None = None
-        if cfg.cloud.enabled:
-            self.cloud = CloudLink(cfg.cloud, self.image, self.recorder, self._cloud_handlers(), state_dir(cfg),
-                                   cfg.gateway.id, cfg.gateway.site, catalogue=catalogue_from_sources(loaded.sources),
-                                   dbc_hash=dbc_hash(d.path for ds in loaded.dbcs.values() for d in ds),
-                                   hardware_limits=cfg.hardware(), current_limits=lambda: self.limits)
-            self.loops += self.cloud.loops
         self.opcua: OpcuaServer | None = None
-        if cfg.opcua.enabled:
-            prot = cfg.protection.enabled
-            self.opcua = OpcuaServer(
-                cfg.opcua, self.image, cfg.site, self.recorder, state_dir(cfg),
-                methods={"ResetError": self._opcua_reset, "RequestBalancing": self._balancing},
-                limits=lambda: self.limits.as_dict(),
-                diagnostics=self._opcua_diagnostics,
-                write_setting=self._opcua_write_setting if prot else None,
-                settings=limit_settings(self.limits.as_dict(), cfg.hardware()) if prot else (),
-                estimates=self._opcua_estimates,
-                gateway_id=cfg.gateway.id, site=cfg.gateway.site)
-            self.loops.append(self.opcua.loop)
         self.control = ControlServer(socket_path(loaded.config), {
             "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
             "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
@@ -185,6 +171,33 @@ class Gateway:
             return False, str(exc)
         return True, str(res["reason"])
 
+    def start_northbound(self) -> None:
+        """Create the cloud link and the OPC UA server (in the main process only, after the fork)."""
+        cfg = self.loaded.config
+        loaded = self.loaded
+        if cfg.cloud.enabled:
+            from cloudlink.link import CloudLink, catalogue_from_sources, dbc_hash
+
+            self.cloud = CloudLink(cfg.cloud, self.image, self.recorder, self._cloud_handlers(), state_dir(cfg),
+                                   cfg.gateway.id, cfg.gateway.site, catalogue=catalogue_from_sources(loaded.sources),
+                                   dbc_hash=dbc_hash(d.path for ds in loaded.dbcs.values() for d in ds),
+                                   hardware_limits=cfg.hardware(), current_limits=lambda: self.limits)
+            self.loops += self.cloud.loops
+        if cfg.opcua.enabled:
+            from gateway.opcua_server import OpcuaServer, limit_settings
+
+            prot = cfg.protection.enabled
+            self.opcua = OpcuaServer(
+                cfg.opcua, self.image, cfg.site, self.recorder, state_dir(cfg),
+                methods={"ResetError": self._opcua_reset, "RequestBalancing": self._balancing},
+                limits=lambda: self.limits.as_dict(),
+                diagnostics=self._opcua_diagnostics,
+                write_setting=self._opcua_write_setting if prot else None,
+                settings=limit_settings(self.limits.as_dict(), cfg.hardware()) if prot else (),
+                estimates=self._opcua_estimates,
+                gateway_id=cfg.gateway.id, site=cfg.gateway.site)
+            self.loops.append(self.opcua.loop)
+
     def start_p0(self) -> P0Process:
         """Fork the P0 process: before any thread or event loop of this process exists."""
         self.p0 = P0Process(self.loaded, self.simulate, self.recorder)
@@ -193,6 +206,9 @@ class Gateway:
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT or until the P0 process dies; everything is stopped on the way out."""
         p0 = self.p0 or self.start_p0()
+        self.start_northbound()
+        gc.collect()
+        gc.freeze()  # the start-up heap (asyncua's address space included) stays out of every collection
         metrics = None
         try:
             await self._refresh()
