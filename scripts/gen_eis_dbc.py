@@ -13,7 +13,9 @@ log10(Hz) because the sweep grid is logarithmic; measured points carry IEEE-754 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+
+# the SG_/BO_ writers are shared with the pack protocol's generator (this file runs as a script)
+from gen_pack_dbc import Msg, Sig
 
 VERSION = "bmsgw-eis 1.0"
 PROTOCOL_VERSION = 1  # sent in EIS_Capabilities.ProtocolVersion; bump with VERSION on wire changes
@@ -63,51 +65,6 @@ TARGET_TYPES = {0: "Cell", 1: "Module"}
 RESULT_FORMATS = {0: "Classic", 1: "FD"}
 COMMANDS = {0: "Abort", 1: "SweepRequest", 2: "ResendRequest"}
 PARTS = {0: "Frequency", 1: "Real", 2: "Imag"}
-
-
-@dataclass(frozen=True)
-class Sig:
-    """One SG_ line (little-endian, like every signal of the bmsgw protocols)."""
-
-    name: str
-    start: int
-    length: int
-    scale: float = 1
-    offset: float = 0
-    minimum: float = 0
-    maximum: float = 0
-    unit: str = ""
-    signed: bool = False
-    is_float: bool = False
-    mux: str = ""  # "M" for the multiplexer, "m2" for page 2, "" otherwise
-    comment: str = ""
-    choices: dict[int, str] | None = None
-
-    def line(self, receiver: str) -> str:
-        mux = f" {self.mux}" if self.mux else ""
-        sign = "-" if self.signed or self.is_float else "+"
-        return (
-            f' SG_ {self.name}{mux} : {self.start}|{self.length}@1{sign} '
-            f'({_num(self.scale)},{_num(self.offset)}) [{_num(self.minimum)}|{_num(self.maximum)}] '
-            f'"{self.unit}" {receiver}'
-        )
-
-
-@dataclass(frozen=True)
-class Msg:
-    frame_id: int
-    name: str
-    sender: str
-    cycle_ms: int
-    signals: tuple[Sig, ...]
-    comment: str
-    receiver: str = "GW"
-    length: int = 8
-    fd: bool = False
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(round(x, 12))
 
 
 def _logf(name: str, start: int, comment: str) -> Sig:

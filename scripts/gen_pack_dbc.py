@@ -31,7 +31,7 @@ ID_MODULE_STATUS = 0x280  # + module
 
 @dataclass(frozen=True)
 class Sig:
-    """One SG_ line (little-endian unless big is set)."""
+    """One SG_ line (little-endian, like every signal of the bmsgw protocols; also used by gen_eis_dbc.py)."""
 
     name: str
     start: int
@@ -42,12 +42,14 @@ class Sig:
     maximum: float = 0
     unit: str = ""
     signed: bool = False
+    is_float: bool = False  # IEEE 754 (declared with SIG_VALTYPE_ by the caller)
     mux: str = ""  # "M" for the multiplexer, "m3" for page 3, "" otherwise
     comment: str = ""
+    choices: dict[int, str] | None = None  # value table (written as VAL_ by the caller)
 
     def line(self, receiver: str) -> str:
         mux = f" {self.mux}" if self.mux else ""
-        sign = "-" if self.signed else "+"
+        sign = "-" if self.signed or self.is_float else "+"
         return (
             f' SG_ {self.name}{mux} : {self.start}|{self.length}@1{sign} '
             f'({_num(self.scale)},{_num(self.offset)}) [{_num(self.minimum)}|{_num(self.maximum)}] '
@@ -65,10 +67,11 @@ class Msg:
     comment: str
     receiver: str = "GW"
     length: int = 8
+    fd: bool = False
 
 
 def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(round(x, 12))
 
 
 def _counter(start: int) -> Sig:
