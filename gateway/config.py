@@ -271,7 +271,7 @@ def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource]
     """What protection needs from the maps and DBCs is there (else it could not protect)."""
     p = cfg.protection
     try:
-        Protection(image, cfg.limit_table(), p.debounce, p.plausible, lambda e: None, lambda e: None,
+        Protection(image, cfg.limit_table(), p.debounce, p.plausible,
                    p.charge_threshold_a, p.lane.tick_ms / 1000.0)
     except ValueError as exc:
         raise loader.error("protection", f"{exc} (or set protection.enabled = false)") from None

@@ -542,7 +542,7 @@ def make_lane(loaded: Loaded, recorder: Recorder, send: Callable[[can.Message], 
         return send(can.Message(arbitration_id=message.frame_id, data=message.encode(values),
                                 is_extended_id=message.is_extended_frame))
 
-    protection = Protection(loaded.image, cfg.limit_table(), p.debounce, p.plausible, recorder, recorder,
+    protection = Protection(loaded.image, cfg.limit_table(), p.debounce, p.plausible,
                             p.charge_threshold_a, p.lane.tick_ms / 1000.0)
     machine = ContactorMachine(loaded.image, CanContactorDriver(command), p.contactors,
                                DeepDischargeLatch(state_dir(cfg)), recorder, protection.trip_causes)
