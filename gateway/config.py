@@ -128,12 +128,15 @@ class ProtectionSection:
     lane: LaneSettings = field(default_factory=LaneSettings)
     switch_interval_ms: float = 0.5  # Python's GIL switch interval; see docs/design.md
     main_process_nice: int = 5  # the main process yields the CPU to the P0 process by this much
+    realtime_priority: int = 20  # SCHED_FIFO priority of the P0 process; 0 = normal scheduling
 
     def check(self) -> None:
         if not 0.05 <= self.switch_interval_ms <= 5:
             raise ValueError("switch_interval_ms: must be 0.05..5")
         if not 0 <= self.main_process_nice <= 19:
             raise ValueError("main_process_nice: must be 0..19")
+        if not 0 <= self.realtime_priority <= 99:
+            raise ValueError("realtime_priority: must be 0..99 (0 = normal scheduling)")
 
 
 @dataclass(frozen=True)

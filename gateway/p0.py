@@ -277,6 +277,23 @@ class P0Core:
                 self._drop_tap(key, tap)
 
 
+def enter_realtime(priority: int) -> tuple[bool, str]:
+    """Put this process under SCHED_FIFO (threads started later inherit it): (done as configured, what happened).
+
+    Called in P0 before it starts a thread. Without the privilege (the unit's LimitRTPRIO, or
+    CAP_SYS_NICE) P0 keeps normal scheduling and says how to grant it: protection still runs,
+    with the latency of a shared CPU (docs/design.md).
+    """
+    if priority <= 0:
+        return True, "P0 under normal scheduling (protection.realtime_priority = 0)"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (PermissionError, OSError) as exc:
+        return False, (f"P0 could not take real-time priority {priority} ({exc.strerror or exc}): it runs under normal "
+                f"scheduling; allow it with LimitRTPRIO={priority} in the unit, or set protection.realtime_priority = 0")
+    return True, f"P0 under SCHED_FIFO priority {priority}"
+
+
 def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) -> None:
     """The P0 process's main function (after fork); exits the process when done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
@@ -302,6 +319,8 @@ def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) 
     code = 0
     try:
         sys.setswitchinterval(loaded.config.protection.switch_interval_ms / 1000.0)
+        ok, how = enter_realtime(loaded.config.protection.realtime_priority)
+        log.log(logging.INFO if ok else logging.WARNING, "%s", how)
         core = P0Core(loaded, simulate, publish)
         gc.collect()
         gc.freeze()  # start-up objects are never garbage: keep them out of every collection

@@ -16,7 +16,8 @@ Debounce is one sample for the measured check: this measures the mechanism, not 
 configured delay (which adds exactly N sample periods, see tests/test_protection.py).
 
 Three variants in the same run:
-* process (the daemon's design): the CAN side runs in a process forked before the loads start;
+* process (the daemon's design): the CAN side runs in a process forked before the loads start,
+  under SCHED_FIFO at protection.realtime_priority when the user may (root, or LimitRTPRIO);
 * thread: the same lane as threads inside the loaded process (the design this replaced);
 * baseline: the naive way, an asyncio task polling the process image every 10 ms on the
   same busy event loop.
@@ -55,6 +56,7 @@ from gateway.config import load_config  # noqa: E402
 from gateway.contactors import State  # noqa: E402
 from gateway.daemon import make_lane  # noqa: E402
 from gateway.events import Recorder  # noqa: E402
+from gateway.p0 import enter_realtime  # noqa: E402
 
 MODULE, PAGE, CELL_IN_MODULE = 2, 0, 1
 EXTRA = """
@@ -256,6 +258,8 @@ async def run(mode: str, args: argparse.Namespace, frames: list[can.Message]) ->
     if mode == "process":
         child = os.fork()  # as the daemon does: before this process starts any thread
         if child == 0:
+            prio = loaded.config.protection.realtime_priority if args.realtime_priority is None else args.realtime_priority
+            enter_realtime(prio)
             gc.collect()
             gc.freeze()
             side_stop = gateway_side(loaded, port, rec, frames)
@@ -330,6 +334,7 @@ def main() -> None:
     ap.add_argument("--trips", type=int, default=300)
     ap.add_argument("--period", type=float, default=0.15, help="seconds between trips")
     ap.add_argument("--rate", type=float, default=8000.0, help="flood frames/s (a saturated 1 Mbit/s bus: ~8,000)")
+    ap.add_argument("--realtime-priority", type=int, help="P0's SCHED_FIFO priority (default: the config's; 0 = off)")
     ap.add_argument("--only", choices=["process", "thread", "baseline"], help="run one variant")
     ap.add_argument("--traffic", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

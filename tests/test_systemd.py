@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -90,3 +91,47 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (r.stdout + r.stderr).splitlines() if "bmsgw.service" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def _enter_realtime_as_nobody(rtprio: int) -> tuple[bool, bool, str]:
+    """enter_realtime(7) in a forked child that became an unprivileged user with RLIMIT_RTPRIO = rtprio."""
+    import resource
+
+    from gateway.p0 import enter_realtime
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            try:
+                resource.setrlimit(resource.RLIMIT_RTPRIO, (rtprio, rtprio))
+            except ValueError:  # a container without CAP_SYS_RESOURCE cannot raise the hard limit
+                os.write(w, b"skip|False|cannot raise RLIMIT_RTPRIO here")
+                os._exit(0)
+            os.setgid(65534)
+            os.setuid(65534)
+            ok, how = enter_realtime(7)
+            os.write(w, f"{ok}|{os.sched_getscheduler(0) == os.SCHED_FIFO}|{how}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        ok, fifo, how = f.read().split("|", 2)
+    os.waitpid(pid, 0)
+    if ok == "skip":
+        pytest.skip(how)
+    return ok == "True", fifo == "True", how
+
+
+@pytest.mark.parametrize("rtprio", [0, 20])
+def test_p0_takes_realtime_priority_only_when_the_unit_allows_it(rtprio: int) -> None:
+    """The unit's LimitRTPRIO is what lets the unprivileged service user run P0 under SCHED_FIFO;
+    without it P0 says how to allow it and keeps normal scheduling."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become an unprivileged user with a chosen RLIMIT_RTPRIO")
+    ok, fifo, how = _enter_realtime_as_nobody(rtprio)
+    assert (ok, fifo) == ((True, True) if rtprio else (False, False))
+    assert ("SCHED_FIFO priority 7" if rtprio else "LimitRTPRIO=7") in how
+    unit = (ROOT / "systemd" / "bmsgw.service").read_text()
+    assert "LimitRTPRIO=20" in unit and "RestrictRealtime=yes" not in unit
