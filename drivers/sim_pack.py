@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import cast
+from typing import Generic, Protocol, TypeVar, cast
 
 import can
 import cantools
@@ -281,13 +281,22 @@ def _or(x: float | None, default: float) -> float:
     return default if x is None else float(x)
 
 
-class SimRunner:
-    """Runs a SimPack in its own thread at TICK_S of wall time per tick."""
+class Ticking(Protocol):
+    """A simulated node advanced one TICK_S per call."""
 
-    def __init__(self, sim: SimPack) -> None:
+    def tick(self) -> None: ...
+
+
+T = TypeVar("T", bound=Ticking)
+
+
+class SimRunner(Generic[T]):
+    """Runs a simulated node (the pack, the EIS module) in its own thread at TICK_S of wall time per tick."""
+
+    def __init__(self, sim: T, name: str = "sim-pack") -> None:
         self.sim = sim
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sim-pack", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.late_ticks = 0
         self.cpu_s = 0.0  # CPU time of this thread: what the simulator costs, not the gateway
 
@@ -316,7 +325,8 @@ class SimRunner:
                 next_t = time.monotonic()
 
 
-def virtual_bus_sim(channel: str, dbc_path: str, **kwargs: object) -> tuple[SimRunner, can.Notifier, can.BusABC]:
+def virtual_bus_sim(channel: str, dbc_path: str, **kwargs: object) -> tuple[SimRunner[SimPack], can.Notifier,
+                                                                              can.BusABC]:
     """A simulated pack on python-can's in-process virtual bus ``channel``."""
     bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
     sim = SimPack(dbc_path, bus.send, **kwargs)  # type: ignore[arg-type]

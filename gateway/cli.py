@@ -148,6 +148,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"contactors {c['state']}  active alarms {prot['active_alarms']}  trips {c['trips']}  "
                      f"missed deadlines {prot['missed_deadlines']}" +
                      (f"  causes: {_first(c['error_causes'])}" if c["error_causes"] else ""))
+    eis = st.get("eis")
+    if eis:
+        running = f" {eis['target']} {eis['points_received']}/{eis['points_total']}" if eis["target"] else ""
+        line = (f"eis        {eis['phase']}{running}  module {eis['module_state'] or 'not heard'}  "
+                f"analysed {eis['analysed']} (invalid {eis['invalid']})")
+        last = eis["last"]
+        if last:
+            line += f"  last {last['target']} {'valid' if last['valid'] else 'INVALID'}"
+            line += f" SoT {last['sot_c']:.1f} C" if last["sot_c"] is not None else ""
+        lines.append(line)
     if st.get("simulator"):
         sim = st["simulator"]
         lines.append(f"simulator  time of day {sim['sim_time_h']:.2f} h  faults: {', '.join(sim['faults']) or 'none'}")
@@ -419,6 +429,151 @@ def cmd_balance(args: argparse.Namespace) -> int:
         st = request(sock, "balance")
 
 
+def _eis_target(args: argparse.Namespace) -> str | None:
+    if args.cell is not None:
+        return f"cell[{args.cell}]"
+    if args.module is not None:
+        return f"module[{args.module}]"
+    return None
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def cmd_eis_sweep(args: argparse.Namespace) -> int:
+    """Queue a sweep and follow it to the end with a progress bar (a line per update without a TTY)."""
+    from gateway.control import request
+
+    sock = _socket(args)
+    target = _eis_target(args)
+    settings = {k: v for k, v in (("f_start_hz", args.f_start), ("f_stop_hz", args.f_stop),
+                                  ("points_per_decade", args.points_per_decade)) if v is not None}
+    queued = request(sock, "eis.sweep", {"target": target, "settings": settings})
+    handle = queued["handle"]
+    if not args.json:
+        print(f"{target}: {queued['reason']}", flush=True)
+    if args.no_wait:
+        if args.json:
+            print(json.dumps(queued))
+        return EXIT_OK
+    tty = sys.stdout.isatty() and not args.json
+    last = ""
+    while True:
+        st = request(sock, "eis.status", {"handle": handle})
+        outcome = st.get("outcome")
+        if outcome is not None:
+            if tty:
+                print()
+            if args.json:
+                print(json.dumps(outcome))
+            else:
+                print(f"{outcome['target']}: {outcome['reason']}")
+            if not outcome["ok"]:
+                return EXIT_FAIL
+            if not args.json:
+                print(f"bmsgw eis show --cell {args.cell}" if args.cell is not None else
+                      f"bmsgw eis show --module {args.module}", "shows it")
+            return EXIT_OK
+        if st["handle"] == handle:
+            line = f"{target}: {st['phase']:<10} {_bar(st['points_received'], st['points_total'])}"
+        elif target not in st["queued"]:
+            line = f"{target}: measured, analysing (Kramers-Kronig, DRT, fit, SoT)"
+        else:
+            wait = "waiting for a low, steady pack current" if not st["current_stable"] else "waiting"
+            line = f"{target}: queued ({wait}; module {st['module_state'] or 'not heard yet'})"
+        if line != last:
+            if args.json:
+                print(json.dumps({"target": target, "phase": st["phase"], "points_received": st["points_received"],
+                                  "points_total": st["points_total"]}), flush=True)
+            elif tty:
+                print("\r" + line.ljust(78), end="", flush=True)
+            else:
+                print(line, flush=True)
+            last = line
+        time.sleep(args.interval)
+
+
+def cmd_eis_show(args: argparse.Namespace) -> int:
+    """The last spectrum of a target: verdict, SoT, fit, points, and a Nyquist plot."""
+    from gateway.control import request
+    from gateway.nyquist import text_plot, write_png
+
+    sock = _socket(args)
+    target = _eis_target(args)
+    if target is None and args.all:
+        rows = request(sock, "eis.show", {"all": True})
+        if args.json:
+            _print_json(rows)
+            return EXIT_OK
+        print(f"{'target':<12} {'valid':<6} {'T sensor':>9} {'SoT':>7} {'SoC':>6} {'R0 mOhm':>9}  measured")
+        for r in rows:
+            r0 = r["fit"]["params"]["R0"] * 1e3 if r["fit"] else None
+            print(f"{r['target']:<12} {'yes' if r['valid'] else 'NO':<6} {_fmt(r['temperature_c'], '.1f'):>9} "
+                  f"{_fmt(r['sot_c'], '.1f'):>7} {_fmt(r['soc'] and r['soc'] * 100, '.1f'):>6} {_fmt(r0):>9}  "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['time'])) if r['time'] else '?'}")
+        return EXIT_OK
+    res = request(sock, "eis.show", {"target": target})
+    sp = res["spectrum"]
+    if args.png:
+        write_png(args.png, sp["z_re_ohm"], sp["z_im_ohm"], res["fit_z_re"], res["fit_z_im"], title=res["target"])
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(res["time"])) if res["time"] else "?"
+    print(f"{res['target']}: measured {when}, {res['points']} points, "
+          + ("valid (Kramers-Kronig)" if res["valid"] else f"INVALID: {res['kk_reason']} (no SoT, no fit)"))
+    print(f"  at measurement: {_fmt(res['voltage_v'])} V, sensor {_fmt(res['temperature_c'], '.1f')} degC, "
+          f"SoC {_fmt(res['soc'] and res['soc'] * 100, '.1f')} %")
+    if res["sot_c"] is not None:
+        m = res["mismatch"] or {}
+        print(f"  SoT {_fmt(res['sot_c'], '.1f')} degC (+-{_fmt(res['sot_sigma_c'], '.1f')})"
+              + (" extrapolated" if res["sot_extrapolated"] else "")
+              + (f"  WARNING: {m['kind'].replace('_', ' ')} by {m['delta_c']:+.1f} degC" if m.get("warning") else ""))
+    if res["fit"]:
+        p = res["fit"]["params"]
+        print("  fit: " + "  ".join(f"{k} {_fmt(v * 1e3 if k.startswith('R') else v, '.4g')}"
+                                    + (" mOhm" if k.startswith("R") else " F" if k.startswith("C") else "")
+                                    for k, v in p.items() if k[0] in "RC" and v is not None)
+              + f"  (rms {_fmt(res['fit']['rel_rms'] * 100, '.2f')} %)")
+    print()
+    print(f"  {'f Hz':>10} {'Re mOhm':>10} {'-Im mOhm':>10} {'|Z| mOhm':>10} {'phase':>8}")
+    for f, re, im, ab, ph in zip(sp["frequency_hz"], sp["z_re_ohm"], sp["z_im_ohm"], sp["abs_ohm"], sp["phase_deg"],
+                                 strict=True):
+        print(f"  {f:>10.4g} {re * 1e3:>10.4f} {-im * 1e3:>10.4f} {ab * 1e3:>10.4f} {ph:>8.2f}")
+    print()
+    print("\n".join(text_plot(sp["z_re_ohm"], sp["z_im_ohm"], res["fit_z_re"], res["fit_z_im"])))
+    if args.png:
+        print(f"\nNyquist plot written to {args.png}")
+    return EXIT_OK
+
+
+def cmd_eis_status(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    st = request(_socket(args), "eis.status")
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    running = f"{st['target']} {_bar(st['points_received'], st['points_total'])}" if st["target"] else "nothing"
+    print(f"EIS: {st['phase']}, measuring {running}; module {st['module_state'] or 'not heard yet'}"
+          f" (error {st['module_error']}); queued: {', '.join(st['queued']) or 'none'}")
+    print(f"  pack current steady: {'yes' if st['current_stable'] else 'no'}; analysed {st['analysed']}, invalid "
+          f"{st['invalid']}, SoT mismatches {st['sot_mismatches']}; SoT calibration: {st['sot_calibration'] or 'none'}")
+    if st["last_failure"]:
+        print(f"  last failure: {st['last_failure']}")
+    return EXIT_OK
+
+
+def cmd_eis_cancel(args: argparse.Namespace) -> int:
+    from gateway.control import request
+
+    res = request(_socket(args), "eis.cancel")
+    print("cancelled" if res["cancelled"] else "nothing to cancel")
+    return EXIT_OK
+
+
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
@@ -505,6 +660,26 @@ def parser() -> argparse.ArgumentParser:
     p = add("hash-password", cmd_opcua_hash, "hash a password for [[opcua.user]] (reads it from the terminal)",
             json_flag=False, parent=opcua)
     p.add_argument("--pbkdf2", action="store_true", help="PBKDF2-SHA256 instead of scrypt")
+    eis = sub.add_parser("eis", help="impedance spectroscopy (EIS) sweeps and results").add_subparsers(
+        dest="sub", required=True, metavar="SUB")
+    for name, fn, text in (("sweep", cmd_eis_sweep, "measure a cell or module now, with a progress bar"),
+                           ("show", cmd_eis_show, "the last spectrum of a cell or module: table, SoT, fit, Nyquist plot")):
+        p = add(name, fn, text, daemon=True, parent=eis)
+        which = p.add_mutually_exclusive_group(required=name == "sweep")
+        which.add_argument("--cell", type=int, help="cell index over the whole string")
+        which.add_argument("--module", type=int, help="module index")
+        if name == "sweep":
+            p.add_argument("--no-wait", action="store_true", help="queue it and return")
+            p.add_argument("--f-start", type=float, metavar="HZ", help="first (highest) frequency (default: the config's)")
+            p.add_argument("--f-stop", type=float, metavar="HZ", help="last (lowest) frequency")
+            p.add_argument("--points-per-decade", type=int, metavar="N")
+            p.add_argument("--interval", type=float, default=0.5, help="seconds between progress updates")
+        else:
+            which.add_argument("--all", action="store_true", help="one line per target measured so far")
+            p.add_argument("--png", metavar="FILE", help="also write the Nyquist plot as a PNG file")
+    add("status", cmd_eis_status, "the module, the running sweep, the queue", daemon=True, parent=eis)
+    add("cancel", cmd_eis_cancel, "abort the running sweep and drop the queue", daemon=True, json_flag=False,
+        parent=eis)
     sim = sub.add_parser("sim", help="the simulated battery").add_subparsers(dest="sub", required=True, metavar="SUB")
     p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, json_flag=False, parent=sim)
     p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded, precharge_open, "

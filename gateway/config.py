@@ -19,6 +19,7 @@ from cloudlink.config import CloudSection
 from drivers.canbus import AdapterSettings
 from gateway.contactors import ContactorSettings
 from gateway.dbcfile import LoadedDbc, load_dbc, merge
+from gateway.eis import EisSection, eis_families, eis_slots, module_frame_ids
 from gateway.estimation import EstimatorSection
 from gateway.image import ProcessImage
 from gateway.ingest import Ingest
@@ -37,6 +38,7 @@ from gateway.metrics import MetricsSection
 from gateway.opcua_config import OpcuaSection
 from gateway.pipeline import BusSource, Layout, build
 from gateway.protection import PlausibleRanges, Protection
+from gateway.safety import safety_families, safety_slots
 from gateway.schema import ConfigError, Loader, read_toml
 from gateway.signalmap import resolve
 
@@ -101,10 +103,13 @@ class SimSection:
     peak_charge_a: float = 30.0
     peak_discharge_a: float = 40.0
     bus: str = "pack"  # the bus it talks on
+    eis_speed: float = 1.0  # the simulated EIS module measures this much faster than real time
 
     def check(self) -> None:
         if not 0 < self.speed <= 1000:
             raise ValueError("speed: must be in (0, 1000]")
+        if not 0 < self.eis_speed <= 1000:
+            raise ValueError("eis_speed: must be in (0, 1000]")
         if not 0 <= self.start_hour < 24:
             raise ValueError("start_hour: must be in [0, 24)")
         if not 0 <= self.initial_soc <= 1:
@@ -152,6 +157,7 @@ class Config:
     opcua: OpcuaSection = field(default_factory=OpcuaSection)
     estimators: EstimatorSection = field(default_factory=EstimatorSection)
     cloud: CloudSection = field(default_factory=CloudSection)
+    eis: EisSection = field(default_factory=EisSection)
     sim: SimSection | None = None
 
     def limit_table(self) -> LimitTable:
@@ -166,6 +172,9 @@ class Config:
     def contactor_bus(self) -> str:
         return self.protection.contactor_bus or self.bus[0].name
 
+    def eis_bus(self) -> str:
+        return self.eis.bus or self.bus[0].name
+
     def check(self) -> None:
         if not self.bus:
             raise ValueError("bus: at least one [[bus]] is needed")
@@ -177,6 +186,8 @@ class Config:
             raise ValueError(f"sim.bus: no [[bus]] named '{self.sim.bus}'")
         if self.estimators.enabled and self.site.chemistry not in ("NMC", "LFP"):
             raise ValueError(f"estimators: no cell model for {self.site.chemistry} yet (set estimators.enabled = false)")
+        if self.eis.bus and self.eis.bus not in names:
+            raise ValueError(f"eis.bus: no [[bus]] named '{self.eis.bus}'")
         if self.protection.contactor_bus and self.protection.contactor_bus not in names:
             raise ValueError(f"protection.contactor_bus: no [[bus]] named '{self.protection.contactor_bus}'")
         try:
@@ -237,6 +248,8 @@ def load_config(path: str | Path) -> Loaded:
     except ValueError as exc:
         key, _, reason = str(exc).partition(": ")
         raise loader.error(f"opcua.{key}", reason) from None
+    if cfg.eis.sot_calibration:
+        cfg = replace(cfg, eis=replace(cfg.eis, sot_calibration=str(base / Path(cfg.eis.sot_calibration).expanduser())))
     warnings: list[str] = []
     dbcs: dict[str, list[LoadedDbc]] = {}
     sources = []
@@ -261,13 +274,38 @@ def load_config(path: str | Path) -> Loaded:
         if map_path is None:
             raise loader.error(f"bus[{i}].map", f"map file '{bus.map}' not found (looked in {base} and {shipped_dbc_dir() / 'maps'})")
         sources.append(BusSource(bus.name, messages, resolve(map_path, messages)))
+    families = cfg.site.families()
+    derived: dict[str, tuple[float | None, list[str]]] = {}
+    if cfg.estimators.enabled:
+        families, derived = families | safety_families(cfg.site), derived | safety_slots(cfg.site)
+    if cfg.eis.enabled:
+        _check_eis(cfg, sources, loader)
+        families, derived = families | eis_families(cfg.site), derived | eis_slots(cfg.site)
     try:
-        image, ingests = build(cfg.site.families(), sources, cfg.gateway.stale_cycles)
+        image, ingests = build(families, sources, cfg.gateway.stale_cycles, derived)
     except ValueError as exc:
         raise loader.error("site", f"the signal maps do not fit the site layout: {exc}") from None
     if cfg.protection.enabled:
         _check_protection(cfg, image, sources, loader)
     return Loaded(path, cfg, dbcs, sources, warnings, image, ingests)
+
+
+def _check_eis(cfg: Config, sources: list[BusSource], loader: Loader) -> None:
+    """The module's frame IDs are its own on its bus, and a SoT calibration file is readable."""
+    bus = cfg.eis_bus()
+    ids = module_frame_ids()
+    clash = sorted(m.name for s in sources if s.bus == bus for m in s.messages
+                   if not m.is_extended_frame and m.frame_id in ids)
+    if clash:
+        raise loader.error("eis.bus", f"bus '{bus}' DBCs use the EIS module's frame IDs 0x300..0x321 ({', '.join(clash)}): "
+                                      "put the module on another bus or renumber the pack's frames")
+    if cfg.eis.sot_calibration:
+        from gateway.eis import load_calibration
+
+        try:
+            load_calibration(Path(cfg.eis.sot_calibration))
+        except ValueError as exc:
+            raise loader.error("eis.sot_calibration", str(exc)) from None
 
 
 def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource], loader: Loader) -> None:

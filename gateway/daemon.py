@@ -13,6 +13,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,9 +35,12 @@ from gateway.metrics import serve as serve_metrics
 from gateway.notify import Notifier
 from gateway.p0 import P0Error, P0Process
 from gateway.protection import Protection
+from gateway.safety import PERIOD_S as SAFETY_PERIOD_S
+from gateway.safety import SafetyIndicators
 
 if TYPE_CHECKING:
     from cloudlink.link import CloudLink
+    from gateway.eis import EisService
     from gateway.opcua_server import OpcuaServer
 
 log = logging.getLogger(__name__)
@@ -62,13 +66,16 @@ class Gateway:
         cfg = loaded.config
         est = cfg.estimators
         self.estimation: Estimation | None = None
+        self.safety: SafetyIndicators | None = None
         if est.enabled:
             self.estimation = Estimation(est, cfg.site.chemistry, self.image, cfg.site.cells_per_module,
                                          state_dir(cfg), cfg.limit_table().deep_discharge_v)
             self.loops += [LoopStats("limits", est.limits_period_ms / 1000.0, "P1"),
                            LoopStats("soc", est.soc_period_ms / 1000.0, "P2"),
                            LoopStats("persist", est.persist_s, "P3"),
-                           LoopStats("balancing", 1.0, "P1")]
+                           LoopStats("balancing", 1.0, "P1"),
+                           LoopStats("safety", SAFETY_PERIOD_S, "P2")]
+            self.safety = SafetyIndicators(self.image, cfg.site, self.estimation.inputs)
         self._bleeding = False
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
@@ -77,10 +84,13 @@ class Gateway:
         # created after the fork (start_northbound): the P0 process never carries asyncua or MQTT
         self.cloud: CloudLink | None = None
         self.opcua: OpcuaServer | None = None
+        self.eis: EisService | None = None
         self.control = ControlServer(socket_path(loaded.config), {
             "status": self.cmd_status, "signals": self.cmd_signals, "sim.fault": self.cmd_sim_fault,
             "version": self.cmd_version, "alarms": self.cmd_alarms, "reset": self.cmd_reset,
             "contactors": self.cmd_contactors, "cloud.status": self.cmd_cloud_status, "balance": self.cmd_balance,
+            "eis.sweep": self.cmd_eis_sweep, "eis.status": self.cmd_eis_status, "eis.show": self.cmd_eis_show,
+            "eis.cancel": self.cmd_eis_cancel,
         }, {"candump": self.stream_candump})
 
     def _cloud_handlers(self) -> dict[str, Any]:
@@ -93,6 +103,8 @@ class Gateway:
             h["set_ecm_parameters"] = EcmStage(self.estimation)
             h["set_estimator_settings"] = SettingsStage(self.estimation)
             h["request_balancing"] = self._remote_balancing
+        if self.loaded.config.eis.enabled:
+            h["start_eis_sweep"] = self._remote_eis_sweep
         return h
 
     def _opcua_reset(self, clear_deep_discharge: bool) -> tuple[bool, str]:
@@ -139,7 +151,7 @@ class Gateway:
     def _opcua_estimates(self) -> dict[str, Any]:
         prot = self._p0_status.get("protection") or {}
         state = (prot.get("contactors") or {}).get("state")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {} if self.eis is None else self.eis.estimates()
         if state:
             out["pack.contactor_state"] = str(state)
             out["pack.bms_state"] = "error" if state == "ERROR" else "derate" if self._derate() else "normal"
@@ -159,6 +171,23 @@ class Gateway:
                         "pack.deep_discharge_events": pp["deep_discharge_events"]})
         return out
 
+    def _eis_sweep(self, target: str, **overrides: Any) -> tuple[bool, str]:
+        """The one entry point for on-demand sweeps: CLI, OPC UA and the cloud."""
+        if self.eis is None:
+            return False, "this gateway has no EIS module (eis.enabled = false)"
+        ok, reason, _handle = self.eis.request(target, **overrides)
+        return ok, reason
+
+    def _remote_eis_sweep(self, args: dict[str, Any]) -> tuple[bool, str]:
+        targets = [f"cell[{i}]" for i in args["cells"] or []] + [f"module[{i}]" for i in args["modules"] or []]
+        overrides = {"f_start_hz": args["f_max_hz"], "f_stop_hz": args["f_min_hz"],
+                     "points_per_decade": args["points_per_decade"], "amplitude_a": args["amplitude_a"] or 0.0}
+        for target in targets:
+            ok, reason = self._eis_sweep(target, **overrides)
+            if not ok:
+                return False, f"{target}: {reason}"
+        return True, f"{len(targets)} sweeps queued"
+
     def _remote_balancing(self, args: dict[str, Any]) -> tuple[bool, str]:
         if args.get("cells") and len(args["cells"]) != self.image.families["cell.voltage"].size:
             return False, "this gateway balances the whole string: send no 'cells' (it picks the cells above the band)"
@@ -172,7 +201,7 @@ class Gateway:
         return True, str(res["reason"])
 
     def start_northbound(self) -> None:
-        """Create the cloud link and the OPC UA server (in the main process only, after the fork)."""
+        """Create the cloud link, the EIS coordinator and the OPC UA server (in the main process, after the fork)."""
         cfg = self.loaded.config
         loaded = self.loaded
         if cfg.cloud.enabled:
@@ -183,13 +212,16 @@ class Gateway:
                                    dbc_hash=dbc_hash(d.path for ds in loaded.dbcs.values() for d in ds),
                                    hardware_limits=cfg.hardware(), current_limits=lambda: self.limits)
             self.loops += self.cloud.loops
+        if cfg.eis.enabled:
+            self._start_eis()
         if cfg.opcua.enabled:
             from gateway.opcua_server import OpcuaServer, limit_settings
 
             prot = cfg.protection.enabled
             self.opcua = OpcuaServer(
                 cfg.opcua, self.image, cfg.site, self.recorder, state_dir(cfg),
-                methods={"ResetError": self._opcua_reset, "RequestBalancing": self._balancing},
+                methods={"ResetError": self._opcua_reset, "RequestBalancing": self._balancing,
+                         "StartEisSweep": self._eis_sweep},
                 limits=lambda: self.limits.as_dict(),
                 diagnostics=self._opcua_diagnostics,
                 write_setting=self._opcua_write_setting if prot else None,
@@ -197,6 +229,43 @@ class Gateway:
                 estimates=self._opcua_estimates,
                 gateway_id=cfg.gateway.id, site=cfg.gateway.site)
             self.loops.append(self.opcua.loop)
+
+    def _start_eis(self) -> None:
+        from gateway.eis import TICK_S, EisService, load_calibration
+
+        cfg = self.loaded.config
+        p0 = self.p0
+        assert p0 is not None
+        est = self.estimation
+        self.eis = EisService(
+            cfg.eis, cfg.site, self.image, self.recorder, send=lambda frames: p0.call("eis_send", {"frames": frames}),
+            soc=lambda: est.ekf.soc if est is not None and est.initialised else None,
+            record=None if self.cloud is None else self.cloud.submit_eis,
+            calibration=load_calibration(Path(cfg.eis.sot_calibration)) if cfg.eis.sot_calibration else None)
+        p0.on_eis_frame = self.eis.on_frame
+        self.loops.append(LoopStats("eis", TICK_S, "P2"))
+
+    async def _simulated_eis_calibration(self) -> None:
+        """--sim without a calibration file: calibrate SoT on the simulated module, as its maker's lab would."""
+        from gateway.eis import simulated_calibration
+
+        eis = self.eis
+        cfg = self.loaded.config
+        if eis is None or eis.calibration is not None or not self.simulate:
+            return
+        e = cfg.eis
+        cache = state_dir(cfg) / (f"sot_calibration_sim_{cfg.site.chemistry.lower()}_"
+                                  f"{e.f_start_hz:g}-{e.f_stop_hz:g}-{e.points_per_decade}.json")
+        eis.calibration = await anyio.to_thread.run_sync(simulated_calibration, cfg.site.chemistry,
+                                                         cfg.eis.sweep(), cache)
+        log.info("SoT calibration of the simulated %s module: %s (cross-validated %.2f degC)", cfg.site.chemistry,
+                 eis.calibration.feature.label(), eis.calibration.cv_rmse_c)
+
+    async def _eis_step(self) -> None:
+        assert self.eis is not None
+        prot = self._p0_status.get("protection") or {}
+        active = bool(prot.get("active_alarms")) or (prot.get("contactors") or {}).get("state") == "ERROR"
+        await self.eis.step(active)
 
     def start_p0(self) -> P0Process:
         """Fork the P0 process: before any thread or event loop of this process exists."""
@@ -224,8 +293,12 @@ class Gateway:
                     tg.start_soon(run_periodic, self.loops[3], e.step_soc)
                     tg.start_soon(run_periodic, self.loops[4], lambda: anyio.to_thread.run_sync(e.persist))
                     tg.start_soon(run_periodic, self.loops[5], self._balance_step)
+                    tg.start_soon(run_periodic, self.loops[6], self._safety_step)
                 if self.cloud is not None:
                     tg.start_soon(self.cloud.run)
+                if self.eis is not None:
+                    tg.start_soon(run_periodic, next(s for s in self.loops if s.name == "eis"), self._eis_step)
+                    tg.start_soon(self._simulated_eis_calibration)
                 if self.opcua is not None:
                     await tg.start(self.opcua.run)  # returns at once: the address space is built in a thread
                 tg.start_soon(self._wait_for_signal, tg.cancel_scope)
@@ -277,6 +350,18 @@ class Gateway:
                 self.rates[b["name"]] = (b["frames"] - frames) / (now - then)
                 self._last_frames[b["name"]] = (now, b["frames"])
         self._p0_status = st
+
+    async def _safety_step(self) -> None:
+        """Safety levels and the plating indicator (the active conditions only asked for when there are some)."""
+        prot = self._p0_status.get("protection") or {}
+        alarms: list[dict[str, Any]] = []
+        if prot.get("active_alarms"):
+            try:
+                alarms = (await self._p0("alarms"))["active"]
+            except ControlError as exc:
+                log.warning("safety levels: %s", exc)
+        assert self.safety is not None
+        self.safety.step(self.limits, alarms)
 
     async def _balance_step(self) -> None:
         """Balancing decisions once a second; masks go out while bleeding, and once more (zeros) when it stops."""
@@ -369,6 +454,7 @@ class Gateway:
             "estimates": None if self.estimation is None else self.estimation.snapshot(),
             "cloud": self._cloud_status,
             "opcua": None if self.opcua is None else self.opcua.status(),
+            "eis": None if self.eis is None else self.eis.status(),
             "extra_metrics": self._extra_metrics(),
         }
 
@@ -410,6 +496,42 @@ class Gateway:
         if self.cloud is None:
             raise ControlError("the cloud link is disabled (cloud.enabled = false)")
         return self.cloud.status()
+
+    def _eis(self) -> EisService:
+        if self.eis is None:
+            raise ControlError("this gateway has no EIS module (eis.enabled = false in the config)")
+        return self.eis
+
+    async def cmd_eis_sweep(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Queue an on-demand sweep of one target; its handle, to follow with eis.status."""
+        settings = args.get("settings") or {}
+        unknown = set(settings) - {"f_start_hz", "f_stop_hz", "points_per_decade"}
+        if unknown:
+            raise ControlError(f"unknown sweep settings: {', '.join(sorted(unknown))}")
+        ok, reason, handle = self._eis().request(str(args.get("target", "")), **settings)
+        if not ok:
+            raise ControlError(reason)
+        return {"handle": handle, "reason": reason}
+
+    async def cmd_eis_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """What the module and the driver do; with a handle, how that sweep ended."""
+        handle = args.get("handle")
+        return self._eis().status(int(handle) if handle is not None else None)
+
+    async def cmd_eis_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        handle = args.get("handle")
+        return {"cancelled": self._eis().cancel(int(handle) if handle is not None else None)}
+
+    async def cmd_eis_show(self, args: dict[str, Any]) -> Any:
+        """The last result of a target (spectrum, verdict, SoT, fit), or one line per target."""
+        eis = self._eis()
+        target = args.get("target")
+        if args.get("all"):
+            return eis.targets()
+        try:
+            return eis.show(str(target) if target else None)
+        except (KeyError, ValueError) as exc:
+            raise ControlError(str(exc.args[0]) if exc.args else str(exc)) from None
 
     async def cmd_sim_fault(self, args: dict[str, Any]) -> str:
         return str(await self._p0("sim_fault", args))

@@ -94,7 +94,7 @@ class Estimation:
 
     # -- inputs --------------------------------------------------------------------------
 
-    def _inputs(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float] | None:
+    def inputs(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float] | None:
         """Cell voltages, their validity, per-cell temperatures, current and pack voltage; None when unusable."""
         img = self.image
         v = img.value[self.cells].copy()
@@ -120,7 +120,7 @@ class Estimation:
         now = time.monotonic() if now is None else now
         dt = now - self._last_soc if self._last_soc else self.section.soc_period_ms / 1000.0
         self._last_soc = now
-        got = self._inputs(now)
+        got = self.inputs(now)
         if got is None:
             self.skipped += 1
             return
@@ -140,7 +140,7 @@ class Estimation:
         now = time.monotonic() if now is None else now
         dt = now - self._last_limits if self._last_limits else self.section.limits_period_ms / 1000.0
         self._last_limits = now
-        got = self._inputs(now)
+        got = self.inputs(now)
         if got is None:
             v = np.full(self.n_cells, np.nan)  # no data: the limiter answers zero current
             cell_t, pack_v = v, float("nan")
@@ -157,7 +157,7 @@ class Estimation:
     def step_balancing(self, alarm: bool, now: float | None = None) -> BalanceDecision:
         """P1, once a second: which cells bleed (only at rest, cool, without alarms; see estimators.balancing)."""
         now = time.monotonic() if now is None else now
-        got = self._inputs(now)
+        got = self.inputs(now)
         if got is None:
             v, good, temp, current = np.full(self.n_cells, np.nan), np.zeros(self.n_cells, bool), math.nan, math.nan
         else:

@@ -652,8 +652,13 @@ EIS_ARRAYS = frozenset(k for k in PACK_ESTIMATES if k.startswith("eis.") and k.e
                        and not k.startswith("eis.fit."))
 CELL_ESTIMATES: dict[str, tuple[str, str, str]] = {
     "cell.soc": ("SoC", "%", "cell state of charge (EKF)"),
-    "cell.sot": ("SoT", "degC", "cell temperature from the EIS phase (when available)"),
+    "cell.sot": ("SoT", "degC", "cell temperature from its impedance (EIS), at the time of the sweep"),
 }
+# image families without per-cell nodes: SoT reaches the cells as the estimate cell.sot (with the sweep's
+# time) and the last fit shows under EIS.Fit; per-target fits and per-cell safety details stay in the image
+# (bmsgw signals, eis show, the cloud); Pack.SafetyLevel has a node
+NO_NODES = frozenset({*(f"{k}.{n}" for k in ("cell", "module") for n in ("sot", "eis_r", "eis_c")),
+                      "cell.safety_level", "cell.safety_reason", "cell.plating"})
 
 
 @dataclass
@@ -1236,7 +1241,7 @@ class OpcuaServer:
         img = self.image
         for fam_name, fam in img.families.items():
             head, _, tail = fam_name.partition(".")
-            if head != prefix:
+            if head != prefix or fam_name in NO_NODES:
                 continue
             name, kind, unit, desc = FAMILY_NODES.get(fam_name, (camel(tail), KIND_DOUBLE, guess_unit(tail), fam_name))
             extra = fam.shape[1:]

@@ -34,10 +34,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import can
+import numpy as np
 
 from drivers.canbus import CanAdapter
-from drivers.sim_pack import SimRunner, virtual_bus_sim
-from gateway.config import Loaded
+from drivers.sim_eis import SimConditions, SimEis
+from drivers.sim_pack import SimPack, SimRunner, virtual_bus_sim
+from gateway.config import Config, Loaded
+from gateway.eis import module_frame_ids
 from gateway.events import Event, FlightRecord, Recorder
 from gateway.lane import ProtectionLane
 from gateway.limits import LimitTable, validate
@@ -87,8 +90,11 @@ class P0Core:
             bus = cfg.contactor_bus()
             self.lane = make_lane(loaded, self.recorder, lambda msg: self.adapters[bus].send(msg))
             sinks = {b.name: self.lane.sink(b.name, loaded.ingests[b.name], b.fd) for b in cfg.bus}
+        if cfg.eis.enabled:
+            bus = cfg.eis_bus()
+            sinks[bus] = _divert(sinks[bus], module_frame_ids(), lambda msg: publish("eis", msg))
         self.adapters.update({b.name: CanAdapter(b, sinks[b.name]) for b in cfg.bus})
-        self.sim: SimRunner | None = None
+        self.sim: SimRunner[SimPack] | None = None
         self._sim_parts: tuple[Any, ...] = ()
         if simulate:
             self._make_sim()
@@ -112,14 +118,19 @@ class P0Core:
             peak_charge_a=sim.peak_charge_a, peak_discharge_a=sim.peak_discharge_a, seed=sim.seed)
         self.sim = runner
         self._sim_parts = (notifier, vbus)
+        if cfg.eis.enabled:
+            self._sim_parts += _sim_eis(bus.channel, runner.sim, cfg)
+
+    def _sim_runners(self) -> list[SimRunner[Any]]:
+        return [p for p in (self.sim, *self._sim_parts) if isinstance(p, SimRunner)]
 
     def start(self) -> None:
         for adapter in self.adapters.values():
             adapter.start()
         if self.lane is not None:
             self.lane.start()
-        if self.sim is not None:
-            self.sim.start()
+        for runner in self._sim_runners():
+            runner.start()
 
     def stop(self) -> None:
         """Open the contactors (a gateway that stops supervising must not leave them closed), then stop."""
@@ -128,9 +139,11 @@ class P0Core:
             self.lane.stop()
         if self.sim is not None:
             self.sim.stop()
-            notifier, vbus = self._sim_parts
-            notifier.stop()
-            vbus.shutdown()
+            for part in self._sim_parts:
+                if isinstance(part, SimRunner | can.Notifier):
+                    part.stop()
+                elif isinstance(part, can.BusABC):
+                    part.shutdown()
             self.sim = None
         for adapter in self.adapters.values():
             adapter.stop()
@@ -165,7 +178,7 @@ class P0Core:
             out["healthy"] = self.lane.healthy
         if self.sim is not None:
             sim = self.sim.sim
-            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3), "cpu_s": self.sim.cpu_s,
+            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3), "cpu_s": sum(r.cpu_s for r in self._sim_runners()),
                                 "faults": list(sim.pack.active_faults) +
                                 [f"module {m} silent" for m in sorted(sim.silent_modules)]}
         return out
@@ -222,6 +235,11 @@ class P0Core:
                                                         is_extended_id=msg.is_extended_frame))
         return sent
 
+    def req_eis_send(self, args: dict[str, Any]) -> int:
+        """Frames of the EIS coordinator (main process) onto the module's bus."""
+        bus = self.loaded.config.eis_bus()
+        return sum(bool(self.adapters[bus].send(msg)) for msg in args["frames"])
+
     def req_sim_fault(self, args: dict[str, Any]) -> str:
         if self.sim is None:
             raise P0Error("the gateway is not running the simulator (start it with --sim)")
@@ -275,6 +293,38 @@ class P0Core:
         for key, tap in list(self.taps.items()):
             if time.monotonic() - tap.last_read > 10:
                 self._drop_tap(key, tap)
+
+
+def _divert(sink: Callable[[can.Message], object], ids: frozenset[int],
+            other: Callable[[can.Message], object]) -> Callable[[can.Message], object]:
+    """A bus sink that hands the EIS module's frames to ``other`` and everything else to ``sink``."""
+
+    def divert(msg: can.Message) -> object:
+        if msg.arbitration_id in ids and not msg.is_extended_id:
+            return other(msg)
+        return sink(msg)
+
+    return divert
+
+
+def _sim_eis(channel: str, pack: SimPack, cfg: Config) -> tuple[Any, ...]:
+    """The simulated EIS module on the simulated pack's virtual bus, measuring the pack's true cells."""
+    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+    site = cfg.site
+    assert cfg.sim is not None
+
+    def conditions(target_type: int, index: int) -> SimConditions:
+        b = pack.pack
+        temps, socs = b.cell_temps_c.ravel(), b.soc.ravel()
+        cells = slice(index, index + 1) if target_type == 0 else \
+            slice(index * site.cells_per_module, (index + 1) * site.cells_per_module)
+        return SimConditions(float(np.mean(temps[cells])), float(np.mean(socs[cells])), b.current_a)
+
+    node = SimEis(bus.send, chemistry=site.chemistry, cells=site.cells, modules=site.modules,
+                  cells_per_module=site.cells_per_module, conditions=conditions, speed=cfg.sim.eis_speed,
+                  seed=cfg.sim.seed)
+    notifier = can.Notifier(bus, [node.receive], timeout=0.2)
+    return SimRunner(node, "sim-eis"), notifier, bus
 
 
 def enter_realtime(priority: int) -> tuple[bool, str]:
@@ -378,6 +428,7 @@ class P0Process:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.recorder = recorder
+        self.on_eis_frame: Callable[[can.Message], None] | None = None  # the EIS coordinator's, once it exists
         self.exit_code: int | None = None
         self._reader = threading.Thread(target=self._read_events, name="p0-events-in", daemon=True)
         self._reader.start()
@@ -392,6 +443,9 @@ class P0Process:
                 self.recorder(item)
             elif kind == "record" and isinstance(item, FlightRecord):
                 self.recorder.add_flight_record(item)
+            elif kind == "eis" and isinstance(item, can.Message):
+                if self.on_eis_frame is not None:
+                    self.on_eis_frame(item)
             else:
                 log.warning("unexpected message from P0: %r", ev[:1])
 

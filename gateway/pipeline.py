@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cantools.database.can import Message
@@ -73,14 +73,20 @@ def covering_families(targets: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in shapes.items()}
 
 
-def build(families: dict[str, tuple[int, ...]], sources: Sequence[BusSource],
-          stale_cycles: float = 3.0) -> tuple[ProcessImage, dict[str, Ingest]]:
+def build(families: dict[str, tuple[int, ...]], sources: Sequence[BusSource], stale_cycles: float = 3.0,
+          derived: Mapping[str, tuple[float | None, Sequence[str]]] | None = None,
+          ) -> tuple[ProcessImage, dict[str, Ingest]]:
     """Create the image and one compiled ingest per bus.
+
+    ``derived`` adds sources the gateway computes rather than receives (EIS results, safety
+    levels): slot name -> (cycle time, the signals it carries). Without a cycle time a value,
+    once written, stays good with the time of its measurement.
 
     Raises ValueError naming the map when a target is outside the families'
     shapes (the site layout) or bound twice.
     """
-    scalars: list[str] = []
+    derived = derived or {}
+    scalars: list[str] = [n for _, names in derived.values() for n in names if not family_of(n)[1]]
     for src in sources:
         for target in src.signal_map.targets():
             fam, idx = family_of(target)
@@ -102,6 +108,10 @@ def build(families: dict[str, tuple[int, ...]], sources: Sequence[BusSource],
             ingests[src.bus] = Ingest(src.bus, image, src.messages, src.signal_map.bindings, src.signal_map.cycle_s)
         except ValueError as exc:
             raise ValueError(f"{src.signal_map.source}: {exc}") from None
+    for slot_name, (period, signals) in derived.items():
+        slot = image.add_slot(slot_name, period)
+        for name in signals:
+            image.bind(image.index(name), slot)
     image.freeze()
     for ingest in ingests.values():
         ingest.compile()

@@ -24,7 +24,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Bro
     consumer = Consumer(broker.port, "bmsgw/#")
     (tmp / "secret").write_bytes(SECRET)
     cfg = tmp / "bmsgw.toml"
-    cfg.write_text((ROOT / "gateway/configs/sim.toml").read_text() + f"""
+    # at night the pack rests, so EIS sweeps may run; the simulated module measures 200x faster
+    text = (ROOT / "gateway/configs/sim.toml").read_text().replace("start_hour = 12.0", "start_hour = 2.0")
+    text = text.replace("eis_speed = 10.0", "eis_speed = 200.0").replace('periodic = "cells"', 'stable_window_s = 2.0')
+    cfg.write_text(text + f"""
 [metrics]
 port = 0
 
@@ -94,3 +97,23 @@ def test_reset_error_uses_the_same_rules_as_the_cli(site: tuple[Daemon, Broker, 
     a = ack(consumer, "reset-1")
     assert a["status"] == "rejected" and "not in ERROR" in str(a["reason"]), a
     assert json.loads(d.cli("alarms", "--json").stdout)["contactors"]["state"] in ("NORMAL", "PRECHARGE", "STANDBY")
+
+
+def test_start_eis_sweep_measures_and_the_record_reaches_the_cloud(site: tuple[Daemon, Broker, Consumer]) -> None:
+    d, broker, consumer = site
+    command(broker, "start_eis_sweep", {"cells": [7], "f_min_hz": 1.0, "f_max_hz": 1000.0}, "eis-1")
+    a = ack(consumer, "eis-1")
+    assert a["status"] == "accepted" and "1 sweeps queued" in str(a["reason"]), a
+
+    def record() -> dict[str, object] | None:
+        with consumer.lock:
+            recs = [r for k, b in consumer.batches.items() if k[2] == "eis" for r in b.records]
+        return next((r for r in recs if r.get("target") == "cell[7]"), None)
+
+    rec = wait_for(record, 90, "the EIS record in the cloud")
+    assert rec["kind"] == "eis" and rec["valid"] is True and len(rec["frequency_hz"]) == 31  # type: ignore[arg-type]
+    assert rec["frequency_hz"][0] == pytest.approx(1000.0, rel=0.01)  # type: ignore[index]
+    assert set(rec["fit"]["params"]) >= {"R0", "R1", "R4", "C1", "C4"}  # type: ignore[index]
+    command(broker, "start_eis_sweep", {"cells": [900]}, "eis-2")
+    a = ack(consumer, "eis-2")
+    assert a["status"] == "rejected", a

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 from asyncua import ua
 
+from gateway.opcua_config import hash_password
 from tests.procs import ROOT, Daemon, wait_for
-from tests.test_opcua_support import connect, node, ns_of
+from tests.test_opcua_support import PASSWORDS, connect, node, ns_of
 from tests.test_ops import free_port, scrape
 
 pytestmark = pytest.mark.slow
@@ -30,6 +31,12 @@ enabled = true
 port = {port}
 anonymous = true
 allow_none_readonly = true
+accept_any_client_cert = true
+
+[[opcua.user]]
+name = "otto"
+role = "operator"
+password_hash = "{hash_password(PASSWORDS['otto'])}"
 """)
     d = Daemon(tmp, "--sim", "--config", str(cfg))
     wait_for(lambda: d.json("status")["opcua"]["listening"], 60, "the OPC UA endpoint")
@@ -69,3 +76,22 @@ def test_endpoint_shows_in_status_metrics_and_doctor(site: tuple[Daemon, int, in
     doc = json.loads(d.cli("doctor", "--config", str(cfg), "--json").stdout)
     checks = {f["check"]: f for f in doc["findings"]}
     assert checks["opc ua"]["status"] == "ok" and checks["permissions"]["status"] == "ok"
+
+
+def test_operator_starts_an_eis_sweep_and_a_bad_target_is_refused_with_a_reason(site: tuple[Daemon, int, int]) -> None:
+    d, port, _ = site
+
+    async def call(target: str) -> list[object]:
+        async with connect(f"opc.tcp://127.0.0.1:{port}/bmsgw", "otto") as client:
+            ns = await ns_of(client)
+            bs = node(client, ns, "")
+            method = [m for m in await bs.get_methods() if (await m.read_browse_name()).Name == "StartEisSweep"][0]
+            out = await bs.call_method(method, target)
+            return out if isinstance(out, list) else [out]
+
+    accepted = asyncio.run(call("cell[12]"))
+    assert accepted[0] is True and "queued" in str(accepted[1])
+    assert "cell[12]" in d.json("eis", "status")["queued"] or d.json("eis", "status")["target"] == "cell[12]"
+    refused = asyncio.run(call("cell[500]"))
+    assert refused[0] is False and "224 cells" in str(refused[1])
+    d.cli("eis", "cancel")
