@@ -119,7 +119,10 @@ class P0Core:
         self.sim = runner
         self._sim_parts = (notifier, vbus)
         if cfg.eis.enabled:
-            self._sim_parts += _sim_eis(bus.channel, runner.sim, cfg)
+            # the module shares the pack's bus connection: one more listener, not one more copy of every frame
+            eis = _sim_eis(vbus.send, runner.sim, cfg)
+            notifier.add_listener(eis.sim.receive)
+            self._sim_parts += (eis,)
 
     def _sim_runners(self) -> list[SimRunner[Any]]:
         return [p for p in (self.sim, *self._sim_parts) if isinstance(p, SimRunner)]
@@ -137,14 +140,14 @@ class P0Core:
         if self.lane is not None:
             self.lane.machine.trip("gateway stopping")
             self.lane.stop()
-        if self.sim is not None:
-            self.sim.stop()
-            for part in self._sim_parts:
-                if isinstance(part, SimRunner | can.Notifier):
-                    part.stop()
-                elif isinstance(part, can.BusABC):
-                    part.shutdown()
-            self.sim = None
+        for runner in self._sim_runners():
+            runner.stop()
+        for part in self._sim_parts:
+            if isinstance(part, can.Notifier):
+                part.stop()
+            elif isinstance(part, can.BusABC):
+                part.shutdown()
+        self.sim, self._sim_parts = None, ()
         for adapter in self.adapters.values():
             adapter.stop()
 
@@ -307,9 +310,8 @@ def _divert(sink: Callable[[can.Message], object], ids: frozenset[int],
     return divert
 
 
-def _sim_eis(channel: str, pack: SimPack, cfg: Config) -> tuple[Any, ...]:
-    """The simulated EIS module on the simulated pack's virtual bus, measuring the pack's true cells."""
-    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+def _sim_eis(send: Callable[[can.Message], object], pack: SimPack, cfg: Config) -> SimRunner[SimEis]:
+    """The simulated EIS module, measuring the simulated pack's true cells."""
     site = cfg.site
     assert cfg.sim is not None
 
@@ -320,11 +322,10 @@ def _sim_eis(channel: str, pack: SimPack, cfg: Config) -> tuple[Any, ...]:
             slice(index * site.cells_per_module, (index + 1) * site.cells_per_module)
         return SimConditions(float(np.mean(temps[cells])), float(np.mean(socs[cells])), b.current_a)
 
-    node = SimEis(bus.send, chemistry=site.chemistry, cells=site.cells, modules=site.modules,
+    node = SimEis(send, chemistry=site.chemistry, cells=site.cells, modules=site.modules,
                   cells_per_module=site.cells_per_module, conditions=conditions, speed=cfg.sim.eis_speed,
                   seed=cfg.sim.seed)
-    notifier = can.Notifier(bus, [node.receive], timeout=0.2)
-    return SimRunner(node, "sim-eis"), notifier, bus
+    return SimRunner(node, "sim-eis")
 
 
 def enter_realtime(priority: int) -> tuple[bool, str]:
