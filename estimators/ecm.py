@@ -9,6 +9,12 @@ Per-cell parameters are stored at the reference point (25 degC, the chemistry's
 reference SoC) and scaled by two shared factors: an Arrhenius temperature factor and
 a per-chemistry SoC shape table (resistance rises towards empty). Capacitances are
 held fixed, so time constants stretch with resistance (as in a cold cell).
+
+Optionally (``CellType.diffusion_tau_s`` > 0) the OCV is taken at the particle
+*surface* SoC ``soc + d`` instead of the bulk SoC: ``d`` is the surface excess of
+solid diffusion in a spherical particle with diffusion time ``R^2/D``, driven by the
+current (:func:`diffusion_modes`). On a flat OCV (LFP) the steps of the curve then
+move with the load as they do in the cell, which plain RC branches cannot follow.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "EcmParams",
     "OcvCurve",
     "arrhenius",
+    "diffusion_modes",
     "get_cell_type",
 ]
 
@@ -164,6 +171,37 @@ def arrhenius(temp_c: ArrayLike, ea_j_per_mol: float, t_ref_c: float = T_REF_C) 
     return _f64(np.exp((ea_j_per_mol / _GAS_CONSTANT) * (1.0 / t_k - 1.0 / (t_ref_c + 273.15))))
 
 
+def _sphere_eigenvalues(n: int) -> FloatArray:
+    """The first ``n`` positive roots of tan(x) = x (Newton from the asymptote)."""
+    q = (np.arange(1, n + 1) + 0.5) * np.pi
+    x = q - 1.0 / q
+    for _ in range(6):
+        x -= (np.tan(x) - x) / (np.tan(x) ** 2)
+    return _f64(x)
+
+
+_DIFF_EXPLICIT = 3  # modes with their own time constant; the faster rest is lumped
+_LAMBDA2 = _sphere_eigenvalues(400) ** 2
+
+
+def diffusion_modes(tau_d_s: float) -> tuple[FloatArray, FloatArray]:
+    """Time constants (s) and lags (s) of the surface excess of spherical diffusion.
+
+    With diffusion time ``tau_d_s`` = R^2/D and SoC rate ``r`` (1/s), the surface SoC
+    exceeds the bulk by ``d = sum d_n`` with ``dd_n/dt = (lag_n r - d_n) / tau_n``
+    (``tau_n = tau_d/lambda_n^2``, ``lag_n = 2 tau_n / 3``; lags sum to ``tau_d/15``, the
+    constant-current excess). The first modes are exact, the faster tail is one lumped mode.
+    """
+    if tau_d_s <= 0.0:
+        return np.zeros(0), np.zeros(0)
+    tau = tau_d_s / _LAMBDA2
+    lag = 2.0 * tau / 3.0
+    k = _DIFF_EXPLICIT
+    tail_lag = tau_d_s / 15.0 - float(lag[:k].sum())  # the series converges slowly: close it exactly
+    tail_tau = float(np.sum(lag[k:] * tau[k:]) / np.sum(lag[k:]))
+    return _f64(np.append(tau[:k], tail_tau)), _f64(np.append(lag[:k], tail_lag))
+
+
 @dataclass(frozen=True)
 class CellType:
     """A chemistry preset: OCV curve, nominal capacity and reference ECM parameters.
@@ -171,7 +209,9 @@ class CellType:
     ``r_ohm``/``tau_s`` hold one entry per RC branch (1..4), sorted by time constant.
     ``r_soc`` with ``r0_soc_factor``/``rc_soc_factor`` is the resistance shape over SoC
     (1 at ``soc_ref``); ``ea_*`` are Arrhenius activation energies. ``v_min``/``v_max``
-    bound normal operation.
+    bound normal operation. ``diffusion_tau_s`` (R^2/D at 25 degC, 0: none) makes the
+    OCV follow the surface SoC (see the module docstring); it slows like the RC branches
+    in the cold.
     """
 
     name: str
@@ -188,6 +228,7 @@ class CellType:
     ea_r0_j_per_mol: float = 20_000.0
     ea_rc_j_per_mol: float = 35_000.0
     coulombic_efficiency: float = 1.0
+    diffusion_tau_s: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.r_ohm)
@@ -203,6 +244,8 @@ class CellType:
             raise ValueError(f"{self.name}: coulombic efficiency must be in (0, 1]")
         if not self.v_min < self.v_max:
             raise ValueError(f"{self.name}: v_min must be below v_max")
+        if not (np.isfinite(self.diffusion_tau_s) and self.diffusion_tau_s >= 0.0):
+            raise ValueError(f"{self.name}: diffusion_tau_s must be >= 0")
 
     @property
     def n_rc(self) -> int:

@@ -4,8 +4,9 @@
 For NMC (Chen2020) and LFP (Prada2013), both SPMe at 25 degC (tests/data/, made by
 scripts/make_reference.py):
 
-1. identify the ECM (capacity, OCV curve, R0 + 2 RC, resistance shape over SoC)
-   from the separate pulse test, logged as a lab cycler would (1 mV noise), with
+1. identify the ECM (capacity, OCV curve, R0 + 2 RC, resistance shape over SoC, and
+   the solid-diffusion time that moves the OCV to the particle surface SoC) from the
+   separate pulse test, logged as a lab cycler would (1 mV noise), with
    ``estimators.identify`` (never from the scoring runs);
 2. replay each profile (storage day, dynamic) through a 224-cell filter: every
    "cell" is the reference cell seen through its own voltage channel (5 mV noise,
@@ -184,7 +185,7 @@ def score_chemistry(chem: str, n_cells: int = 224, profiles: tuple[str, ...] = P
     out: dict[str, Any] = {"identified": {
         "capacity_ah": round(ident.capacity_ah, 4), "r0_mohm": round(1e3 * ident.r0_ohm, 3),
         "r_mohm": [round(1e3 * r, 3) for r in ident.r_ohm], "tau_s": [round(x, 1) for x in ident.tau_s],
-        "ocv_points": len(ident.ocv.soc)}, "profiles": {}}
+        "diffusion_tau_s": round(ident.diffusion_tau_s, 1), "ocv_points": len(ident.ocv.soc)}, "profiles": {}}
     worst: dict[str, dict[str, float | None]] = {"ekf": {}, "coulomb": {}} if baseline else {"ekf": {}}
 
     def ekf_from_ocv(v0: np.ndarray) -> SocEkf:

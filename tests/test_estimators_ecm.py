@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from estimators.ecm import LFP, NMC, CellType, EcmParams, OcvCurve, arrhenius, get_cell_type
-from estimators.identify import find_rests, fit_ecm_window, identify_cell, rc_responses, rest_asymptote
+from estimators.ecm import LFP, NMC, CellType, EcmParams, OcvCurve, arrhenius, diffusion_modes, get_cell_type
+from estimators.identify import find_rests, fit_ecm_window, identify_cell, rc_responses, rest_asymptote, surface_excess
 
 
 @pytest.mark.parametrize("cell", [NMC, LFP])
@@ -81,15 +81,33 @@ def test_ecm_params_shapes_validation_and_resize() -> None:
         EcmParams.uniform(NMC, 3, n_rc=5)
 
 
+def test_diffusion_modes() -> None:
+    assert diffusion_modes(0.0)[0].size == 0
+    tau, lag = diffusion_modes(3000.0)
+    # the slowest mode of a sphere: tau_d / 4.4934^2; the lags add up to the
+    # constant-current surface excess tau_d / 15, and each mode's lag is 2/3 of its tau
+    assert tau[0] == pytest.approx(3000.0 / 4.4934**2, rel=1e-4)
+    assert lag.sum() == pytest.approx(200.0) and lag[:3] == pytest.approx(2.0 / 3.0 * tau[:3])
+    assert np.all(np.diff(tau) < 0.0)
+    # a held current: the excess settles at lag * SoC rate, and relaxes back to 0 at rest
+    t = np.arange(0.0, 30000.0, 5.0)
+    d = surface_excess(t, np.where(t < 15000.0, 10.0, 0.0), 10.0, 3000.0)
+    assert d[2999] == pytest.approx(200.0 * 10.0 / 36000.0, rel=1e-3)
+    assert abs(d[-1]) < 1e-5
+    with pytest.raises(ValueError, match="diffusion"):
+        CellType("x", NMC.ocv, 10.0, 1e-3, (1e-3,), (10.0,), 3.0, 4.2, diffusion_tau_s=-1.0)
+
+
 # ---------------------------------------------------------------- identification
 
 
 def _simulate_ecm(t: np.ndarray, i: np.ndarray, ocv: OcvCurve, q_ah: float, soc0: float, r0: float,
-                  r: tuple[float, ...], tau: tuple[float, ...]) -> np.ndarray:
-    """Exact ECM response to a current held at i[j-1] over (t[j-1], t[j]]."""
+                  r: tuple[float, ...], tau: tuple[float, ...], tau_d: float = 0.0) -> np.ndarray:
+    """Exact ECM response to a current held at i[j-1] over (t[j-1], t[j]]; with
+    ``tau_d`` > 0 the OCV is taken at the surface SoC."""
     resp = rc_responses(t, i, np.array(tau))
     soc = soc0 + np.concatenate(([0.0], np.cumsum(i[:-1] * np.diff(t)))) / 3600.0 / q_ah
-    return np.asarray(ocv.ocv(soc) + r0 * i + resp @ np.array(r))
+    return np.asarray(ocv.ocv(soc + surface_excess(t, i, q_ah, tau_d)) + r0 * i + resp @ np.array(r))
 
 
 def _pulse_test(step_pct: float = 10.0, rest_s: float = 3600.0) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +180,20 @@ def test_identify_cell_from_synthetic_pulse_test() -> None:
     assert np.max(np.abs(ident.ocv.ocv(mid) - truth_ocv.ocv(soc_true))) < 0.005
     cell = ident.cell_type("test", 3.0, 4.2)
     assert cell.n_rc == 2 and cell.capacity_ah == ident.capacity_ah
+    assert ident.diffusion_tau_s < 500.0  # a plain ECM cell shows no diffusion
+
+
+def test_identify_cell_finds_the_diffusion_time() -> None:
+    t, i = _pulse_test(step_pct=5.0)
+    v = _simulate_ecm(t, i, NMC.ocv, 10.0, 1.0, 2e-3, (1e-3, 2e-3), (20.0, 300.0), tau_d=6000.0)
+    rng = np.random.default_rng(3)
+    v_meas = np.round((v + rng.normal(0.0, 1e-3, v.size)) / 1e-4) * 1e-4
+    ident = identify_cell(t, i, v_meas, n_rc=2)
+    assert ident.diffusion_tau_s == pytest.approx(6000.0, rel=0.2)
+    assert ident.r0_ohm == pytest.approx(2e-3, rel=0.1)
+    assert ident.cell_type("test", 3.0, 4.2).diffusion_tau_s == ident.diffusion_tau_s
+    fixed = identify_cell(t, i, v_meas, n_rc=2, diffusion_tau_s=0.0)
+    assert fixed.diffusion_tau_s == 0.0
 
 
 def test_find_rests_and_rest_asymptote() -> None:
