@@ -208,7 +208,6 @@ class EisService:
         self._handle_of: dict[int, int] = {}  # sweep id -> handle, learnt while it runs
         self._protection_seen = threading.Event()
         self._mismatch_active: set[str] = set()
-        self._cells = image.span("cell.voltage")
         recorder.subscribers.append(self._on_event)
 
     # -- inputs ------------------------------------------------------------------------------
@@ -236,10 +235,7 @@ class EisService:
         cells = [target.index] if target.kind == "cell" else \
             list(range(target.index * lay.cells_per_module, (target.index + 1) * lay.cells_per_module))
         module = cells[0] // lay.cells_per_module
-        if target.kind == "cell":
-            volt = self._good(f"cell[{target.index}].voltage", now)
-        else:
-            volt = self._good(f"module[{module}].voltage", now)
+        volt = self._good(f"cell[{target.index}].voltage" if target.kind == "cell" else f"module[{module}].voltage", now)
         temp = self._good(f"cell[{target.index}].temperature", now) if target.kind == "cell" else math.nan
         if math.isnan(temp):
             sensors = [self._good(f"module[{module}].temperature[{k}]", now) for k in range(lay.sensors_per_module)]
