@@ -181,7 +181,8 @@ class P0Core:
             out["healthy"] = self.lane.healthy
         if self.sim is not None:
             sim = self.sim.sim
-            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3), "cpu_s": sum(r.cpu_s for r in self._sim_runners()),
+            out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3),
+                                "cpu_s": sum(r.cpu_s for r in self._sim_runners()),
                                 "faults": list(sim.pack.active_faults) +
                                 [f"module {m} silent" for m in sorted(sim.silent_modules)]}
         return out
@@ -339,9 +340,10 @@ def enter_realtime(priority: int) -> tuple[bool, str]:
         return True, "P0 under normal scheduling (protection.realtime_priority = 0)"
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except (PermissionError, OSError) as exc:
-        return False, (f"P0 could not take real-time priority {priority} ({exc.strerror or exc}): it runs under normal "
-                f"scheduling; allow it with LimitRTPRIO={priority} in the unit, or set protection.realtime_priority = 0")
+    except OSError as exc:  # EPERM without the privilege
+        return False, (f"P0 could not take real-time priority {priority} ({exc.strerror or exc}): it runs under "
+                       f"normal scheduling; allow it with LimitRTPRIO={priority} in the unit, or set "
+                       f"protection.realtime_priority = 0")
     return True, f"P0 under SCHED_FIFO priority {priority}"
 
 
