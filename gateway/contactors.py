@@ -25,6 +25,7 @@ from gateway.events import Event, Kind, Level
 from gateway.image import ProcessImage, Quality
 
 CONTACTORS = ("main_positive", "main_negative", "precharge")
+GOOD = Quality.GOOD
 FB_OPEN, FB_CLOSED, FB_WELDED, FB_FAULT = 0, 1, 2, 3
 
 
@@ -242,11 +243,11 @@ class ContactorMachine:
 
     def _feedback(self, now: float) -> None:
         """Compare feedback with commands; a mismatch beyond the timeout, or a weld, is a fault."""
-        for name in self._fb_index:
-            r = self.image.read(f"contactor.{name}", now)
-            if r.quality != Quality.GOOD:
+        img = self.image
+        for name, i in self._fb_index.items():
+            if img.quality_of(i, now) != GOOD:
                 continue  # missing feedback is caught as stale data by protection
-            fb = int(r.value)
+            fb = int(img.w_value[i])
             want = self.commanded[name]
             late = now - self.commanded_at[name] > self.settings.feedback_timeout_s
             fault = ""

@@ -14,6 +14,13 @@ and a signal that stops arriving (checked on the 10 ms tick).
 
 An MSL activation calls ``on_trip`` first, so the contactor-open frame is on
 the bus before the event is published to anyone else.
+
+Both paths skip work that provably changes nothing, so that the checks stay
+cheap at ~1,000 samples/s and 100 ticks/s: a sample of an element whose counters
+are all at zero and whose value lies inside every check's first threshold (and
+the plausible range) would only step those counters by "not exceeded", which
+leaves them at zero; the tick looks at staleness per element only once some
+watched source could be stale (see :meth:`Protection.tick`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from gateway.limits import CHECKS, Debounce, LimitTable
 
 UP, DOWN = 2, 1
 STALE = int(Quality.STALE)
+# sources that go stale within this many ticks are checked on every tick in plain Python; the others
+# through the earliest moment any of them could go stale (see Protection.tick)
+FAST_STALE_TICKS = 10
 TripHandler = Callable[[Event], None]
 EventHandler = Callable[[Event], None]
 
@@ -104,10 +114,17 @@ class LevelCounters:
                 act[k] = False
                 self.n_active[j] -= 1
                 prot.raise_event(self, level, False, index, value, self.thresholds[j])
+        # count[0] >= count[j] for every level j (level 0 rises whenever a higher one does, all fall
+        # together, all saturate at need[k]), so "not pending" means every counter of k is 0 and inactive
         if self.count[0][k]:
             self.pending.add(k)
         else:
             self.pending.discard(k)
+
+    def quiet(self) -> tuple[float, float]:
+        """The closed range of values that exceed no level (a NaN is never inside)."""
+        t = self.thresholds[0]
+        return (-math.inf, t) if self.high else (t, math.inf)
 
     def any_active(self, level: Level) -> bool:
         return level in self.levels and self.n_active[self.levels.index(level)] > 0
@@ -142,8 +159,10 @@ class Protection:
         self.lock = threading.RLock()
         self.charging = False
         self.events_raised = 0
+        self._msl_active = 0  # active MSL conditions over all checks: tripping() without a scan
         self.deep_discharge_cells: set[int] = set()
         self.on_deep_discharge: Callable[[int, float], None] | None = None
+        self._exhaustive = False
         self._bind()
 
     # -- construction ---------------------------------------------------------------
@@ -207,6 +226,60 @@ class Protection:
         self._agg_seq = -1
         self._agg_time = -math.inf
         self._agg_period = min(img.period(int(s)) for s in self._cell_slots)
+        self._agg_index = np.concatenate([self.cells, self.sensors]).astype(np.intp)
+        # staleness on the tick: the sources of the watched signals, split by how soon they go stale
+        slots = np.unique(self._watched_slots)
+        after = img.stale_after[slots]
+        fast = after < FAST_STALE_TICKS * self.tick_s
+        self._watched_unique = slots
+        self._fast_slots: list[tuple[int, float]] = [(int(s), float(a)) for s, a in zip(slots[fast], after[fast],
+                                                                                          strict=True)]
+        self._bulk_slots = slots[~fast & np.isfinite(after)]
+        self._bulk_after = img.stale_after[self._bulk_slots]
+        self._all_received = False
+        self._stale_check_at = -math.inf
+        self._quiet_bands()
+
+    @property
+    def exhaustive(self) -> bool:
+        """Step every counter on every sample and look at every element on every tick (no shortcut).
+
+        The reference the shortcuts are tested against: both give the same events in the same order.
+        """
+        return self._exhaustive
+
+    @exhaustive.setter
+    def exhaustive(self, on: bool) -> None:
+        with self.lock:
+            self._exhaustive = on
+            self._quiet_bands()
+
+    def _quiet_bands(self) -> None:
+        """Per family, the values that leave an element with all counters at zero untouched (see on_sample)."""
+        if self._exhaustive:  # empty bands: no value is quiet
+            self._cell_band = self._current_band = (math.inf, -math.inf)
+            self._temp_band = {True: self._cell_band, False: self._cell_band}
+            return
+        p = self.plausible
+
+        def band(*checks: LevelCounters, lo: float, hi: float) -> tuple[float, float]:
+            for c in checks:
+                a, b = c.quiet()
+                lo, hi = max(lo, a), min(hi, b)
+            return lo, hi
+
+        c = self.checks
+        self._cell_band = band(c["cell_voltage_high"], c["cell_voltage_low"], self.deep,
+                               lo=p.cell_voltage_min, hi=p.cell_voltage_max)
+        self._temp_band = {
+            True: band(c["cell_temperature_high_charge"], c["cell_temperature_low_charge"],
+                       lo=p.temperature_min, hi=p.temperature_max),
+            False: band(c["cell_temperature_high_discharge"], c["cell_temperature_low_discharge"],
+                        lo=p.temperature_min, hi=p.temperature_max)}
+        # the discharge check sees -current
+        dlo, dhi = c["pack_current_discharge"].quiet()
+        self._current_band = band(c["pack_current_charge"], lo=max(-p.current_abs_max, -dhi),
+                                  hi=min(p.current_abs_max, -dlo))
 
     def _bound(self, span: slice) -> np.ndarray:
         idx = np.arange(span.start, span.stop)
@@ -217,6 +290,8 @@ class Protection:
 
     def raise_event(self, check: LevelCounters, level: Level, active: bool, index: int | None, value: float,
                     limit: float) -> None:
+        if level == Level.MSL:  # every activation and clearing passes here, right after n_active changed
+            self._msl_active += 1 if active else -1
         message = _describe(check, level, active, index, value, limit)
         if check is self.stale and index is not None:
             message = f"{self.image.name_of(index)}: {'stopped arriving' if active else 'arriving again'}"
@@ -255,7 +330,12 @@ class Protection:
         p = self.plausible
         hi, lo, deep, bad = (self.checks["cell_voltage_high"], self.checks["cell_voltage_low"], self.deep,
                              self.bad_data["cell.voltage"])
+        values, valid = self.image.w_value, self.image.w_valid
+        qlo, qhi = self._cell_band
+        hp, lp, dp, bp = hi.pending, lo.pending, deep.pending, bad.pending
         for i, k in zip(grp.image_index, grp.local, strict=True):
+            if valid[i] and qlo <= values[i] <= qhi and k not in hp and k not in lp and k not in dp and k not in bp:
+                continue  # every step would be "not exceeded" on counters at zero: nothing changes
             v = self._value(i, p.cell_voltage_min, p.cell_voltage_max)
             cell = self._cell_number(i)
             if v is None:
@@ -274,7 +354,12 @@ class Protection:
                  (self.checks["cell_temperature_low_charge"], charging),
                  (self.checks["cell_temperature_high_discharge"], not charging),
                  (self.checks["cell_temperature_low_discharge"], not charging))
+        values, valid = self.image.w_value, self.image.w_valid
+        qlo, qhi = self._temp_band[charging]
+        pending = [bad.pending, *(chk.pending for chk, _ in pairs)]
         for i, k in zip(grp.image_index, grp.local, strict=True):
+            if valid[i] and qlo <= values[i] <= qhi and not any(k in s for s in pending):
+                continue
             v = self._value(i, p.temperature_min, p.temperature_max)
             sensor = i - self.image.families["module.temperature"].start
             if v is None:
@@ -287,14 +372,20 @@ class Protection:
 
     def _current(self) -> None:
         lim = self.plausible.current_abs_max
-        v = self._value(self.current_index, -lim, lim)
         bad = self.bad_data["pack.current"]
+        chg, dis = self.checks["pack_current_charge"], self.checks["pack_current_discharge"]
+        i = self.current_index
+        raw = self.image.w_value[i]
+        qlo, qhi = self._current_band
+        if self.image.w_valid[i] and qlo <= raw <= qhi and not (bad.pending or chg.pending or dis.pending):
+            self.charging = raw > self.charge_threshold_a
+            return
+        v = self._value(i, -lim, lim)
         if v is None:
             bad.step(0, 1, self.image.w_value[self.current_index], None, self)
             return
         bad.step(0, 0, v, None, self)
         self.charging = v > self.charge_threshold_a
-        chg, dis = self.checks["pack_current_charge"], self.checks["pack_current_discharge"]
         chg.step(0, chg.severity(v), v, None, self)
         dis.step(0, dis.severity(-v), -v, None, self)
 
@@ -305,6 +396,43 @@ class Protection:
 
     def tick(self, now: float) -> None:
         """Staleness of every watched signal, and the aggregate checks when their inputs are new."""
+        img = self.image
+        if self.stale.pending or self._exhaustive or self._maybe_stale(now):
+            self._staleness(now)
+        # the aggregates' "sample": new cell data, taken at most at the cell-voltage cycle
+        if now - self._agg_time >= self._agg_period:
+            seq = int(img.seq[self._cell_slots].sum())
+            if seq != self._agg_seq:
+                with self.lock:
+                    self._agg_seq = seq
+                    self._agg_time = now
+                    self._aggregates(now)
+
+    def _maybe_stale(self, now: float) -> bool:
+        """Whether some watched source could be stale at ``now`` (False: none is, so no element is STALE).
+
+        Sources only ever move their receive time forward, so the earliest moment any of the slow ones
+        could go stale is computed once and holds until it has passed; the fast ones (the pack current)
+        are looked at every tick. Until every watched source has been received once, always True.
+        """
+        img = self.image
+        if not self._all_received:
+            self._all_received = bool((img.seq[self._watched_unique] > 0).all())
+            return True
+        mono = img.w_rx_mono
+        for slot, after in self._fast_slots:
+            if now - mono[slot] > after:
+                return True
+        if now > self._stale_check_at:
+            if self._bulk_slots.size:
+                # a margin far above float rounding, so that now <= this really means now - rx <= stale_after
+                self._stale_check_at = float((img.rx_mono[self._bulk_slots] + self._bulk_after).min()) - 1e-6
+            else:
+                self._stale_check_at = math.inf
+            return now > self._stale_check_at
+        return False
+
+    def _staleness(self, now: float) -> None:
         img = self.image
         watched = self.watched
         q = img.quality(watched, now)
@@ -319,23 +447,17 @@ class Protection:
                     stale.step(k, 1, float(img.value[watched[k]]), int(watched[k]), self)
             for j in [j for j in stale.pending if not is_stale[j]]:
                 stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
-            # the aggregates' "sample": new cell data, taken at most at the cell-voltage cycle
-            seq = int(img.seq[self._cell_slots].sum())
-            if seq != self._agg_seq and now - self._agg_time >= self._agg_period:
-                self._agg_seq = seq
-                self._agg_time = now
-                self._aggregates(now)
 
     def _aggregates(self, now: float) -> None:
         img = self.image
-        cv = img.value[self.cells]
-        good = img.quality(self.cells, now) == Quality.GOOD
+        n = self.cells.size  # cells and sensors in one read and one quality evaluation
+        values = img.value[self._agg_index]
+        q = img.quality(self._agg_index, now) == Quality.GOOD
+        cv, good, tv, tgood = values[:n], q[:n], values[n:], q[n:]
         if good.sum() >= 2:
             spread = float(cv[good].max() - cv[good].min())
             c = self.checks["cell_voltage_spread"]
             c.step(0, c.severity(spread), spread, None, self)
-        tv = img.value[self.sensors]
-        tgood = img.quality(self.sensors, now) == Quality.GOOD if self.sensors.size else np.zeros(0, bool)
         if tgood.sum() >= 2:
             spread = float(tv[tgood].max() - tv[tgood].min())
             c = self.checks["cell_temperature_spread"]
@@ -354,8 +476,13 @@ class Protection:
             for name, chk in self.checks.items():
                 chk.thresholds = table.get(name).as_tuple()
             self.deep.thresholds = (table.deep_discharge_v,)
+            self._quiet_bands()
 
     # -- state for reset, alarms and derating ----------------------------------------------
+
+    def tripping(self) -> bool:
+        """Some MSL condition is active: :meth:`trip_causes` is not empty (without a scan; every tick asks)."""
+        return self._msl_active > 0
 
     def trip_causes(self) -> list[str]:
         """Active MSL conditions (each prevents leaving ERROR)."""
