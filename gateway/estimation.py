@@ -57,6 +57,9 @@ class EstimatorSection:
             raise ValueError("rsl_derate: must be 0..1")
 
 
+Inputs = tuple[np.ndarray, np.ndarray, np.ndarray, float, float]
+
+
 class Estimation:
     """SoC EKF, SoF limiter and passport counters over the process image."""
 
@@ -90,12 +93,46 @@ class Estimation:
         self.steps = 0
         self.skipped = 0
         self._last_soc = self._last_limits = 0.0
+        # the image's sources the inputs come from (cells, temperatures, current, pack voltage)
+        wanted = [np.arange(self.cells.start, self.cells.stop)]
+        if "module.temperature" in image.families:
+            t = image.span("module.temperature")
+            wanted.append(np.arange(t.start, t.stop))
+        wanted.append(np.array([image.index(n) for n in ("pack.current", "pack.voltage") if n in image.scalars], int))
+        self._input_slots = np.unique(image.slots(np.concatenate(wanted).astype(np.intp)))
+        self._inputs_cache: tuple[int, float, float, Inputs | None] | None = None
         self._restore()
 
     # -- inputs --------------------------------------------------------------------------
 
-    def inputs(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float] | None:
-        """Cell voltages, their validity, per-cell temperatures, current and pack voltage; None when unusable."""
+    def inputs(self, now: float) -> Inputs | None:
+        """Cell voltages, their validity, per-cell temperatures, current and pack voltage; None when unusable.
+
+        The SoC, limits, balancing and safety loops all ask, mostly within the same millisecond: the
+        image is read once and the answer reused (as copies) until one of its sources brings a new
+        frame or goes stale, so every caller gets exactly what a fresh read would give.
+        """
+        img = self.image
+        seq = int(img.seq[self._input_slots].sum())  # before the read: a frame during it means a new read next time
+        c = self._inputs_cache
+        if c is None or c[0] != seq or not c[1] <= now <= c[2]:
+            c = self._inputs_cache = (seq, now, self._fresh_until(now), self._read_inputs(now))
+        got = c[3]
+        if got is None:
+            return None
+        v, good, cell_t, current, pack_v = got
+        return v.copy(), good.copy(), cell_t.copy(), current, pack_v
+
+    def _fresh_until(self, now: float) -> float:
+        """Until when no input source that is fresh at ``now`` can go stale (receive times only move forward)."""
+        img = self.image
+        slots = self._input_slots
+        rx, after = img.rx_mono[slots], img.stale_after[slots]
+        fresh = (img.seq[slots] > 0) & ~((now - rx) > after)
+        # the margin keeps float rounding from ever calling fresh what a fresh read would call stale
+        return float((rx[fresh] + after[fresh]).min()) - 1e-6 if fresh.any() else math.inf
+
+    def _read_inputs(self, now: float) -> Inputs | None:
         img = self.image
         v = img.value[self.cells].copy()
         good = img.quality(self.cells, now) == Quality.GOOD

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +75,36 @@ def test_tunable_settings_apply_and_refuse(tmp_path: Path) -> None:
     ok, reason = est.apply_settings({"rsl_derate": 2.0})
     assert not ok and "rsl_derate" in reason
     assert est.section.rsl_derate == 0.3  # a refused change leaves the settings as they were
+
+
+def test_inputs_are_read_once_per_image_change_and_equal_a_fresh_read(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    est = make(rig, tmp_path)
+    reads = {"n": 0}
+    read = est._read_inputs
+
+    def counted(now: float) -> Any:
+        reads["n"] += 1
+        return read(now)
+
+    est._read_inputs = counted  # type: ignore[method-assign]
+    rig.run(0.5)
+    for step in range(200):
+        rig.run(0.01)
+        if step == 50:
+            rig.sim.inject("silent", 4)  # module 4 goes quiet: its cells turn stale 300 ms later, between frames
+        before = reads["n"]
+        for dt in (0.0, 0.0005, 0.001, 0.025, 0.05, 0.29, 0.31, 3.5):  # later times: sources go stale, no new frame
+            now = rig.t + dt
+            got, fresh = est.inputs(now), read(now)
+            assert (got is None) == (fresh is None)
+            if got is None or fresh is None:
+                continue
+            assert np.array_equal(got[0], fresh[0], equal_nan=True)
+            assert np.array_equal(got[1], fresh[1]) and np.array_equal(got[2], fresh[2], equal_nan=True)
+            assert got[3] == fresh[3] and (got[4] == fresh[4] or (np.isnan(got[4]) and np.isnan(fresh[4])))
+            got[0][:] = -1.0  # callers get copies: what they do with them changes no later answer
+            got[1][:] = False
+            if dt == 0.025 and step < 50:  # the loops asking within a few ms (nothing going stale): one read
+                assert reads["n"] == before + 1
+    assert not est.inputs(rig.t)[1][4 * 14:5 * 14].any()  # the silent module's cells are not good
