@@ -17,7 +17,14 @@ What it handles:
 * solid diffusion (``CellType.diffusion_tau_s`` > 0): the OCV is read at the surface
   SoC, the bulk SoC plus the surface excess the current drives (:mod:`estimators.ecm`);
   the excess is a known response to the current, so it is no filter state;
-* current-sensor offset: the bias state (see ``EkfConfig.bias``);
+* current-sensor offset: the bias state (see ``EkfConfig.bias``); while the offset
+  is still unknown, a rest (reading within ``rest_current_a`` of zero) calibrates it:
+  at rest the true current is zero, so the reading *is* the offset. Otherwise the R0
+  drop of a 50 mA offset alone holds a flat-OCV (LFP) SoC several % off;
+* OCV initialisation once the pack has rested: cells still far off (averaged
+  innovations too large) ``rest_reinit_s`` into a rest restart from the OCV inverse
+  of the rest-averaged voltage, with the variance that average supports: one global
+  step instead of the filter's slow local steps through a flat, curved OCV;
 * OCV re-calibration after rest: once the current stays below ``rest_current_a``
   for ``rest_time_s``, the rest-averaged voltage is used as an OCV measurement with
   the (smaller) ``rest_voltage_noise_v``;
@@ -65,6 +72,11 @@ class EkfConfig:
     While the averaged normalised innovation exceeds ``inflate_nis`` the SoC variance
     grows (e-folding in ``inflate_time_s``), and while it exceeds ``rc_learn_max_nis``
     the RC voltages are not corrected from the innovations (0 turns either off).
+    While the offset's standard deviation exceeds ``offset_calibrated_std_a``, every
+    sample whose raw current reading (now and over the step) is within ``rest_current_a``
+    of zero is fused as "true current 0" with ``rest_zero_current_std_a`` (0: off).
+    Once a rest has lasted ``rest_reinit_s`` (0: off), cells whose averaged normalised
+    innovation exceeds ``reinit_nis`` restart from the rest-averaged voltage.
     """
 
     voltage_noise_v: float = 0.010
@@ -94,6 +106,10 @@ class EkfConfig:
     inflate_nis: float = 4.0
     inflate_time_s: float = 60.0
     rc_learn_max_nis: float = 4.0
+    rest_zero_current_std_a: float = 0.05
+    offset_calibrated_std_a: float = 0.01
+    rest_reinit_s: float = 120.0
+    reinit_nis: float = 4.0
 
     def __post_init__(self) -> None:
         positive = ("voltage_noise_v", "rest_voltage_noise_v", "init_soc_std", "init_rc_std_v",
@@ -105,7 +121,8 @@ class EkfConfig:
         nonneg = ("current_noise_rel", "current_noise_a", "soc_walk_per_sqrt_s", "rc_walk_v_per_sqrt_s",
                   "bias_init_std_a", "bias_walk_a_per_sqrt_s", "bias_learn_max_soc_std", "rest_current_a", "model_error_rel",
                   "bias_learn_max_overpotential_v", "gate_sigma",
-                  "self_discharge_std_per_day", "inflate_nis", "rc_learn_max_nis")
+                  "self_discharge_std_per_day", "inflate_nis", "rc_learn_max_nis", "rest_zero_current_std_a",
+                  "offset_calibrated_std_a", "rest_reinit_s", "reinit_nis")
         for name in nonneg:
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"{name}: must be >= 0")
@@ -166,6 +183,12 @@ class SocEkf:
     SoC (scalar or per cell) with standard deviation ``config.init_soc_std``.
     """
 
+    # The current rest's voltage (less modelled RC voltages): sum, count, recent trend.
+    _rest_sum: FloatArray
+    _rest_n: FloatArray
+    _rest_ema: FloatArray
+    _rest_reinit_done: bool
+
     def __init__(self, cell: CellType, params: EcmParams, config: EkfConfig | None = None,
                  soc0: ArrayLike = 0.5) -> None:
         self.cell = cell
@@ -208,7 +231,9 @@ class SocEkf:
         self._rest_s = 0.0
         self._rest_v = np.zeros(n)
         self._rest_recalibrated = False
+        self._rest_clear()
         self.recalibrations = 0
+        self.reinits = 0
         self.steps = 0
         self.nis = np.full(n, 10.0 * self.config.bias_learn_max_nis)
         self._dt = 1.0
@@ -279,6 +304,10 @@ class SocEkf:
         if dt > 0.0:
             self._dt = dt
             self._predict(dt, i_mean, temp_c)
+        cfg = self.config
+        if cfg.bias and cfg.rest_zero_current_std_a > 0.0 and max(abs(i_now), abs(i_mean)) <= cfg.rest_current_a:
+            # Judged on the raw reading: an offset estimate still unsure must not decide.
+            self._zero_current_update(i_now, cfg.rest_zero_current_std_a)
         self._update(v, ok, i_now, temp_c, self.config.voltage_noise_v)
         self._track_rest(dt, i_now, v, ok, temp_c)
         self.steps += 1
@@ -337,6 +366,21 @@ class SocEkf:
             grow = np.sqrt(np.where(widen, 1.0 + dt / cfg.inflate_time_s, 1.0))
             P[:, 0, :] *= grow[:, None]
             P[:, :, 0] *= grow[:, None]
+
+    def _zero_current_update(self, i_now: float, std_a: float) -> None:
+        """At rest the true current is zero: the reading is the sensor offset."""
+        b = self._b
+        sel = self.P[:, b, b] > self.config.offset_calibrated_std_a**2
+        if not sel.any():
+            return
+        x, P = self.x[sel], self.P[sel]
+        ph = P[:, :, b].copy()
+        S = ph[:, b] + std_a**2
+        K = ph / S[:, None]
+        x += K * (i_now - x[:, b])[:, None]
+        P -= K[:, :, None] * ph[:, None, :]
+        self.x[sel] = x
+        self.P[sel] = 0.5 * (P + P.transpose(0, 2, 1))
 
     def _update(self, v: FloatArray, ok: BoolArray, i_now: float, temp_c: ArrayLike, noise_v: float,
                 rest: bool = False) -> None:
@@ -400,17 +444,69 @@ class SocEkf:
         if abs(i_now - offset) > cfg.rest_current_a:
             self._rest_s = 0.0
             self._rest_recalibrated = False
+            self._rest_clear()
             return
+        w = min(1.0, dt / cfg.rest_average_s)
         if self._rest_s == 0.0:
             self._rest_v = np.where(ok, v, np.nan)
         else:
-            w = min(1.0, dt / cfg.rest_average_s)
             have = ok & np.isfinite(self._rest_v)
             self._rest_v = np.where(have, self._rest_v + w * (v - self._rest_v), np.where(ok, v, self._rest_v))
+        if cfg.rest_reinit_s > 0.0 and not self._rest_reinit_done:
+            # The rest's voltage less the RC voltages the model still expects: plain
+            # mean since the rest began and its recent (rest_average_s) trend.
+            relaxed = v - self.x[:, self._rc].sum(axis=1)
+            add = np.where(ok, relaxed, 0.0)
+            first = ok & (self._rest_n == 0)
+            self._rest_sum += add
+            self._rest_n += ok
+            self._rest_ema = np.where(first, relaxed, np.where(ok, self._rest_ema + w * (relaxed - self._rest_ema),
+                                                               self._rest_ema))
         self._rest_s += dt
+        if cfg.rest_reinit_s > 0.0 and not self._rest_reinit_done and self._rest_s >= cfg.rest_reinit_s:
+            self._reinit_at_rest(temp_c)
+            self._rest_reinit_done = True
         if not self._rest_recalibrated and self._rest_s >= cfg.rest_time_s:
             self.recalibrate_at_rest(self._rest_v, temp_c)
             self._rest_recalibrated = True
+
+    def _rest_clear(self) -> None:
+        n = self.n_cells
+        self._rest_sum = np.zeros(n)
+        self._rest_n = np.zeros(n)
+        self._rest_ema = np.zeros(n)
+        self._rest_reinit_done = False
+
+    def _reinit_at_rest(self, temp_c: ArrayLike) -> None:
+        """Cells still far off (averaged NIS above ``reinit_nis``) restart from the rest.
+
+        The SoC is the OCV inverse of the voltage averaged since the rest began (less the
+        modelled RC voltages and surface excess), with the variance that average supports:
+        ``voltage_noise_v**2 / n`` plus the squared gap between the mean and the recent
+        trend (a voltage still relaxing), over the local OCV slope. The RC voltages, the
+        offset and their covariance stay; the innovation average restarts at 1.
+        """
+        cfg = self.config
+        sel = (self.nis > cfg.reinit_nis) & (self._rest_n >= 2)
+        if not sel.any():
+            return
+        n = self._rest_n[sel]
+        mean = self._rest_sum[sel] / n
+        var_v = cfg.voltage_noise_v**2 / n + (self._rest_ema[sel] - mean) ** 2
+        temp = np.broadcast_to(np.asarray(temp_c, dtype=np.float64), (self.n_cells,))[sel]
+        surface = self.cell.ocv.soc_at(mean, temp)
+        excess = self.diffusion[sel].sum(axis=1) if self._diff_tau.size else 0.0
+        slope = np.maximum(self.cell.ocv.slope(surface), 1e-3)
+        std = np.clip(np.sqrt(var_v) / slope, 0.005, cfg.init_soc_std)
+        x, P = self.x[sel], self.P[sel]
+        x[:, 0] = np.clip(surface - excess, *cfg.soc_bounds)
+        P[:, 0, :] = 0.0
+        P[:, :, 0] = 0.0
+        P[:, 0, 0] = std**2
+        self.x[sel] = x
+        self.P[sel] = P
+        self.nis[sel] = 1.0
+        self.reinits += 1
 
     def recalibrate_at_rest(self, rested_voltage_v: ArrayLike, temp_c: ArrayLike = 25.0) -> None:
         """Fuse rested cell voltages as OCV measurements (``rest_voltage_noise_v``).
@@ -486,6 +582,10 @@ class SocEkf:
             "rest_s": self._rest_s,
             "rest_v": [None if not np.isfinite(v) else float(v) for v in self._rest_v],
             "rest_recalibrated": self._rest_recalibrated,
+            "rest_sum": self._rest_sum.tolist(),
+            "rest_n": self._rest_n.tolist(),
+            "rest_ema": self._rest_ema.tolist(),
+            "rest_reinit_done": self._rest_reinit_done,
         }
 
     def import_state(self, state: Mapping[str, Any], offline_s: float = 0.0) -> None:
@@ -535,3 +635,10 @@ class SocEkf:
         self._rest_s = float(state.get("rest_s", 0.0)) if fresh else 0.0
         self._rest_v = rest_v
         self._rest_recalibrated = bool(state.get("rest_recalibrated", False)) and fresh
+        self._rest_clear()
+        acc = [np.asarray(state.get(k, []), dtype=np.float64) for k in ("rest_sum", "rest_n", "rest_ema")]
+        if fresh and all(a.shape == (self.n_cells,) and np.all(np.isfinite(a)) for a in acc):
+            self._rest_sum, self._rest_n, self._rest_ema = acc
+            self._rest_reinit_done = bool(state.get("rest_reinit_done", False))
+        elif self._rest_s > 0.0:  # the rest's mean is lost: no restart from it
+            self._rest_reinit_done = True

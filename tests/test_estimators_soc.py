@@ -104,6 +104,53 @@ def test_ocv_initialisation_and_rest_recalibration() -> None:
     assert ekf.rest_s == 0.0
 
 
+def test_a_rest_calibrates_the_current_offset() -> None:
+    """At rest the true current is zero: the reading is the sensor's offset, learnt in
+    seconds while the offset is unknown, and never from a load or a sure estimate."""
+    n = 2
+    params = EcmParams.uniform(NMC, n, capacity_ah=10.0)
+    v = NMC.ocv.ocv(np.full(n, 0.5))
+    cfg = EkfConfig(rest_current_a=0.1)
+    ekf = SocEkf(NMC, params, cfg, soc0=0.5)
+    for _ in range(60):
+        ekf.step(1.0, 0.05, v)
+    assert ekf.current_offset_a == pytest.approx(0.05, abs=0.005)
+    assert np.all(np.sqrt(ekf.P[:, -1, -1]) <= cfg.offset_calibrated_std_a)
+    for _ in range(600):  # calibrated: a later small steady current is not taken for offset
+        ekf.step(1.0, 0.09, v)
+    assert ekf.current_offset_a == pytest.approx(0.05, abs=0.005)
+    for i_read, kw in ((0.3, {}), (0.05, {"rest_zero_current_std_a": 0.0})):
+        other = SocEkf(NMC, params, replace(cfg, **kw), soc0=0.5)
+        for _ in range(60):  # beyond rest_current_a (a load), or switched off
+            other.step(1.0, i_read, v)
+        assert abs(other.current_offset_a) < 0.01
+
+
+@pytest.mark.parametrize("reinit_s", [120.0, 0.0])
+def test_far_off_cells_restart_from_a_rest(reinit_s: float) -> None:
+    """On LFP's plateau a cell 30 % off restarts from the rest-averaged voltage."""
+    n = 4
+    params = EcmParams.uniform(LFP, n)
+    cfg = EkfConfig(rest_current_a=0.5, rest_reinit_s=reinit_s, voltage_noise_v=0.012)
+    ekf = SocEkf(LFP, params, cfg, soc0=np.array([0.8, 0.2, 0.8, 0.2]))
+    true = np.full(n, 0.5)
+    rng = np.random.default_rng(3)
+    for _ in range(240):
+        v = np.round((LFP.ocv.ocv(true) + rng.normal(0.0, 0.005, n)) / 0.001) * 0.001
+        ekf.step(1.0, 0.0, v)
+    if reinit_s:
+        assert ekf.reinits == 1
+        assert np.max(np.abs(ekf.soc - true)) < 0.015
+        assert np.all(ekf.nis < cfg.reinit_nis)
+        state = json.loads(json.dumps(ekf.export_state()))
+        again = SocEkf(LFP, params, cfg)
+        again.import_state(state)
+        assert again._rest_reinit_done and again._rest_n == pytest.approx(ekf._rest_n)
+    else:
+        assert ekf.reinits == 0
+        assert np.max(np.abs(ekf.soc - true)) > 0.02  # still finding its way
+
+
 def test_invalid_cells_are_predicted_only() -> None:
     params = EcmParams.uniform(NMC, 2)
     ekf = SocEkf(NMC, params, soc0=0.5)
@@ -241,10 +288,14 @@ def test_identification_from_the_pulse_test(chem: str, identified: dict[str, Any
     assert cell.ocv.v_full == pytest.approx(score.V_WINDOW[chem][1], abs=0.01)
 
 
-def _errors(chem: str, profile: str, identified: dict[str, Any], wrong: bool) -> tuple[np.ndarray, np.ndarray]:
+def _errors(chem: str, profile: str, identified: dict[str, Any], wrong: bool,
+            hours: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     cell, _ = identified[chem]
     params = EcmParams.uniform(cell, CELLS)
     ref = score.load(score.DATA / f"ref_{chem.lower()}_{profile}.npz")
+    if hours is not None:  # the first hours only
+        keep = ref.t <= 3600.0 * hours
+        ref = score.Reference(ref.name, ref.t[keep], ref.i[keep], ref.v[keep], ref.capacity_ah, ref.soc0, ref.meta)
     cfg = score.ekf_config(chem)
     if wrong:
         soc0 = np.clip(ref.soc[0] + np.array([0.3, -0.3] * (CELLS // 2)), 0.0, 1.0)
@@ -278,16 +329,26 @@ def test_nmc_dynamic_accuracy_and_convergence(identified: dict[str, Any]) -> Non
 
 @pytest.mark.parametrize("profile", score.PROFILES)
 def test_lfp_accuracy(profile: str, identified: dict[str, Any]) -> None:
-    """LFP's flat OCV: the surface-SoC (diffusion) model and the bias-corrected
-    overpotential carry it; far better than coulomb counting too."""
+    """LFP's flat OCV: the surface-SoC (diffusion) model, the bias-corrected
+    overpotential and the offset calibrated at rest carry it; far better than coulomb
+    counting too (4 cells: rmse 0.67 / 0.65 %, max 1.5 / 1.1 %)."""
     err, t = _errors("LFP", profile, identified, wrong=False)
     fig = score.figures(err, t)
-    assert fig["rmse_pct"] <= 2.3  # goal 2.0
+    assert fig["rmse_pct"] <= 1.5  # goal 2.0
+    assert fig["max_pct"] <= 2.5
     cell, _ = identified["LFP"]
     ref = score.load(score.DATA / f"ref_lfp_{profile}.npz")
     cc, _ = score.run(ref, lambda v0: score.CoulombCounter(np.full(CELLS, cell.capacity_ah), cell.ocv.soc_at(v0)),
                       CELLS, score.Sensors(), seed=4)
     assert fig["rmse_pct"] < 0.3 * score.figures(cc, t)["rmse_pct"]
+
+
+@pytest.mark.parametrize("profile", score.PROFILES)
+def test_lfp_convergence(profile: str, identified: dict[str, Any]) -> None:
+    """From 30 % off: the rest calibrates the offset and restarts the far-off cells."""
+    err, t = _errors("LFP", profile, identified, wrong=True, hours=2.0)
+    conv = score.convergence_min(err, t)
+    assert conv is not None and conv <= 10.0
 
 
 def test_lfp_diffusion_time_is_identified(identified: dict[str, Any]) -> None:
