@@ -130,7 +130,9 @@ class LevelCounters:
         return level in self.levels and self.n_active[self.levels.index(level)] > 0
 
     def active_elements(self) -> list[tuple[Level, int]]:
-        return [(lv, k) for j, lv in enumerate(self.levels) for k, a in enumerate(self.active[j]) if a]
+        # levels with nothing active are not scanned (the status asks once a second)
+        return [(lv, k) for j, lv in enumerate(self.levels) if self.n_active[j]
+                for k, a in enumerate(self.active[j]) if a]
 
 
 @dataclass
@@ -139,6 +141,10 @@ class _ElementGroup:
 
     image_index: list[int]
     local: list[int]
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.image_index, self.local, strict=True))
 
 
 class Protection:
@@ -223,6 +229,12 @@ class Protection:
                     groups.append((fam, grp))
                 grp.image_index.append(int(i))
                 grp.local.append(local)
+        # what on_sample runs per slot: the family's check with its (image index, element) pairs
+        run = {"cell.voltage": self._cells, "module.temperature": self._temperatures, "pack.current": self._current}
+        self._on_slot: dict[int, list[tuple[Callable[[list[tuple[int, int]]], None], list[tuple[int, int]]]]] = {
+            slot: [(run[fam], grp.pairs) for fam, grp in groups] for slot, groups in self.by_slot.items()}
+        self._cell_checks = (self.checks["cell_voltage_high"], self.checks["cell_voltage_low"], self.deep,
+                             self.bad_data["cell.voltage"])
         self._agg_seq = -1
         self._agg_time = -math.inf
         self._agg_period = min(img.period(int(s)) for s in self._cell_slots)
@@ -307,17 +319,12 @@ class Protection:
 
     def on_sample(self, slot: int) -> None:
         """A slot was refreshed: step the counters of the elements it carries."""
-        groups = self.by_slot.get(slot)
-        if not groups:
+        work = self._on_slot.get(slot)
+        if work is None:
             return
         with self.lock:
-            for fam, grp in groups:
-                if fam == "cell.voltage":
-                    self._cells(grp)
-                elif fam == "module.temperature":
-                    self._temperatures(grp)
-                else:
-                    self._current()
+            for run, pairs in work:
+                run(pairs)
 
     def _value(self, i: int, lo: float, hi: float) -> float | None:
         """The sample's value, or None when it is bad data (flag, NaN, implausible)."""
@@ -326,16 +333,15 @@ class Protection:
             return None
         return v
 
-    def _cells(self, grp: _ElementGroup) -> None:
-        p = self.plausible
-        hi, lo, deep, bad = (self.checks["cell_voltage_high"], self.checks["cell_voltage_low"], self.deep,
-                             self.bad_data["cell.voltage"])
+    def _cells(self, pairs: list[tuple[int, int]]) -> None:
+        hi, lo, deep, bad = self._cell_checks
         values, valid = self.image.w_value, self.image.w_valid
         qlo, qhi = self._cell_band
         hp, lp, dp, bp = hi.pending, lo.pending, deep.pending, bad.pending
-        for i, k in zip(grp.image_index, grp.local, strict=True):
+        for i, k in pairs:
             if valid[i] and qlo <= values[i] <= qhi and k not in hp and k not in lp and k not in dp and k not in bp:
                 continue  # every step would be "not exceeded" on counters at zero: nothing changes
+            p = self.plausible
             v = self._value(i, p.cell_voltage_min, p.cell_voltage_max)
             cell = self._cell_number(i)
             if v is None:
@@ -346,18 +352,18 @@ class Protection:
             lo.step(k, lo.severity(v), v, cell, self)
             deep.step(k, deep.severity(v), v, cell, self)
 
-    def _temperatures(self, grp: _ElementGroup) -> None:
+    def _temperatures(self, pairs: list[tuple[int, int]]) -> None:
         p = self.plausible
         bad = self.bad_data["module.temperature"]
         charging = self.charging
-        pairs = ((self.checks["cell_temperature_high_charge"], charging),
+        modes = ((self.checks["cell_temperature_high_charge"], charging),
                  (self.checks["cell_temperature_low_charge"], charging),
                  (self.checks["cell_temperature_high_discharge"], not charging),
                  (self.checks["cell_temperature_low_discharge"], not charging))
         values, valid = self.image.w_value, self.image.w_valid
         qlo, qhi = self._temp_band[charging]
-        pending = [bad.pending, *(chk.pending for chk, _ in pairs)]
-        for i, k in zip(grp.image_index, grp.local, strict=True):
+        pending = [bad.pending, *(chk.pending for chk, _ in modes)]
+        for i, k in pairs:
             if valid[i] and qlo <= values[i] <= qhi and not any(k in s for s in pending):
                 continue
             v = self._value(i, p.temperature_min, p.temperature_max)
@@ -366,11 +372,11 @@ class Protection:
                 bad.step(k, 1, self.image.w_value[i], sensor, self)
                 continue
             bad.step(k, 0, v, sensor, self)
-            for chk, applies in pairs:
+            for chk, applies in modes:
                 # the other mode's limits do not apply: its counters decay and clear
                 chk.step(k, chk.severity(v) if applies else 0, v, sensor, self)
 
-    def _current(self) -> None:
+    def _current(self, pairs: list[tuple[int, int]] | None = None) -> None:
         lim = self.plausible.current_abs_max
         bad = self.bad_data["pack.current"]
         chg, dis = self.checks["pack_current_charge"], self.checks["pack_current_discharge"]
