@@ -403,7 +403,8 @@ class Protection:
     def tick(self, now: float) -> None:
         """Staleness of every watched signal, and the aggregate checks when their inputs are new."""
         img = self.image
-        if self.stale.pending or self._exhaustive or self._maybe_stale(now):
+        fresh = not (self.stale.pending or self._exhaustive or self._maybe_stale(now))
+        if not fresh:
             self._staleness(now)
         # the aggregates' "sample": new cell data, taken at most at the cell-voltage cycle
         if now - self._agg_time >= self._agg_period:
@@ -412,7 +413,7 @@ class Protection:
                 with self.lock:
                     self._agg_seq = seq
                     self._agg_time = now
-                    self._aggregates(now)
+                    self._aggregates(now, fresh)
 
     def _maybe_stale(self, now: float) -> bool:
         """Whether some watched source could be stale at ``now`` (False: none is, so no element is STALE).
@@ -454,21 +455,32 @@ class Protection:
             for j in [j for j in stale.pending if not is_stale[j]]:
                 stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
 
-    def _aggregates(self, now: float) -> None:
+    def _aggregates(self, now: float, fresh: bool = False) -> None:
+        """Spreads and the pack voltage mismatch over the good cells and sensors.
+
+        ``fresh``: the tick knows that every watched source has been received and none is stale at
+        ``now``, so a value is good unless its flag says invalid or it is NaN (what quality() would find).
+        """
         img = self.image
         n = self.cells.size  # cells and sensors in one read and one quality evaluation
         values = img.value[self._agg_index]
-        q = img.quality(self._agg_index, now) == Quality.GOOD
+        if fresh:
+            q = (img.valid[self._agg_index] != 0) & ~np.isnan(values)
+        else:
+            q = img.quality(self._agg_index, now) == Quality.GOOD
         cv, good, tv, tgood = values[:n], q[:n], values[n:], q[n:]
-        if good.sum() >= 2:
-            spread = float(cv[good].max() - cv[good].min())
+        n_good, t_good = int(good.sum()), int(tgood.sum())
+        if n_good >= 2:
+            g = cv if n_good == n else cv[good]
+            spread = float(g.max() - g.min())
             c = self.checks["cell_voltage_spread"]
             c.step(0, c.severity(spread), spread, None, self)
-        if tgood.sum() >= 2:
-            spread = float(tv[tgood].max() - tv[tgood].min())
+        if t_good >= 2:
+            g = tv if t_good == tv.size else tv[tgood]
+            spread = float(g.max() - g.min())
             c = self.checks["cell_temperature_spread"]
             c.step(0, c.severity(spread), spread, None, self)
-        if "pack.voltage" in img.scalars and good.all():
+        if "pack.voltage" in img.scalars and n_good == n:
             pv = img.read("pack.voltage", now)
             if pv.quality == Quality.GOOD:
                 diff = abs(pv.value - float(cv.sum()))

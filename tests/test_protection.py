@@ -299,7 +299,8 @@ def test_shortcuts_give_the_events_of_the_exhaustive_evaluation(tmp_path: Path) 
     the same disturbances give the same events, in the same order, as stepping every counter every time."""
     for d in ("fast", "exhaustive"):
         (tmp_path / d).mkdir()
-    rigs = [Rig(tmp_path / "fast", WIDE_SPREAD), Rig(tmp_path / "exhaustive", WIDE_SPREAD)]
+    spread = "\n[protection.limits.cell_voltage_spread]\nmol = 0.15\nrsl = 0.25\nmsl = 0.5\n"
+    rigs = [Rig(tmp_path / "fast", spread), Rig(tmp_path / "exhaustive", spread)]
     rigs[1].lane.protection.exhaustive = True
     logs: list[list[tuple[Any, ...]]] = [[], []]
     for rig, log in zip(rigs, logs, strict=True):
@@ -345,12 +346,15 @@ def test_shortcuts_give_the_events_of_the_exhaustive_evaluation(tmp_path: Path) 
                 steps.pop(0)[1](rig)
             rig.run(TICK_S)
             p = rig.lane.protection
-            states.append((rig.state, tuple(p.trip_causes()), p.tripping(), p.derate(), len(p.active())))
+            aggregates = tuple(tuple(p.checks[c].count[j][0] for j in range(3))
+                               for c in ("cell_voltage_spread", "cell_temperature_spread", "pack_voltage_mismatch"))
+            states.append((rig.state, tuple(p.trip_causes()), p.tripping(), p.derate(), len(p.active()), aggregates))
         log.append(("states", tuple(states)))
     assert logs[0] == logs[1]
     seen = {(e[2], e[3], e[4]) for e in logs[0][:-1]}
     # the scenario went through the interesting paths: levels up and down, bad and stale data, a trip
     assert {("cell_voltage_high", Level.MOL, True), ("cell_voltage_high", Level.MOL, False),
             ("cell_voltage_high", Level.RSL, True), ("cell.voltage_bad_data", Level.MSL, True),
-            ("stale_data", Level.MSL, True), ("stale_data", Level.MSL, False)} <= seen
+            ("stale_data", Level.MSL, True), ("stale_data", Level.MSL, False),
+            ("cell_voltage_spread", Level.MOL, True), ("cell_voltage_spread", Level.RSL, True)} <= seen
     assert any(e[1] == Kind.TRIP for e in logs[0][:-1])
