@@ -56,6 +56,8 @@ def test_live_values_estimates_and_refused_method_over_none(site: tuple[Daemon, 
             assert dv.SourceTimestamp is not None
             soc = await node(client, ns, "Pack.SoC").read_value()
             assert 10.0 < soc < 90.0
+            level = await node(client, ns, "Pack.SafetyLevel").read_data_value()  # the gateway's own image signal
+            assert level.StatusCode.is_good() and level.Value.Value in (0.0, 1.0, 2.0, 3.0)
             state = await node(client, ns, "Pack.ContactorState").read_value()
             assert state in ("NORMAL", "PRECHARGE", "STANDBY")
             with pytest.raises(ua.UaStatusCodeError):  # None is read-only: no method calls
