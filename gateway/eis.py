@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -129,22 +131,31 @@ def load_calibration(path: Path) -> SotCalibration:
 
 
 def simulated_calibration(chemistry: str, sweep: SweepSettings, cache: Path) -> SotCalibration:
-    """The simulated module's calibration, as its maker's lab would measure it (cached: ~1 s to make)."""
+    """The simulated module's calibration, as its maker's lab would measure it; cached in ``cache``.
+
+    Made in a short-lived process (about 1 s): the ~8 MB its spectra take go back to the
+    system with that process instead of staying in the daemon's heap.
+    """
     try:
         cal = load_calibration(cache)
         if cal.chemistry == chemistry:
             return cal
     except ValueError:
         pass
-    from drivers.sim_eis import calibration_set
-
-    spectra, temps, socs, groups = calibration_set(chemistry, cells=4, frequency_hz=sweep.grid())
-    cal = calibrate_sot(spectra, temps, socs, chemistry=chemistry, groups=groups)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        cal = pool.submit(_calibrate_simulated, chemistry, sweep).result()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(cal.to_dict()))
     tmp.replace(cache)
     return cal
+
+
+def _calibrate_simulated(chemistry: str, sweep: SweepSettings) -> SotCalibration:
+    from drivers.sim_eis import calibration_set
+
+    spectra, temps, socs, groups = calibration_set(chemistry, cells=4, frequency_hz=sweep.grid())
+    return calibrate_sot(spectra, temps, socs, chemistry=chemistry, groups=groups)
 
 
 @dataclass(frozen=True, eq=False)
