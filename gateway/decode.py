@@ -88,7 +88,11 @@ def value_expr(sig: Signal, length: int, factor: float = 1.0, add: float = 0.0) 
     # the numeric conversion cantools applies (a value table keeps integer arithmetic, for example)
     conv = BaseConversion.factory(sig.conversion.scale, sig.conversion.offset, None, sig.is_float)
     if not isinstance(conv, IdentityConversion):
-        expr = f"({expr} * {conv.scale!r} + {conv.offset!r})"
+        # "+ 0" changes nothing when the product cannot be -0.0 (an integer raw times a positive scale)
+        # and adding it would not turn an int into a float
+        add_offset = (conv.offset != 0 or conv.scale < 0 or sig.is_float
+                      or (isinstance(conv.scale, int) and isinstance(conv.offset, float)))
+        expr = f"({expr} * {conv.scale!r}" + (f" + {conv.offset!r})" if add_offset else ")")
     if factor != 1.0 or add != 0.0:
         expr = f"({expr} * {factor!r} + {add!r})"
     return expr

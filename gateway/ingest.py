@@ -9,6 +9,7 @@ the size of the DBC or allocates per signal.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,17 +51,22 @@ def frame_key(frame_id: int, extended: bool) -> int:
 
 def _handler_source(message: Message, bindings: list[Binding], image: ProcessImage, bus: str,
                     periods: dict[str, float]) -> str:
-    """Source of ``handle(data, ts, mono) -> int`` for one message."""
+    """Source of ``handle(data, ts, mono) -> int`` for one message.
+
+    The top page's code is inlined in ``handle`` (its multiplexer pages are functions reached
+    through a dict), a page whose last multiplexer decides the result returns its page's result
+    directly, and the big-endian integer is only computed when a signal needs it.
+    """
     length = message.length
     by_path: dict[MuxPath, list[Binding]] = {}
     for b in bindings:
         by_path.setdefault(b.path, []).append(b)
     period = periods.get(message.name, (message.cycle_time or 0) / 1000.0)
     blocks: list[str] = []
+    exprs: list[str] = []  # every payload expression, to see whether "be" is needed
     names = count()
 
-    def page_fn(page: Page, path: MuxPath) -> str:
-        fn = f"_p{next(names)}"
+    def page_body(page: Page, path: MuxPath) -> list[str]:
         body: list[str] = []
         mine = by_path.get(path, [])
         for b in mine:
@@ -69,10 +75,14 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
                 expr = value_expr(b.signal, length, b.factor, b.add)
             else:
                 expr = f"((({raw_expr(b.signal, length)}) >> {b.bit}) & 1)"
+            exprs.append(expr)
             body.append(f"V[{i}] = {expr}")
             if b.valid is not None:
                 flag, ok = b.valid
-                body.append(f"Q[{i}] = {raw_expr(flag, length)} in {set(ok)!r}")
+                raw = raw_expr(flag, length)
+                exprs.append(raw)
+                body.append(f"Q[{i}] = {raw} == {next(iter(ok))!r}" if len(set(ok)) == 1 else
+                            f"Q[{i}] = {raw} in {set(ok)!r}")
         ret = str(NOTHING_MAPPED)
         if mine:
             slot = image.add_slot(bus + ":" + message.name + "".join(f"[{m.name}={v}]" for m, v in path), period)
@@ -80,28 +90,41 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
                 image.bind(image.index(b.target), slot)
             body += [f"T[{slot}] = ts", f"M[{slot}] = mono", f"S[{slot}] += 1"]
             ret = str(slot)
-        for mux, children in page.muxes:
+        for n, (mux, children) in enumerate(page.muxes):
             table = f"_c{next(names)}"
             child_fns = {v: page_fn(child, (*path, (mux, v))) for v, child in children.items()}
             blocks.append(f"{table} = {{{', '.join(f'{v}: {f}' for v, f in child_fns.items())}}}")
-            body += [f"f = {table}.get({selector_expr(mux, length)})", "if f is None:", f"    return {BAD_MUX}",
-                     "r = f(le, be, ts, mono)", f"if r != {NOTHING_MAPPED}:", "    return r"]
+            sel = selector_expr(mux, length)
+            exprs.append(sel)
+            body += [f"f = {table}.get({sel})", "if f is None:", f"    return {BAD_MUX}"]
+            if n == len(page.muxes) - 1 and ret == str(NOTHING_MAPPED):
+                body.append("return f(le, be, ts, mono)")  # nothing of this page's own after it
+                return body
+            body += ["r = f(le, be, ts, mono)", f"if r != {NOTHING_MAPPED}:", "    return r"]
         body.append(f"return {ret}")
+        return body
+
+    def page_fn(page: Page, path: MuxPath) -> str:
+        fn = f"_p{next(names)}"
+        body = page_body(page, path)
         blocks.append(f"def {fn}(le, be, ts, mono):\n" + "\n".join("    " + line for line in body))
         return fn
 
-    top = page_fn(page_tree(message), ())
+    top = page_body(page_tree(message), ())
     wire = wire_length(length)
+    uses_be = any(re.search(r"\bbe\b", e) for e in exprs)
     blocks.append(
         "def handle(data, ts, mono):\n"
         "    n = len(data)\n"
-        f"    if n != {length}:\n"
-        f"        if n != {wire}:\n"
-        f"            return {BAD_LENGTH}\n"
-        f"        data = data[:{length}]\n"
-        "    le = int.from_bytes(data, 'little')\n"
-        "    be = int.from_bytes(data, 'big')\n"
-        f"    return {top}(le, be, ts, mono)"
+        + (f"    if n != {length}:\n"
+           f"        return {BAD_LENGTH}\n" if wire == length else
+           f"    if n != {length}:\n"
+           f"        if n != {wire}:\n"
+           f"            return {BAD_LENGTH}\n"
+           f"        data = data[:{length}]\n")
+        + "    le = int.from_bytes(data, 'little')\n"
+        + ("    be = int.from_bytes(data, 'big')\n" if uses_be else "    be = 0  # no big-endian signal is mapped\n")
+        + "\n".join("    " + line for line in top)
     )
     return "\n\n".join(blocks) + "\n"
 

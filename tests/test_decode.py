@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -264,8 +265,11 @@ def fits(sig: Signal, value: int) -> bool:
 
 
 def same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+    """Equal and of the same type; floats bit for bit (any NaN equals any NaN, -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or struct.pack("<d", a) == struct.pack("<d", b)
     return bool(a == b)
 
 
