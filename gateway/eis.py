@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,8 +133,8 @@ def load_calibration(path: Path) -> SotCalibration:
 def simulated_calibration(chemistry: str, sweep: SweepSettings, cache: Path) -> SotCalibration:
     """The simulated module's calibration, as its maker's lab would measure it; cached in ``cache``.
 
-    Made in a short-lived process (about 1 s): the ~8 MB its spectra take go back to the
-    system with that process instead of staying in the daemon's heap.
+    Made by a short-lived ``python -m gateway.eis`` (about 2 s): the ~8 MB its spectra take
+    go back to the system with that process instead of staying in the daemon's heap.
     """
     try:
         cal = load_calibration(cache)
@@ -142,20 +142,20 @@ def simulated_calibration(chemistry: str, sweep: SweepSettings, cache: Path) -> 
             return cal
     except ValueError:
         pass
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        cal = pool.submit(_calibrate_simulated, chemistry, sweep).result()
+    subprocess.run([sys.executable, "-m", "gateway.eis", chemistry, str(sweep.f_start_hz), str(sweep.f_stop_hz),
+                    str(sweep.points_per_decade), str(cache)], check=True, timeout=300, capture_output=True)
+    return load_calibration(cache)
+
+
+def _write_simulated_calibration(chemistry: str, sweep: SweepSettings, cache: Path) -> None:
+    from drivers.sim_eis import calibration_set
+
+    spectra, temps, socs, groups = calibration_set(chemistry, cells=4, frequency_hz=sweep.grid())
+    cal = calibrate_sot(spectra, temps, socs, chemistry=chemistry, groups=groups)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(cal.to_dict()))
     tmp.replace(cache)
-    return cal
-
-
-def _calibrate_simulated(chemistry: str, sweep: SweepSettings) -> SotCalibration:
-    from drivers.sim_eis import calibration_set
-
-    spectra, temps, socs, groups = calibration_set(chemistry, cells=4, frequency_hz=sweep.grid())
-    return calibrate_sot(spectra, temps, socs, chemistry=chemistry, groups=groups)
 
 
 @dataclass(frozen=True, eq=False)
@@ -467,3 +467,8 @@ def _target_key(name: str) -> tuple[str, int]:
 def _num(x: float) -> float | None:
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
+
+
+if __name__ == "__main__":  # simulated_calibration's worker: CHEMISTRY F_START F_STOP POINTS_PER_DECADE CACHE
+    chem, f_start, f_stop, ppd, out = sys.argv[1:6]
+    _write_simulated_calibration(chem, SweepSettings(float(f_start), float(f_stop), int(ppd)), Path(out))
