@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar, cast
 
 import can
 import cantools
 import numpy as np
+from cantools.database.can import Database
 
 from drivers.sim_battery import SimBatteryPack, StorageDayProfile
 
@@ -79,15 +81,19 @@ FAULTS = ("cell_drift", "heating", "current_offset", "stuck", "silent", "welded"
 
 
 class SimPack:
-    """The simulated pack node: call :meth:`tick` every TICK_S of wall time, feed it received frames."""
+    """The simulated pack node: call :meth:`tick` every TICK_S of wall time, feed it received frames.
 
-    def __init__(self, dbc_path: str, send: Callable[[can.Message], object], *, modules: int = 16,
+    ``dbc_path``: the pack DBC's path, or the database already parsed from it (the gateway's: a second
+    parse in the same process costs ~2 MB; the simulator only reads it).
+    """
+
+    def __init__(self, dbc_path: str | Path | Database, send: Callable[[can.Message], object], *, modules: int = 16,
                  cells_per_module: int = 14, sensors_per_module: int = 2, chemistry: str = "NMC",
                  speed: float = 1.0, start_hour: float = 12.0, initial_soc: float = 0.5, ambient_c: float = 25.0,
                  peak_charge_a: float = 30.0, peak_discharge_a: float = 40.0, seed: int = 1,
                  contactors_closed: bool = False) -> None:
-        db = cantools.database.load_file(dbc_path)
-        assert isinstance(db, cantools.database.can.Database)
+        db = dbc_path if isinstance(dbc_path, Database) else cantools.database.load_file(dbc_path)
+        assert isinstance(db, Database)
         self.db = db
         self.send = send
         self.speed = speed
@@ -363,8 +369,8 @@ class SimRunner(Generic[T]):
                 next_t = time.monotonic()
 
 
-def virtual_bus_sim(channel: str, dbc_path: str, **kwargs: object) -> tuple[SimRunner[SimPack], FramePump,
-                                                                              can.BusABC]:
+def virtual_bus_sim(channel: str, dbc_path: str | Path | Database,
+                    **kwargs: object) -> tuple[SimRunner[SimPack], FramePump, can.BusABC]:
     """A simulated pack on python-can's in-process virtual bus ``channel``.
 
     The pump delivers the frames on that bus to the pack (and to what else is added as a listener)

@@ -9,7 +9,7 @@ import cantools
 import numpy as np
 import pytest
 
-from drivers.sim_pack import TICK_S, ContactorState, SimPack
+from drivers.sim_pack import TICK_S, ContactorState, FramePump, SimPack
 from gateway.config import load_config
 from gateway.image import Quality
 
@@ -166,3 +166,32 @@ def test_balancing_command_bleeds_and_is_reported_then_times_out() -> None:
     assert bal.sum() == 2
     rig.run(3.5)  # no refresh: the module unit stops on its own
     assert rig.image.array("cell.balancing").sum() == 0
+
+
+def test_a_parsed_database_gives_the_same_frames_as_the_dbc_file() -> None:
+    frames: list[list[can.Message]] = [[], []]
+    sims = [SimPack(DBC, frames[0].append), SimPack(cantools.database.load_file(DBC), frames[1].append)]
+    for _ in range(120):
+        for sim in sims:
+            sim.tick()
+    assert len(frames[0]) > 1000
+    assert [(m.arbitration_id, bytes(m.data)) for m in frames[0]] == \
+        [(m.arbitration_id, bytes(m.data)) for m in frames[1]]
+
+
+def test_frame_pump_hands_waiting_frames_to_every_listener_in_order() -> None:
+    with can.Bus(interface="virtual", channel="sim-pump", receive_own_messages=False) as node, \
+            can.Bus(interface="virtual", channel="sim-pump") as gateway:
+        got: list[int] = []
+        also: list[int] = []
+        pump = FramePump(node, [lambda m: got.append(m.arbitration_id)])
+        pump.add_listener(lambda m: also.append(m.arbitration_id))
+        pump()  # nothing waiting
+        for i in range(5):
+            gateway.send(can.Message(arbitration_id=0x100 + i, data=bytes(8)))
+        pump()
+        assert got == also == [0x100, 0x101, 0x102, 0x103, 0x104]
+        pump.stop()
+        gateway.send(can.Message(arbitration_id=0x200, data=bytes(8)))
+        pump()
+        assert got == [0x100, 0x101, 0x102, 0x103, 0x104]
