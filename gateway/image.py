@@ -43,6 +43,11 @@ class Quality(IntEnum):
     INVALID = 2
 
 
+# the members as plain module globals: an enum class attribute costs ~0.1 us per lookup on 3.11, and
+# quality_of runs on every protection tick
+_GOOD, _STALE, _INVALID = Quality.GOOD, Quality.STALE, Quality.INVALID
+
+
 def family_of(name: str) -> tuple[str, tuple[int, ...]]:
     """Split ``module[3].temperature[1]`` into (``module.temperature``, (3, 1))."""
     if not _NAME.match(name):
@@ -203,7 +208,7 @@ class ProcessImage:
         received = self.seq[slots] > 0
         stale = ~received | ((now - self.rx_mono[slots]) > self.stale_after[slots])
         invalid = (self.valid[sel] == 0) | (np.isnan(self.value[sel]) & received)
-        return np.where(invalid, Quality.INVALID, np.where(stale, Quality.STALE, Quality.GOOD)).astype(np.int8)
+        return np.where(invalid, _INVALID, np.where(stale, _STALE, _GOOD)).astype(np.int8)
 
     def family_quality(self, family: str, now: float | None = None) -> npt.NDArray[np.int8]:
         fam = self.families[family]
@@ -215,10 +220,10 @@ class ProcessImage:
         received = self.w_seq[slot] > 0
         v = self.w_value[i]
         if not self.w_valid[i] or (v != v and received):
-            return Quality.INVALID
+            return _INVALID
         if not received or now - self.w_rx_mono[slot] > self._stale_after_list[slot]:
-            return Quality.STALE
-        return Quality.GOOD
+            return _STALE
+        return _GOOD
 
     def read(self, name: str, now: float | None = None) -> Reading:
         """One signal with its quality and age."""
