@@ -574,7 +574,9 @@ class EcmParams:
 
 @dataclass(frozen=True, eq=False)
 class EcmFit:
-    """Result of :func:`fit_ecm`: ``rel_rms`` is the rms of ``(Z - Z_fit) / |Z|``."""
+    """Result of :func:`fit_ecm`: ``rel_rms`` is the rms of ``(Z - Z_fit) / |Z|``; ``rel_sd`` the
+    relative 1-sigma uncertainty of R0, R1..Rn, C1..Cn that this spectrum's noise leaves
+    (inf where the spectrum does not determine a parameter)."""
 
     params: EcmParams
     rel_rms: float
@@ -582,10 +584,19 @@ class EcmFit:
     converged: bool
     z_fit: ComplexArray
     drt: DrtResult | None = None
+    rel_sd: FloatArray = field(default_factory=lambda: np.zeros(0))
+
+    def rel_sd_named(self) -> dict[str, float]:
+        """``rel_sd`` keyed like :meth:`EcmParams.as_cloud` (R0, R1..Rn, C1..Cn)."""
+        n = len(self.params.r_ohm)
+        names = ["R0", *(f"R{i + 1}" for i in range(n)), *(f"C{i + 1}" for i in range(n))]
+        return dict(zip(names, (float(x) for x in self.rel_sd), strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"params": self.params.as_cloud(), "tau_s": list(self.params.tau_s),
-                             "rel_rms": self.rel_rms, "iterations": self.iterations, "converged": self.converged}
+                             "rel_sd": {k: v if math.isfinite(v) else None for k, v in self.rel_sd_named().items()},
+                             "rel_rms": self.rel_rms,
+                             "iterations": self.iterations, "converged": self.converged}
         return d
 
 
@@ -756,7 +767,32 @@ def fit_ecm(frequency_hz: ArrayLike, z: ArrayLike, *, n_rc: int = 4, inductance:
     z_fit = params.impedance(f)
     rel = (zc - z_fit) / np.abs(zc)
     rel_rms = float(np.sqrt(np.mean(rel.real**2 + rel.imag**2) / 2.0))
-    return EcmFit(params, rel_rms, it, conv, z_fit, d)
+    # the noise as the residuals show it (misfit of the model included), per Z_re / Z_im value
+    noise = math.sqrt(cost / max(2 * f.size - p.size, 1))
+    order = np.argsort(tau, kind="stable")  # EcmParams sorts its arcs by tau: keep rel_sd in step
+    sd = _relative_sd(model, p, noise)
+    n = n_rc
+    sd = np.concatenate([sd[:1], sd[1:1 + n][order], sd[1 + n:][order]])
+    return EcmFit(params, rel_rms, it, conv, z_fit, d, sd)
+
+
+def _relative_sd(model: _EcmModel, p: FloatArray, noise: float) -> FloatArray:
+    """Relative 1-sigma of R0, R1..Rn, C1..Cn (``C = tau / R``) from the Gauss-Newton
+    covariance ``noise^2 (J^T J)^-1`` of the weighted residuals at ``p``."""
+    jac, _ = model.jacobian(p)
+    scale = np.linalg.norm(jac, axis=0)  # L's column is ~1e7 times the others: equilibrate first
+    scale[scale == 0] = 1.0
+    js = jac / scale
+    cov = noise**2 * np.linalg.pinv(js.T @ js) / np.outer(scale, scale)
+    i0, n = model.i0, model.n_rc
+    d = np.diag(cov)
+    ir, it = slice(i0 + 1, i0 + 1 + n), slice(i0 + 1 + n, i0 + 1 + 2 * n)
+    sd_r = np.sqrt(np.maximum(d[ir], 0.0))
+    # ln C = ln tau - ln R
+    sd_c = np.sqrt(np.maximum(d[it] + d[ir] - 2.0 * np.diag(cov[ir, it]), 0.0))
+    r0 = float(p[i0])
+    sd_r0 = math.sqrt(max(d[i0], 0.0)) / abs(r0) if r0 != 0 else math.inf
+    return np.asarray(np.concatenate([[sd_r0], sd_r, sd_c]), dtype=np.float64)
 
 
 def parameter_uncertainty(params: EcmParams, frequency_hz: ArrayLike, noise: float = 0.005) -> FloatArray:
@@ -765,19 +801,9 @@ def parameter_uncertainty(params: EcmParams, frequency_hz: ArrayLike, noise: flo
     and Z_im carries Gaussian noise of ``noise * |Z|``. Tells which parameters a sweep can
     resolve (the cloud can weight or drop the others)."""
     f = np.asarray(frequency_hz, dtype=np.float64).reshape(-1)
-    n = len(params.r_ohm)
-    model = _EcmModel(2.0 * np.pi * f, params.impedance(f), n, True, False)
+    model = _EcmModel(2.0 * np.pi * f, params.impedance(f), len(params.r_ohm), True, False)
     p = np.concatenate([[params.l_h, params.r0_ohm], np.log(params.r_ohm), np.log(params.tau_s)])
-    jac, _ = model.jacobian(p)
-    scale = np.linalg.norm(jac, axis=0)  # L's column is ~1e7 times the others: equilibrate first
-    scale[scale == 0] = 1.0
-    js = jac / scale
-    cov = noise**2 * np.linalg.pinv(js.T @ js) / np.outer(scale, scale)
-    d = np.diag(cov)
-    sd_r = np.sqrt(d[2:2 + n])
-    # ln C = ln tau - ln R
-    sd_c = np.sqrt(np.maximum(d[2 + n:2 + 2 * n] + d[2:2 + n] - 2.0 * np.diag(cov[2:2 + n, 2 + n:2 + 2 * n]), 0.0))
-    return np.asarray(np.concatenate([[math.sqrt(d[1]) / params.r0_ohm], sd_r, sd_c]), dtype=np.float64)
+    return _relative_sd(model, p, noise)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -532,11 +532,7 @@ def cmd_eis_show(args: argparse.Namespace) -> int:
               + (" extrapolated" if res["sot_extrapolated"] else "")
               + (f"  WARNING: {m['kind'].replace('_', ' ')} by {m['delta_c']:+.1f} degC" if m.get("warning") else ""))
     if res["fit"]:
-        p = res["fit"]["params"]
-        print("  fit: " + "  ".join(f"{k} {_fmt(v * 1e3 if k.startswith('R') else v, '.4g')}"
-                                    + (" mOhm" if k.startswith("R") else " F" if k.startswith("C") else "")
-                                    for k, v in p.items() if k[0] in "RC" and v is not None)
-              + f"  (rms {_fmt(res['fit']['rel_rms'] * 100, '.2f')} %)")
+        _print_fit(res["fit"])
     print()
     print(f"  {'f Hz':>10} {'Re mOhm':>10} {'-Im mOhm':>10} {'|Z| mOhm':>10} {'phase':>8}")
     for f, re, im, ab, ph in zip(sp["frequency_hz"], sp["z_re_ohm"], sp["z_im_ohm"], sp["abs_ohm"], sp["phase_deg"],
@@ -547,6 +543,18 @@ def cmd_eis_show(args: argparse.Namespace) -> int:
     if args.png:
         print(f"\nNyquist plot written to {args.png}")
     return EXIT_OK
+
+
+def _print_fit(fit: dict[str, Any]) -> None:
+    """The ECM parameters, each with the 1-sigma uncertainty its spectrum leaves."""
+    sd = fit.get("rel_sd") or {}
+    print(f"  fit (rms {_fmt(fit['rel_rms'] * 100, '.2f')} %):")
+    for k, v in fit["params"].items():
+        if k[0] not in "RC" or v is None:
+            continue
+        value = f"{v * 1e3:.4g} mOhm" if k[0] == "R" else f"{v:.4g} F"
+        u = sd.get(k)
+        print(f"    {k:<3} {value:>14}  " + ("+-?" if u is None else f"+-{u * 100:.1f} %"))
 
 
 def cmd_eis_status(args: argparse.Namespace) -> int:

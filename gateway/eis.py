@@ -456,6 +456,7 @@ def summary(result: EisResult) -> dict[str, Any]:
             "sot_extrapolated": None if a.sot is None else a.sot.extrapolated,
             "mismatch": None if a.mismatch is None else a.mismatch.to_dict(),
             "fit": None if a.fit is None else {"params": {k: _num(v) for k, v in a.fit.params.as_cloud().items()},
+                                                "rel_sd": {k: _num(v) for k, v in a.fit.rel_sd_named().items()},
                                                 "rel_rms": _num(a.fit.rel_rms), "converged": a.fit.converged}}
 
 

@@ -17,7 +17,10 @@ What it measures, all on 61-point spectra (10 kHz .. 10 mHz, 10 points per decad
   ``fit_crb_max_rel_sd`` is the Cramer-Rao bound (1 sigma) of the worst parameter: the
   spread no unbiased fit can beat at this noise; ``fit_err_over_crb_rms`` ~ 1 means our errors
   are that noise floor; ``fit_optimal_rate`` is the share of fits whose cost is <= the cost of
-  the true parameters (the fit found the least-squares minimum).
+  the true parameters (the fit found the least-squares minimum). Each fit also reports its
+  own uncertainty (``EcmFit.rel_sd``, from its residuals, not the truth):
+  ``fit_sd_coverage_2sd`` is the share of errors within twice it (~0.95 when honest),
+  ``fit_resolved_5pct_share`` the share of parameters it puts within 5 % at 2 sigma.
 * Baseline: impedance.py's CustomCircuit ``L0-R0-p(R1,C1)-...-p(R4,C4)`` fitting the same
   spectra (weighted by modulus) from a generic data-driven initial guess, as a user would;
   ``baseline_drt_init_*`` is the same optimiser started from our DRT's guess.
@@ -148,7 +151,7 @@ def score_fit(n: int, seed: int, baseline: bool) -> dict[str, Any]:
         t, soc, spread = rng.uniform(*T_RANGE), rng.uniform(*SOC_RANGE), CellSpread.draw(rng)
         cases.append((model.ecm_params(t, soc, spread), simulate_spectrum(model, FREQ, t, soc, spread=spread,
                                                                           noise=NOISE, rng=rng)))
-    errs, ms, drt_ms, crb, opt = [], [], [], [], 0
+    errs, sds, ms, drt_ms, crb, opt = [], [], [], [], [], 0
     for truth, sp in cases:
         t0 = time.perf_counter()
         d = drt(sp.frequency_hz, sp.z)
@@ -158,16 +161,20 @@ def score_fit(n: int, seed: int, baseline: bool) -> dict[str, Any]:
         drt_ms.append((t1 - t0) * 1e3)
         ms.append((t2 - t0) * 1e3)
         errs.append(np.abs(fit.params.vector() / truth.vector() - 1.0))
+        sds.append(fit.rel_sd)
         crb.append(parameter_uncertainty(truth, FREQ, NOISE))
         opt += _cost(fit.params, sp) <= _cost(truth, sp) * (1 + 1e-9)
     e = np.asarray(errs)
     c = np.asarray(crb)
+    s = np.asarray(sds)
     out: dict[str, Any] = {
         "fit_max_rel_err": round(float(e.max()), 4), "fit_p95_rel_err": round(float(np.percentile(e, 95)), 4),
         "fit_median_rel_err": round(float(np.median(e)), 4), "fit_ms": round(float(np.mean(ms)), 2),
         "fit_ms_max": round(float(np.max(ms)), 2), "drt_ms": round(float(np.mean(drt_ms)), 2),
         "fit_crb_max_rel_sd": round(float(c.max()), 4), "fit_err_over_crb_rms": round(float(np.sqrt(np.mean((e / c) ** 2))), 3),
         "fit_optimal_rate": round(opt / n, 3), "fit_spectra": n,
+        "fit_sd_coverage_2sd": round(float(np.mean(e <= 2.0 * s)), 3),
+        "fit_resolved_5pct_share": round(float(np.mean(2.0 * s <= 0.05)), 3),
         "fit_worst_param": ["R0", "R1", "R2", "R3", "R4", "C1", "C2", "C3", "C4"][int(np.argmax(e.max(axis=0)))],
     }
     if not baseline:

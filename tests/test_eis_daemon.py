@@ -4,6 +4,7 @@ results in the image and the CLI, aborts on protection events, refusals."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def test_sweep_from_the_cli_feeds_image_table_plot_and_png(gw: Daemon, tmp_path:
     assert not res["mismatch"]["warning"]
     params = res["fit"]["params"]
     assert 0.0002 < params["R0"] < 0.005 and all(params[f"R{k}"] > 0 and params[f"C{k}"] > 0 for k in range(1, 5))
+    assert all(0.0 < res["fit"]["rel_sd"][k] < 1.0 for k in params if k[0] in "RC")  # each with its uncertainty
     assert 0.0 < res["soc"] < 1.0 and 2.5 < res["voltage_v"] < 4.3
     # the process image carries SoT and the fit, stamped with the sweep's time
     rows = {row["name"]: row for row in gw.json("signals", "cell[5].*")}
@@ -59,6 +61,7 @@ def test_sweep_from_the_cli_feeds_image_table_plot_and_png(gw: Daemon, tmp_path:
     r = gw.cli("eis", "show", "--cell", "5", "--png", str(png))
     assert r.returncode == 0, r.stderr
     assert "valid (Kramers-Kronig)" in r.stdout and "SoT" in r.stdout and "Re Z (mOhm)" in r.stdout
+    assert re.search(r"C4 +[0-9.e+-]+ F +\+-[0-9.]+ %", r.stdout), r.stdout
     assert r.stdout.count(" o") + r.stdout.count("o ") > 10  # plotted points
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
     table = gw.cli("eis", "show", "--all")

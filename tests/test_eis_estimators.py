@@ -242,3 +242,35 @@ def test_parameter_uncertainty_matches_the_spread_of_fits() -> None:
                        for _ in range(40)])
     ratio = errs.std(axis=0) / sd
     assert np.all(ratio > 0.5) and np.all(ratio < 1.6)
+
+
+def test_each_fit_reports_an_uncertainty_that_covers_its_error() -> None:
+    """A fit's ``rel_sd`` is the Cramer-Rao bound of its own spectrum (from the residuals, not
+    from the truth) and covers the error it makes: ~95 % of errors within 2 sigma."""
+    rng = _rng(12)
+    errs, sds, crbs = [], [], []
+    for _ in range(40):
+        t, soc, spread = rng.uniform(0.0, 45.0), rng.uniform(0.2, 0.9), CellSpread.draw(rng)
+        truth = ECM.ecm_params(t, soc, spread)
+        fit = fit_ecm(F, simulate_spectrum(ECM, F, t, soc, spread=spread, rng=rng).z)
+        errs.append(np.abs(fit.params.vector() / truth.vector() - 1.0))
+        sds.append(fit.rel_sd)
+        crbs.append(parameter_uncertainty(truth, F, 0.005))
+    e, s = np.asarray(errs), np.asarray(sds)
+    np.testing.assert_allclose(np.median(s / np.asarray(crbs), axis=0), 1.0, atol=0.15)
+    assert 0.9 <= float(np.mean(e <= 2.0 * s)) <= 0.99
+    assert float(np.mean(e <= s)) < 0.8  # not inflated either
+
+
+def test_uncertainty_is_in_the_record_and_follows_the_arc_labels() -> None:
+    truth = ECM.ecm_params(20.0, 0.5)
+    sp = simulate_spectrum(ECM, F, 20.0, 0.5, rng=_rng(13))
+    # started from reversed arcs: the sd must be reordered with them
+    rev = EcmParams(truth.r0_ohm, truth.r_ohm[::-1], truth.tau_s[::-1], l_h=truth.l_h)
+    fit = fit_ecm(F, sp.z, use_drt=False, initial=rev)
+    np.testing.assert_allclose(fit.rel_sd, parameter_uncertainty(fit.params, F, 0.005), rtol=0.25)
+    d = fit.to_dict()["rel_sd"]
+    assert set(d) == {"R0", "R1", "R2", "R3", "R4", "C1", "C2", "C3", "C4"}
+    assert all(v is not None and 0.0 < v < 0.2 for v in d.values())
+    cpe = fit_ecm(F, simulate_spectrum(PHYS, F, 25.0, 0.5, rng=_rng(14)).z, cpe=True)
+    assert np.all(np.isfinite(cpe.rel_sd)) and cpe.rel_sd.shape == (9,)
