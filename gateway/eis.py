@@ -437,11 +437,14 @@ class EisService:
             out["cell.sot"] = (self.image.array("cell.sot").copy(), float(np.nanmax(stamps)))
         fitted = self.last_valid
         if fitted is not None and fitted.analysis.fit is not None:
-            p, t = fitted.analysis.fit.params, fitted.analysed_at
+            fit, t = fitted.analysis.fit, fitted.analysed_at
+            p, sd = fit.params, fit.rel_sd_named()
             rs = (p.r0_ohm, *p.r_ohm)
             out |= {"eis.fit.time": (t, t), "eis.fit.ocv_v": (fitted.spectrum.mean_voltage_v, t),
                     **{f"eis.fit.r{k}_ohm": (rs[k] if k < len(rs) else math.nan, t) for k in range(N_RC + 1)},
-                    **{f"eis.fit.c{k + 1}_f": (p.c_f[k] if k < len(p.c_f) else math.nan, t) for k in range(N_RC)}}
+                    **{f"eis.fit.c{k + 1}_f": (p.c_f[k] if k < len(p.c_f) else math.nan, t) for k in range(N_RC)},
+                    "eis.fit.rel_sd": ([sd.get(f"R{k}", math.nan) for k in range(N_RC + 1)]
+                                       + [sd.get(f"C{k}", math.nan) for k in range(1, N_RC + 1)], t)}
         return out
 
 

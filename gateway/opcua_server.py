@@ -647,9 +647,11 @@ PACK_ESTIMATES: dict[str, tuple[str, ua.VariantType, str | None, str]] = {
     "eis.fit.ocv_v": ("EIS.Fit.Ocv", ua.VariantType.Double, "V", "open-circuit voltage"),
     **{f"eis.fit.r{k}_ohm": (f"EIS.Fit.R{k}", ua.VariantType.Double, "ohm", f"ECM resistance R{k}") for k in range(5)},
     **{f"eis.fit.c{k}_f": (f"EIS.Fit.C{k}", ua.VariantType.Double, "F", f"ECM capacitance C{k}") for k in range(1, 5)},
+    "eis.fit.rel_sd": ("EIS.Fit.RelativeUncertainty", ua.VariantType.Double, None,
+                       "1-sigma relative uncertainty of R0, R1..R4, C1..C4 left by the spectrum's noise"),
 }
 EIS_ARRAYS = frozenset(k for k in PACK_ESTIMATES if k.startswith("eis.") and k.endswith(("_hz", "_ohm", "_deg", "_v"))
-                       and not k.startswith("eis.fit."))
+                       and not k.startswith("eis.fit.")) | {"eis.fit.rel_sd"}
 CELL_ESTIMATES: dict[str, tuple[str, str, str]] = {
     "cell.soc": ("SoC", "%", "cell state of charge (EKF)"),
     "cell.sot": ("SoT", "degC", "cell temperature from its impedance (EIS), at the time of the sweep"),

@@ -15,13 +15,16 @@ from tests.procs import ROOT, Daemon, wait_for
 pytestmark = pytest.mark.slow
 
 
-def eis_config(tmp: Path, extra: str = "") -> Path:
+def night_sim_text() -> str:
     """The shipped sim config at night (the pack rests: sweeps may run), the module 200x faster."""
     text = (ROOT / "gateway/configs/sim.toml").read_text()
     text = text.replace("start_hour = 12.0", "start_hour = 2.0").replace("eis_speed = 10.0", "eis_speed = 200.0")
-    text = text.replace('periodic = "cells"', 'periodic = "off"\nstable_window_s = 2.0')
+    return text.replace('periodic = "cells"', 'periodic = "off"\nstable_window_s = 2.0')
+
+
+def eis_config(tmp: Path, extra: str = "") -> Path:
     cfg = tmp / "bmsgw.toml"
-    cfg.write_text(text + "\n[metrics]\nport = 0\n" + extra)
+    cfg.write_text(night_sim_text() + "\n[metrics]\nport = 0\n" + extra)
     return cfg
 
 

@@ -245,6 +245,7 @@ def test_estimates_are_written_when_they_change(h: Harness) -> None:
     soc = np.linspace(40, 55, 16)
     h.estimates = {"time": t1, "pack.soc": 55.5, "pack.contactor_state": "CLOSED", "cell.soc": soc,
                    "eis.frequency_hz": [1000.0, 100.0, 10.0], "eis.fit.r0_ohm": (0.0012, t1 - 60),
+                   "eis.fit.rel_sd": ([0.002, 0.02, 0.01, 0.03, 0.02, 0.05, 0.04, 0.08, 0.05], t1 - 60),
                    "estimators.ekf_innovation_v": 0.002}
 
     async def body() -> None:
@@ -264,6 +265,7 @@ def test_estimates_are_written_when_they_change(h: Harness) -> None:
             assert await value("EIS.Frequency") == [1000.0, 100.0, 10.0]
             r0 = await read(c, ns, "EIS.Fit.R0")
             assert r0.Value.Value == 0.0012 and utc_seconds(r0.SourceTimestamp) == pytest.approx(t1 - 60, abs=1e-6)
+            assert (await value("EIS.Fit.RelativeUncertainty"))[7] == 0.08  # C3
             # the provider returns the same estimate again: nothing is written again
             for _ in range(3):
                 h.push()
