@@ -583,8 +583,8 @@ class EcmFit:
     iterations: int
     converged: bool
     z_fit: ComplexArray
+    rel_sd: FloatArray
     drt: DrtResult | None = None
-    rel_sd: FloatArray = field(default_factory=lambda: np.zeros(0))
 
     def rel_sd_named(self) -> dict[str, float]:
         """``rel_sd`` keyed like :meth:`EcmParams.as_cloud` (R0, R1..Rn, C1..Cn)."""
@@ -771,9 +771,8 @@ def fit_ecm(frequency_hz: ArrayLike, z: ArrayLike, *, n_rc: int = 4, inductance:
     noise = math.sqrt(cost / max(2 * f.size - p.size, 1))
     order = np.argsort(tau, kind="stable")  # EcmParams sorts its arcs by tau: keep rel_sd in step
     sd = _relative_sd(model, p, noise)
-    n = n_rc
-    sd = np.concatenate([sd[:1], sd[1:1 + n][order], sd[1 + n:][order]])
-    return EcmFit(params, rel_rms, it, conv, z_fit, d, sd)
+    sd = np.concatenate([sd[:1], sd[1:1 + n_rc][order], sd[1 + n_rc:][order]])
+    return EcmFit(params, rel_rms, it, conv, z_fit, sd, d)
 
 
 def _relative_sd(model: _EcmModel, p: FloatArray, noise: float) -> FloatArray:
