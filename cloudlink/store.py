@@ -41,7 +41,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,8 +372,7 @@ class Store:
             for seq in sorted(missing - known_bad):
                 gaps.setdefault((boot, stream), Gap("corrupt", stream, boot)).add(seq, 0, 0, 0, 0)
         rec.lost_seqs = sum(len(g.seqs) for g in gaps.values())
-        self._begin()
-        try:
+        with self._transaction():
             for r in sorted(good, key=lambda r: r.id):
                 self._insert_row(r.stream, r.prio, r.kind, r.boot, r.seq, r.t0, r.t1, r.samples, r.created,
                                  r.payload, thinned=r.kind == KIND_THINNED)
@@ -388,27 +387,28 @@ class Store:
                 self._count_loss(g.reason, g.stream, len(g.seqs), g.samples, g.bytes)
             for sealed in self.sealer.records(GAP_STREAM, KIND_GAP, records, PRIO_KEEP):
                 self._insert_sealed(sealed)
-            self._commit()
-        except sqlite3.Error:
-            self._rollback()
-            raise
         self._load_figures()
 
     # -- transactions --------------------------------------------------------------------------
 
-    def _begin(self) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction. On an error it rolls back, keeps the error for status(), and
+        re-reads the cached figures before re-raising: the statements that ran before the error
+        had already counted their rows in memory."""
         assert self.con is not None
-        self.con.execute("BEGIN IMMEDIATE")
-
-    def _commit(self) -> None:
-        assert self.con is not None
-        self.con.execute("COMMIT")
-        self.commits_since_sync += 1
-
-    def _rollback(self) -> None:
-        if self.con is not None:
+        try:
+            self.con.execute("BEGIN IMMEDIATE")
+            yield
+            self.con.execute("COMMIT")
+        except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self.con.execute("ROLLBACK")
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(sqlite3.Error):
+                self._load_figures()
+            raise
+        self.commits_since_sync += 1
 
     def _load_figures(self) -> None:
         assert self.con is not None
@@ -478,18 +478,11 @@ class Store:
         """
         with self.lock:
             assert self.con is not None
-            self._begin()
-            try:
+            with self._transaction():
                 gaps: dict[tuple[str, str, str], Gap] = {}
                 accepted = self._relieve(list(sealed), gaps)
                 rows = [self._insert_sealed(s) for s in accepted]
                 rows += self._write_gaps(gaps)
-                self._commit()
-            except sqlite3.Error as exc:
-                self._rollback()
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self._load_figures()
-                raise
             if self.fsync_window_s <= 0:
                 self.commits_since_sync = 0
             return rows
@@ -506,13 +499,9 @@ class Store:
                 None, samples, 0, t0, t1)
         with self.lock:
             try:
-                self._begin()
-                rows = self._write_gaps(gaps)
-                self._commit()
-                return rows
-            except sqlite3.Error as exc:
-                self._rollback()
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                with self._transaction():
+                    return self._write_gaps(gaps)
+            except sqlite3.Error:
                 for g in gaps.values():  # at least in memory
                     t = self.loss_totals.setdefault(g.reason, {"batches": 0, "samples": 0, "bytes": 0})
                     t["batches"] += len(g.seqs)
@@ -637,16 +626,12 @@ class Store:
             assert self.con is not None
             if not self._over(0):
                 return []
-            self._begin()
             try:
-                gaps: dict[tuple[str, str, str], Gap] = {}
-                self._relieve([], gaps)
-                rows = self._write_gaps(gaps)
-                self._commit()
-                return rows
-            except sqlite3.Error as exc:
-                self._rollback()
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                with self._transaction():
+                    gaps: dict[tuple[str, str, str], Gap] = {}
+                    self._relieve([], gaps)
+                    return self._write_gaps(gaps)
+            except sqlite3.Error:
                 return []
 
     def fetch(self, prio: int, after_id: int, limit: int = 64, max_bytes: int = 4 << 20) -> list[Row]:
@@ -670,14 +655,10 @@ class Store:
                 if size >= max_bytes:
                     break
             if bad:
-                try:
-                    self._begin()
+                with contextlib.suppress(sqlite3.Error), self._transaction():
                     gaps: dict[tuple[str, str, str], Gap] = {}
                     self._drop(bad, "corrupt", gaps)
                     self._write_gaps(gaps)
-                    self._commit()
-                except sqlite3.Error:
-                    self._rollback()
             return out
 
     def delete(self, ids: Sequence[int]) -> None:
@@ -686,8 +667,7 @@ class Store:
             return
         with self.lock:
             assert self.con is not None
-            self._begin()
-            try:
+            with self._transaction():
                 for chunk in _chunks(list(ids), 500):
                     q = ",".join("?" * len(chunk))
                     for kind, n, b in self.con.execute(
@@ -695,12 +675,6 @@ class Store:
                             chunk).fetchall():
                         self._account(kind, -int(n), -int(b))
                     self.con.execute(f"DELETE FROM batches WHERE id IN ({q})", chunk)
-                self._commit()
-            except sqlite3.Error as exc:
-                self._rollback()
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self._load_figures()
-                raise
             self._update_oldest()
 
     def sync(self, force: bool = False) -> bool:

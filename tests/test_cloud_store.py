@@ -224,6 +224,23 @@ def test_put_failure_raises_and_keeps_figures(tmp_path: Path) -> None:
     assert s.total_bytes == before and s.count() == 1
 
 
+def test_failed_relief_and_corrupt_row_removal_keep_figures(tmp_path: Path) -> None:
+    """Relief and the removal of a corrupt row count in memory as they go; a rollback must undo that."""
+    s = make(tmp_path / "cloud.db")
+    rows = [r for seed in range(4) for r in s.put(s.sealer.telemetry("cells", tel(seed=seed)))]
+    assert s.con is not None
+    blob = bytearray(rows[0].payload)
+    blob[-10] ^= 0xFF
+    s.con.execute("UPDATE batches SET payload = ? WHERE id = ?", (bytes(blob), rows[0].id))
+    s.con.execute("CREATE TRIGGER boom BEFORE INSERT ON batches BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    before = (s.total_bytes, dict(s.rows_by_kind), s.oldest_created)
+    assert [r.id for r in s.fetch(1, 0)] == [r.id for r in rows[1:]]  # the gap record cannot be written
+    s.quota_bytes = s.total_bytes // 2
+    assert s.relieve() == []
+    assert (s.total_bytes, s.rows_by_kind, s.oldest_created) == before
+    assert s.count() == len(rows) and "disk says no" in s.last_error
+
+
 def test_cli_decode_and_status_text(tmp_path: Path) -> None:
     import json
 
