@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import tomllib
 import types
@@ -62,8 +63,8 @@ def locate(text: str, key: str) -> int | None:
         header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*(#.*)?$")
         hits = [i for i in range(start, end) if header.match(lines[i])]
         nth = parts[k][1] or 0
-        if nth >= len(hits):
-            break
+        if nth >= len(hits):  # [a.b] may stand without [a]
+            continue
         found = hits[nth]
         start = found + 1
         end = next((i for i in range(start, len(lines)) if is_header.match(lines[i])
@@ -158,6 +159,8 @@ class Loader:
         if tp is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise self.error(key, f"expected a number, got {_kind(value)}")
+            if not math.isfinite(value):  # TOML has nan and inf; every range check below would let them by
+                raise self.error(key, f"must be a finite number, got {value}")
             return float(value)
         if tp in (int, str, bool):
             if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -154,6 +154,20 @@ def test_value_check_names_the_key(tmp_path: Path, sim_text: str, old: str, new:
 
 
 @pytest.mark.parametrize("old, new, key", [
+    ("auto_close = true", "auto_close = true\nprecharge_timeout_s = nan", "protection.contactors.precharge_timeout_s"),
+    ("initial_soc = 0.5", "initial_soc = 0.5\n[protection.lane]\ndeadline_ms = inf", "protection.lane.deadline_ms"),
+    ("initial_soc = 0.5", "initial_soc = 0.5\n[protection.debounce.per_check]\ncell_voltage_high = -inf",
+     "protection.debounce.per_check.cell_voltage_high"),
+], ids=["nan", "inf", "-inf-in-a-dict"])
+def test_non_finite_numbers_are_refused(tmp_path: Path, sim_text: str, old: str, new: str, key: str) -> None:
+    """TOML's nan and inf would pass every range check (nan compares false): a precharge without a timeout."""
+    path = variant(tmp_path, sim_text, (old, new))
+    err = config_error(path)
+    assert_points(err, path, key, line_of(path, new.splitlines()[-1]))
+    assert "must be a finite number" in err.reason
+
+
+@pytest.mark.parametrize("old, new, key", [
     ('log_level = "info"', 'log_level = "loud"', "gateway.log_level"),
     ('chemistry = "NMC"', 'chemistry = "LiPo"', "site.chemistry"),
     ("bitrate = 500000", "bitrate = 5e5", "bus[0].bitrate"),
