@@ -316,5 +316,12 @@ def ensure_server_certificate(folder: Path, application_uri: str, hostnames: Seq
     return key_file, cert_file
 
 
+def caller_name(req: Request | None) -> str:
+    """Who made a request, for logs and refusals: user, role and whether the channel is unsecured."""
+    if req is None or req.user is None:
+        return "unknown"
+    return f"{req.user.name} ({req.user.bms_role}{', security None' if req.read_only else ''})"
+
+
 __all__ = ["ROLE_RANK", "OpcuaIdentity", "Request", "SecuredInternalServer", "SecuredServer", "TrustList", "Users",
-           "current_request", "ensure_server_certificate", "load_certificates"]
+           "caller_name", "current_request", "ensure_server_certificate", "load_certificates"]

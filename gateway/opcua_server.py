@@ -18,9 +18,10 @@ the interoperability check; this module is the implementation:
   ``Node.write_value`` and the attribute service.  Our DataValues are immutable
   once made, so they opt out of the deep copy asyncua makes for every monitored
   item (``__deepcopy__``).
-* **Alarms.** Protection events arrive from the Recorder's threads through a
-  lock-free deque; LIMIT, DATA and CONTACTOR events drive one AlarmCondition
-  per check, the rest are plain events; operators acknowledge.
+* **Alarms.** Protection events, and the AlarmConditions operators
+  acknowledge, are gateway/opcua_alarms.py (fed from the Recorder's threads
+  through a lock-free deque); the server makes one :class:`Alarms`, keeps it
+  across restarts and runs its event loop while it serves.
 * **Security.** Who may connect and what they may do is
   gateway/opcua_security.py (users, certificates, a ruleset per secure channel
   that records the caller); here are the checks per operation: our own
@@ -30,27 +31,22 @@ the interoperability check; this module is the implementation:
 from __future__ import annotations
 
 import asyncio
-import copy
 import gc
 import json
 import logging
 import math
-import re
 import socket
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
 import numpy as np
 from asyncua import Node, Server, ua
-from asyncua.common import event_objects, events
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from asyncua.server.monitored_item_service import MonitoredItemService
@@ -61,15 +57,33 @@ from gateway.events import Event, Kind, Level, Recorder
 from gateway.image import ProcessImage, Quality
 from gateway.limits import CHECKS, HardwareLimits, _bounds
 from gateway.loops import LoopStats
+from gateway.opcua_alarms import Alarms
 from gateway.opcua_config import OpcuaSection, OpcuaUser
+from gateway.opcua_nodes import (
+    GOOD,
+    NEVER,
+    ROOT,
+    STATUSES,
+    WAITING,
+    NodeBatch,
+    SharedDataValue,
+    VarSpec,
+    camel,
+    data_value,
+    guess_unit,
+    node_id,
+    reference,
+    status_code,
+    utc,
+)
 from gateway.opcua_security import (
     ROLE_RANK,
     OpcuaIdentity,
-    Request,
     SecuredInternalServer,
     SecuredServer,
     TrustList,
     Users,
+    caller_name,
     current_request,
     ensure_server_certificate,
     load_certificates,
@@ -79,7 +93,6 @@ from gateway.pipeline import Layout
 log = logging.getLogger(__name__)
 
 NAMESPACE_URI = "urn:bmsgw:opcua:BatterySystem"
-ROOT = "BatterySystem"
 PRODUCT_URI = "urn:bmsgw"
 
 MethodHandler = Callable[..., tuple[bool, str]]
@@ -87,107 +100,6 @@ LimitsProvider = Callable[[], Mapping[str, Any]]
 DiagnosticsProvider = Callable[[], Mapping[str, Any]]
 EstimatesProvider = Callable[[], Mapping[str, Any]]
 SettingWriter = Callable[[str, Any], tuple[bool, str]]
-
-
-def _nid(identifier: int | str, namespace: int = 0) -> ua.NodeId:
-    return ua.NodeId(cast(Any, identifier), cast(Any, namespace))
-
-
-def _code(code: int) -> ua.StatusCode:
-    return ua.StatusCode(cast(Any, code))
-
-
-# -- statuses ---------------------------------------------------------------------------------
-
-NEVER = 3  # our fourth quality: stale because never received (no measurement time to show)
-_STATUS = (
-    _code(ua.StatusCodes.Good),
-    _code(ua.StatusCodes.UncertainLastUsableValue),
-    _code(ua.StatusCodes.BadSensorFailure),
-    _code(ua.StatusCodes.BadWaitingForInitialData),
-)
-GOOD = _STATUS[0]
-WAITING = _STATUS[NEVER]
-SEVERITY = {Level.INFO: 100, Level.MOL: 300, Level.RSL: 600, Level.MSL: 900}
-TRIP_SEVERITY = 1000
-
-# -- engineering units (UNECE codes, OPC UA Part 8) -------------------------------------------
-
-UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
-UNITS: dict[str, tuple[str, str, str]] = {
-    "V": ("VLT", "V", "volt"),
-    "A": ("AMP", "A", "ampere"),
-    "W": ("WTT", "W", "watt"),
-    "degC": ("CEL", "°C", "degree Celsius"),
-    "%": ("P1", "%", "percent"),
-    "ohm": ("OHM", "Ω", "ohm"),
-    "F": ("FAR", "F", "farad"),
-    "Hz": ("HTZ", "Hz", "hertz"),
-    "deg": ("DD", "°", "degree (angle)"),
-    "Ah": ("AMH", "A·h", "ampere hour"),
-    "kWh": ("KWH", "kW·h", "kilowatt hour"),
-    "h": ("HUR", "h", "hour"),
-    "ms": ("C26", "ms", "millisecond"),
-    "s": ("SEC", "s", "second"),
-}
-
-
-def unit_id(code: str) -> int:
-    """UnitId of a UNECE common code as OPC UA Part 8 defines it (one byte per character)."""
-    n = 0
-    for ch in code:
-        n = (n << 8) | ord(ch)
-    return n
-
-
-def eu_information(unit: str) -> ua.EUInformation:
-    code, display, description = UNITS[unit]
-    return ua.EUInformation(NamespaceUri=UNECE_URI, UnitId=unit_id(code), DisplayName=ua.LocalizedText(display),
-                            Description=ua.LocalizedText(description))
-
-
-def camel(name: str) -> str:
-    """``cell_voltage_high`` -> ``CellVoltageHigh``; ``module.temperature_bad_data`` -> ``ModuleTemperatureBadData``."""
-    parts = [p for p in re.split(r"[^A-Za-z0-9]+", name) if p]
-    out = "".join(p[:1].upper() + p[1:] for p in parts)
-    return out if out and not out[0].isdigit() else f"N{out}"
-
-
-def guess_unit(name: str) -> str | None:
-    n = name.lower()
-    for key, unit in (("voltage", "V"), ("current", "A"), ("temperature", "degC"), ("power", "W"),
-                      ("resistance", "ohm")):
-        if key in n:
-            return unit
-    if re.search(r"(^|_)(soc|soh|soe)$", n):
-        return "%"
-    return None
-
-
-# -- DataValues that asyncua need not copy ---------------------------------------------------
-
-
-class _DataValue(ua.DataValue):
-    """A DataValue that is never changed after it is made, so one instance can be shared.
-
-    asyncua deep-copies every written DataValue once per monitored item "to prevent
-    referencing the inner value"; ours are never mutated (asyncua itself only ever
-    replaces them), so the copy is skipped: the biggest cost of an update with several
-    subscribers.
-    """
-
-    __slots__ = ()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _DataValue:
-        return self
-
-
-def _dv(value: ua.Variant, status: ua.StatusCode, source: datetime | None, server: datetime | None) -> _DataValue:
-    return _DataValue(value, status, cast(Any, source), cast(Any, server))
-
-
-def _utc(t: float) -> datetime:
-    return datetime.fromtimestamp(t, UTC)
 
 
 class _FastWriter:
@@ -312,12 +224,6 @@ class _AttributeService(AttributeService):
 # -- address-space description -------------------------------------------------------------
 
 
-_DT = {
-    ua.VariantType.Double: ua.ObjectIds.Double, ua.VariantType.Boolean: ua.ObjectIds.Boolean,
-    ua.VariantType.Int32: ua.ObjectIds.Int32, ua.VariantType.UInt32: ua.ObjectIds.UInt32,
-    ua.VariantType.String: ua.ObjectIds.String, ua.VariantType.DateTime: ua.ObjectIds.DateTime,
-    ua.VariantType.Int64: ua.ObjectIds.Int64,
-}
 KIND_DOUBLE, KIND_BOOL, KIND_INT = 0, 1, 2
 _KIND_VT = (ua.VariantType.Double, ua.VariantType.Boolean, ua.VariantType.Int32)
 
@@ -393,104 +299,6 @@ NO_NODES = frozenset({*(f"{k}.{n}" for k in ("cell", "module") for n in ("sot", 
                       "cell.safety_level", "cell.safety_reason", "cell.plating"})
 
 
-@dataclass
-class _Var:
-    path: str
-    vtype: ua.VariantType
-    unit: str | None = None
-    description: str = ""
-    eu_range: tuple[float, float] | None = None
-    writable: bool = False
-    array: bool = False
-    sampling_ms: float = 0.0
-
-
-class _Batch:
-    """AddNodesItems of one build step (parents before children)."""
-
-    def __init__(self, ns: int) -> None:
-        self.ns = ns
-        self.items: list[ua.AddNodesItem] = []
-        self.vars: list[tuple[ua.NodeId, _Var]] = []
-
-    def nodeid(self, path: str) -> ua.NodeId:
-        return _nid(f"{ROOT}.{path}" if path else ROOT, self.ns)
-
-    def obj(self, path: str, description: str = "", folder: bool = False, notifier: bool = False,
-            typedef: ua.NodeId | None = None, parent: ua.NodeId | None = None) -> ua.NodeId:
-        name = path.rsplit(".", 1)[-1] or ROOT
-        item = ua.AddNodesItem()
-        item.RequestedNewNodeId = self.nodeid(path)
-        item.BrowseName = ua.QualifiedName(name, self.ns)
-        item.NodeClass = ua.NodeClass.Object
-        item.ParentNodeId = parent if parent is not None else self.nodeid(path.rpartition(".")[0])
-        item.ReferenceTypeId = _nid(ua.ObjectIds.Organizes if folder or parent is not None
-                                     else ua.ObjectIds.HasComponent)
-        item.TypeDefinition = typedef or _nid(ua.ObjectIds.FolderType if folder else ua.ObjectIds.BaseObjectType)
-        attrs = ua.ObjectAttributes()
-        attrs.DisplayName = ua.LocalizedText(name)
-        attrs.Description = ua.LocalizedText(description or name)
-        attrs.EventNotifier = 1 if notifier else 0
-        attrs.WriteMask = attrs.UserWriteMask = 0
-        item.NodeAttributes = attrs
-        self.items.append(item)
-        return item.RequestedNewNodeId
-
-    def var(self, v: _Var) -> ua.NodeId:
-        name = v.path.rsplit(".", 1)[-1]
-        nid = self.nodeid(v.path)
-        item = ua.AddNodesItem()
-        item.RequestedNewNodeId = nid
-        item.BrowseName = ua.QualifiedName(name, self.ns)
-        item.NodeClass = ua.NodeClass.Variable
-        item.ParentNodeId = self.nodeid(v.path.rpartition(".")[0])
-        item.ReferenceTypeId = _nid(ua.ObjectIds.HasComponent)
-        analog = v.vtype == ua.VariantType.Double and (v.unit is not None or v.eu_range is not None)
-        item.TypeDefinition = _nid(ua.ObjectIds.AnalogItemType if analog else ua.ObjectIds.BaseDataVariableType)
-        attrs = ua.VariableAttributes()
-        attrs.DisplayName = ua.LocalizedText(name)
-        attrs.Description = ua.LocalizedText(v.description or name)
-        attrs.DataType = _nid(_DT[v.vtype])
-        attrs.ValueRank = 1 if v.array else -1
-        attrs.ArrayDimensions = [0] if v.array else []
-        attrs.Value = ua.Variant([] if v.array else None, v.vtype if v.array else ua.VariantType.Null)
-        access = ua.AccessLevel.CurrentRead.mask | (ua.AccessLevel.CurrentWrite.mask if v.writable else 0)
-        attrs.AccessLevel = attrs.UserAccessLevel = access
-        attrs.MinimumSamplingInterval = v.sampling_ms
-        attrs.Historizing = False
-        attrs.WriteMask = attrs.UserWriteMask = 0
-        item.NodeAttributes = attrs
-        self.items.append(item)
-        if v.unit is not None:
-            self._property(nid, v.path + ".EngineeringUnits", ua.ObjectIds.EUInformation,
-                           ua.Variant(eu_information(v.unit), ua.VariantType.ExtensionObject))
-        if analog:
-            lo, hi = v.eu_range or (-math.inf, math.inf)
-            self._property(nid, v.path + ".EURange", ua.ObjectIds.Range,
-                           ua.Variant(ua.Range(Low=lo, High=hi), ua.VariantType.ExtensionObject))
-        self.vars.append((nid, v))
-        return nid
-
-    def _property(self, parent: ua.NodeId, path: str, datatype: int, value: ua.Variant) -> None:
-        name = path.rsplit(".", 1)[-1]
-        item = ua.AddNodesItem()
-        item.RequestedNewNodeId = self.nodeid(path)
-        item.BrowseName = ua.QualifiedName(name, 0)
-        item.NodeClass = ua.NodeClass.Variable
-        item.ParentNodeId = parent
-        item.ReferenceTypeId = _nid(ua.ObjectIds.HasProperty)
-        item.TypeDefinition = _nid(ua.ObjectIds.PropertyType)
-        attrs = ua.VariableAttributes()
-        attrs.DisplayName = ua.LocalizedText(name)
-        attrs.Description = ua.LocalizedText(name)
-        attrs.DataType = _nid(datatype)
-        attrs.ValueRank = -1
-        attrs.Value = value
-        attrs.AccessLevel = attrs.UserAccessLevel = ua.AccessLevel.CurrentRead.mask
-        item.NodeAttributes = attrs
-        self.items.append(item)
-
-
 # -- push groups -------------------------------------------------------------------------------
 
 
@@ -532,34 +340,6 @@ class _Aggregate:
     last_q: int = -1
     last_value: float = math.nan
     last_push: float = -math.inf
-
-
-@dataclass
-class _Condition:
-    """One alarm condition (one protection check): which elements are active at which level."""
-
-    kind: str
-    name: str
-    nodeid: ua.NodeId
-    browse: str
-    active: dict[tuple[int | None, Level], Event] = field(default_factory=dict)
-    acked: bool = True
-    event_id: bytes = b""
-    severity: int = 0
-    last_severity: int = 0
-    comment: str = ""
-    client_user: str = ""
-    transition: datetime | None = None
-    last: Event | None = None
-    last_fields: Any = None  # the last event object sent (for ConditionRefresh)
-
-    @property
-    def is_active(self) -> bool:
-        return bool(self.active)
-
-    @property
-    def retain(self) -> bool:
-        return self.is_active or not self.acked
 
 
 @dataclass
@@ -616,16 +396,14 @@ class OpcuaServer:
         self.server: Server | None = None
         self.certificate_file: Path | None = None
         self._ready: anyio.Event | None = None
-        self._pending: deque[Event] = deque()
-        self._max_pending = max_pending_events
-        recorder.subscribers.append(self._on_event)
+        self.alarms = Alarms(self.stats, lambda: self.server, lambda: self._write, self._refuse, max_pending_events)
+        recorder.subscribers.append(self.alarms.on_event)
         quiet = logging.getLogger("asyncua")  # logs every request at INFO: thousands of lines a minute
         if quiet.level == logging.NOTSET:
             quiet.setLevel(logging.WARNING)
         self._write = None  # type: Callable[..., Any] | None
         self.writer: _FastWriter | None = None
         self._settings_by_node: dict[ua.NodeId, SettingSpec] = {}
-        self._conditions: dict[tuple[str, str], _Condition] = {}
         self._diag_nodes: dict[str, tuple[ua.NodeId, ua.VariantType, Any]] = {}
         self._limit_nodes: dict[tuple[str, str], tuple[ua.NodeId, Any]] = {}
         self._est_nodes: dict[str, tuple[ua.NodeId, ua.VariantType, Any]] = {}
@@ -638,7 +416,6 @@ class OpcuaServer:
         self._est_time: dict[str, float] = {}
         self._method_nodes: dict[ua.NodeId, tuple[str, tuple[ua.VariantType, ...]]] = {}
         self._made_objs: set[str] = set()
-        self._alarm_vars: dict[str, ua.NodeId] = {}
         self.ns = 0
         self.root = ua.NodeId()
         self._trust: TrustList | None = None
@@ -665,12 +442,12 @@ class OpcuaServer:
             "endpoint": self.url, "listening": self._ready is not None and self._ready.is_set(),
             "subscriptions": len(subs), "monitored_items": items, "updates": s.updates,
             "updates_per_s": round(s.updates_per_s, 1), "events_emitted": s.events_emitted,
-            "events_dropped": s.events_dropped, "events_pending": len(self._pending),
+            "events_dropped": s.events_dropped, "events_pending": len(self.alarms.pending),
             "writes_accepted": s.writes_accepted, "writes_refused": s.writes_refused, "calls": s.calls,
             "calls_refused": s.calls_refused, "logins_refused": self._users.refused if self._users else 0,
             "certificates_refused": self._trust.rejected if self._trust else 0, "last_refusal": s.last_refusal,
             "start_s": round(s.start_s, 3), "starts": s.starts, "last_error": s.last_error,
-            "active_alarms": sum(1 for c in list(self._conditions.values()) if c.is_active),
+            "active_alarms": self.alarms.active_count(),
             "push_loop": self.loop.summary(),
         }
 
@@ -742,7 +519,7 @@ class OpcuaServer:
         try:
             self.writer = _FastWriter(server.iserver.aspace)
             self._write = self.writer
-            await self._alarm_summary(datetime.now(UTC))
+            await self.alarms.publish_summary(datetime.now(UTC))
             self.stats.start_s = time.monotonic() - t0
             self.stats.last_error = ""
             log.info("OPC UA server listening on %s (%d variables, ready in %.2f s)", self.url,
@@ -750,7 +527,7 @@ class OpcuaServer:
             self.ready.set()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._push_loop)
-                tg.start_soon(self._event_loop)
+                tg.start_soon(self.alarms.run)
                 tg.start_soon(self._slow_loop)
         finally:
             self._write = None
@@ -818,15 +595,15 @@ class OpcuaServer:
         sec, img, lay = self.section, self.image, self.layout
         # a restart builds a new address space: forget the nodes of the old one (alarm states are kept)
         for table in (self._diag_nodes, self._limit_nodes, self._est_nodes, self._cell_est, self._settings_by_node,
-                      self._est_last, self._est_time, self._alarm_vars, self._method_nodes):
+                      self._est_last, self._est_time, self._method_nodes):
             table.clear()
         self._last_estimates = -math.inf
         self.ns = ns = await server.register_namespace(NAMESPACE_URI)
-        b = _Batch(ns)
+        b = NodeBatch(ns)
         pack_ms, cell_ms = 1000.0 / sec.pack_rate_hz, 1000.0 / sec.cell_rate_hz
         ranges = _eu_ranges(limits0, lay)
         root = b.obj("", "the battery: pack, strings, modules, cells, limits, alarms, estimators, EIS, gateway",
-                     notifier=True, parent=_nid(ua.ObjectIds.ObjectsFolder))
+                     notifier=True, parent=node_id(ua.ObjectIds.ObjectsFolder))
         self.root = root
         # identification
         b.obj("Identification", "who and what this gateway and battery are")
@@ -842,7 +619,7 @@ class OpcuaServer:
         ]
         static: list[tuple[ua.NodeId, ua.Variant]] = []
         for name, vt, value, desc in ident:
-            nid = b.var(_Var(f"Identification.{name}", vt, description=desc))
+            nid = b.var(VarSpec(f"Identification.{name}", vt, description=desc))
             static.append((nid, ua.Variant(value, vt)))
         # pack, scalars of the image, aggregates
         b.obj("Pack", "pack-level measurements, estimates and limits")
@@ -866,14 +643,14 @@ class OpcuaServer:
             ensure_obj(path.rpartition(".")[0])
             unit = guess_unit(parts[-1])
             rng = ranges.get(name) or (ranges.get(f"*{unit}") if unit else None)
-            nid = b.var(_Var(path, ua.VariantType.Double, unit, f"{name} (from the signal map)", rng,
+            nid = b.var(VarSpec(path, ua.VariantType.Double, unit, f"{name} (from the signal map)", rng,
                              sampling_ms=pack_ms))
             groups["pack"].add(nid, index, KIND_DOUBLE)
         self._aggregates = self._aggregate_vars(b, ranges, pack_ms)
         for key, (path, vt, unit, desc) in PACK_ESTIMATES.items():
             ensure_obj(path.rpartition(".")[0])
             arr = key in EIS_ARRAYS
-            nid = b.var(_Var(path, vt, unit, desc, ranges.get(key), array=arr, sampling_ms=pack_ms))
+            nid = b.var(VarSpec(path, vt, unit, desc, ranges.get(key), array=arr, sampling_ms=pack_ms))
             self._est_nodes[key] = (nid, vt, None)
         # strings, modules, cells
         b.obj("Strings", "strings of modules in series", folder=True)
@@ -896,7 +673,7 @@ class OpcuaServer:
                     b.obj(cp, f"cell {c}")
                     self._family_vars(b, groups, "cell", c, cp, ranges, cell_ms, (c,))
                     for key, (leaf, unit, desc) in CELL_ESTIMATES.items():
-                        per_cell[key].append(b.var(_Var(f"{cp}.{leaf}", ua.VariantType.Double, unit, desc,
+                        per_cell[key].append(b.var(VarSpec(f"{cp}.{leaf}", ua.VariantType.Double, unit, desc,
                                                         ranges.get(key), sampling_ms=cell_ms)))
         for key, nodes in per_cell.items():
             self._cell_est[key] = (nodes, np.full(len(nodes), np.nan))
@@ -913,12 +690,12 @@ class OpcuaServer:
                 made_objs.add(cp)
                 for level in ("mol", "rsl", "msl"):
                     if level in levels:
-                        nid = b.var(_Var(f"{cp}.{level.upper()}", ua.VariantType.Double, unit,
+                        nid = b.var(VarSpec(f"{cp}.{level.upper()}", ua.VariantType.Double, unit,
                                          f"{check} {level.upper()}"))
                         self._limit_nodes[(check, level)] = (nid, None)
             elif isinstance(levels, int | float):
                 leaf = "DeepDischargeVoltage" if check == "deep_discharge_v" else camel(check)
-                nid = b.var(_Var(f"Limits.{leaf}", ua.VariantType.Double, guess_unit(check) or
+                nid = b.var(VarSpec(f"Limits.{leaf}", ua.VariantType.Double, guess_unit(check) or
                                  ("V" if check.endswith("_v") else None), check))
                 self._limit_nodes[(check, "")] = (nid, None)
         b.obj("Settings", "settings an engineer may write, inside the hardware limits", folder=True)
@@ -928,19 +705,11 @@ class OpcuaServer:
             vt = {"double": ua.VariantType.Double, "boolean": ua.VariantType.Boolean,
                   "int32": ua.VariantType.Int32}[spec.kind]
             rng = (spec.low, spec.high) if spec.kind != "boolean" else None
-            nid = b.var(_Var(f"Settings.{spec.name}", vt, spec.unit, spec.description, rng, writable=True))
+            nid = b.var(VarSpec(f"Settings.{spec.name}", vt, spec.unit, spec.description, rng, writable=True))
             self._settings_by_node[nid] = spec
             if spec.initial is not None:
                 static.append((nid, ua.Variant(_coerce(spec.initial, vt), vt)))
-        # alarms
-        b.obj("Alarms", "protection alarms (conditions; acknowledge with the Acknowledge method)", folder=True)
-        self._alarm_vars = {
-            "ActiveCount": b.var(_Var("Alarms.ActiveCount", ua.VariantType.UInt32, description="active conditions")),
-            "UnacknowledgedCount": b.var(_Var("Alarms.UnacknowledgedCount", ua.VariantType.UInt32,
-                                              description="conditions not acknowledged")),
-            "Active": b.var(_Var("Alarms.Active", ua.VariantType.String, description="active conditions: check, "
-                                 "level, element", array=True)),
-        }
+        self.alarms.add_folder(b)
         # estimators, EIS, gateway
         b.obj("Estimators", "estimator outputs without a fixed place (provider keys estimators.*)", folder=True)
         made_objs.update({"Estimators", "Settings", "Limits", "Alarms"})
@@ -956,19 +725,19 @@ class OpcuaServer:
         srv = datetime.now(UTC)
         for nid, v in b.vars:
             empty = ua.Variant([], v.vtype) if v.array else ua.Variant()
-            await aspace.write_attribute_value(nid, ua.AttributeIds.Value, _dv(empty, WAITING, None, srv))
+            await aspace.write_attribute_value(nid, ua.AttributeIds.Value, data_value(empty, WAITING, None, srv))
         for nid, variant in static:
-            await aspace.write_attribute_value(nid, ua.AttributeIds.Value, _dv(variant, GOOD, srv, srv))
+            await aspace.write_attribute_value(nid, ua.AttributeIds.Value, data_value(variant, GOOD, srv, srv))
         for g in groups.values():
             g.freeze(img)
         self._groups = [groups["pack"], groups["cells"]]
         # references that make the model discoverable for event clients
-        await iserver.isession.add_references([_ref(ua.ObjectIds.Server, ua.ObjectIds.HasNotifier, root),
-                                               _ref(ua.ObjectIds.Server, ua.ObjectIds.HasEventSource, root)])
-        await self._build_events(server)
+        await iserver.isession.add_references([reference(ua.ObjectIds.Server, ua.ObjectIds.HasNotifier, root),
+                                               reference(ua.ObjectIds.Server, ua.ObjectIds.HasEventSource, root)])
+        await self.alarms.build(server, ns, root)
         await self._build_methods(server)
 
-    def _family_vars(self, b: _Batch, groups: dict[str, _ImageGroup], prefix: str, element: int, path: str,
+    def _family_vars(self, b: NodeBatch, groups: dict[str, _ImageGroup], prefix: str, element: int, path: str,
                      ranges: dict[str, tuple[float, float]], sampling_ms: float, index: tuple[int, ...]) -> None:
         img = self.image
         for fam_name, fam in img.families.items():
@@ -986,11 +755,11 @@ class OpcuaServer:
                     continue  # not bound by the signal map: no node (docs/opcua.md)
                 leaf = name + "".join(str(i) for i in rest)
                 vt = _KIND_VT[kind]
-                nid = b.var(_Var(f"{path}.{leaf}", vt, unit if vt == ua.VariantType.Double else None,
+                nid = b.var(VarSpec(f"{path}.{leaf}", vt, unit if vt == ua.VariantType.Double else None,
                                  f"{desc} ({fam.element_name(flat)})", ranges.get(fam_name), sampling_ms=sampling_ms))
                 (groups["pack"] if prefix == "string" else groups["cells"]).add(nid, flat, kind)
 
-    def _aggregate_vars(self, b: _Batch, ranges: dict[str, tuple[float, float]], ms: float) -> list[_Aggregate]:
+    def _aggregate_vars(self, b: NodeBatch, ranges: dict[str, tuple[float, float]], ms: float) -> list[_Aggregate]:
         img = self.image
         out: list[_Aggregate] = []
 
@@ -1033,7 +802,7 @@ class OpcuaServer:
         ]
         for name, idx, op, unit, rng, desc in specs:
             if idx.size:
-                nid = b.var(_Var(f"Pack.{name}", ua.VariantType.Double, unit,
+                nid = b.var(VarSpec(f"Pack.{name}", ua.VariantType.Double, unit,
                                  desc + "; Uncertain when some inputs are not good", ranges.get(rng), sampling_ms=ms))
                 out.append(_Aggregate(nid, extreme(idx, op), np.unique(img.slots(idx))))
         if "pack.voltage" in img.scalars and "pack.current" in img.scalars:
@@ -1050,50 +819,10 @@ class OpcuaServer:
                     if worst == Quality.STALE and not (img.seq[slots] > 0).all():
                         worst = NEVER
                     return float(img.value[iv] * img.value[ic]), worst, tt
-                nid = b.var(_Var("Pack.Power", ua.VariantType.Double, "W", "pack voltage x pack current "
+                nid = b.var(VarSpec("Pack.Power", ua.VariantType.Double, "W", "pack voltage x pack current "
                                  "(positive: charging)", ranges.get("pack.power"), sampling_ms=ms))
                 out.append(_Aggregate(nid, power, np.unique(slots)))
         return out
-
-    async def _build_events(self, server: Server) -> None:
-        ns = self.ns
-        props = [("Kind", ua.VariantType.String), ("Check", ua.VariantType.String), ("Level", ua.VariantType.String),
-                 ("Element", ua.VariantType.Int32), ("MeasuredValue", ua.VariantType.Double),
-                 ("LimitValue", ua.VariantType.Double)]
-        self.event_type = await server.create_custom_event_type(ns, "BmsEventType", ua.ObjectIds.BaseEventType, props)
-        self.alarm_type = await server.create_custom_event_type(ns, "BmsAlarmType", ua.ObjectIds.AlarmConditionType,
-                                                                props)
-        self._event_template = await events.get_event_obj_from_type_node(self.event_type)
-        self._alarm_template = await events.get_event_obj_from_type_node(self.alarm_type)
-        for tmpl in (self._event_template, self._alarm_template):
-            for name, vt in props:
-                tmpl.add_property(name, None, vt)
-        a = self._alarm_template
-        a.add_property("NodeId", None, ua.VariantType.NodeId)  # ConditionId
-        for name in ("ActiveState/TransitionTime", "AckedState/TransitionTime", "EnabledState/TransitionTime"):
-            a.add_property(name, None, ua.VariantType.DateTime)
-        known = [(Kind.LIMIT, c) for c in CHECKS] + [(Kind.LIMIT, "cell_deep_discharge")] + \
-            [(Kind.DATA, n) for n in ("cell.voltage_bad_data", "module.temperature_bad_data", "pack.current_bad_data",
-                                      "stale_data")] + \
-            [(Kind.CONTACTOR, n) for n in ("main_positive", "main_negative", "precharge")]
-        items = [self._condition_item(kind, name) for kind, name in dict.fromkeys([*known, *self._conditions])]
-        for res in await server.iserver.isession.add_nodes([i for i, _ in items]):
-            res.StatusCode.check()
-        await server.iserver.isession.add_references([_ref(self.root, ua.ObjectIds.HasCondition, c.nodeid)
-                                                      for _, c in items])
-        server.iserver.isession.add_method_callback(_nid(ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),
-                                                    self._acknowledge)
-        for mid in (ua.ObjectIds.ConditionType_ConditionRefresh, ua.ObjectIds.ConditionType_ConditionRefresh2):
-            server.iserver.isession.add_method_callback(_nid(mid), self._condition_refresh)
-
-    def _condition_item(self, kind: str, name: str) -> tuple[ua.AddNodesItem, _Condition]:
-        browse = camel(name) if kind != Kind.CONTACTOR else "Contactor" + camel(name)
-        b = _Batch(self.ns)
-        nid = b.obj(f"Alarms.{browse}", f"{kind} condition {name}", typedef=self.alarm_type.nodeid)
-        cond = self._conditions.get((kind, name))
-        if cond is None:
-            cond = self._conditions[(kind, name)] = _Condition(kind, name, nid, browse)
-        return b.items[0], cond
 
     async def _build_methods(self, server: Server) -> None:
         root = server.get_node(self.root)
@@ -1109,7 +838,7 @@ class OpcuaServer:
              (ua.VariantType.Boolean,), "start or stop active balancing"),
         ]
         for name, inargs, types, _desc in specs:
-            node = await root.add_method(_nid(f"{ROOT}.{name}", self.ns), ua.QualifiedName(name, self.ns),
+            node = await root.add_method(node_id(f"{ROOT}.{name}", self.ns), ua.QualifiedName(name, self.ns),
                                          self._make_method(name), inargs, out)
             self._method_nodes[node.nodeid] = (name, types)
 
@@ -1171,7 +900,7 @@ class OpcuaServer:
         for k, (i, v, t, qq, kind) in enumerate(zip(sel.tolist(), values, times, qs, kinds, strict=True)):
             src = stamps.get(t)
             if src is None and t == t:  # not NaN
-                src = stamps[t] = _utc(t)
+                src = stamps[t] = utc(t)
             await write(nodeids[i], value_attr, _image_dv(kind, v, qq, src, srv))
             if k % 512 == 511:
                 await anyio.sleep(0)
@@ -1194,7 +923,7 @@ class OpcuaServer:
             if seq == a.last_seq and q == a.last_q and _same(a.last_value, value):
                 continue  # an input's quality change alone can change the value (min of the good cells)
             srv = srv or datetime.now(UTC)
-            src = _utc(t) if t == t and q != NEVER else None
+            src = utc(t) if t == t and q != NEVER else None
             await self._write(a.nodeid, ua.AttributeIds.Value, _image_dv(KIND_DOUBLE, value, q, src, srv))
             a.last_seq, a.last_q, a.last_value, a.last_push = seq, q, value, now
             n += 1
@@ -1240,10 +969,10 @@ class OpcuaServer:
             if stamp is not None:
                 self._est_time[key] = stamp
             bad = vt == ua.VariantType.Double and not variant.is_array and not math.isfinite(variant.Value)
-            status = _STATUS[Quality.INVALID] if bad else GOOD
+            status = STATUSES[Quality.INVALID] if bad else GOOD
             await self._write(nid, ua.AttributeIds.Value,
-                              _dv(ua.Variant() if bad else variant, status,
-                                  _utc(stamp if stamp is not None else wall), srv))
+                              data_value(ua.Variant() if bad else variant, status,
+                                  utc(stamp if stamp is not None else wall), srv))
             n += 1
         return n
 
@@ -1265,12 +994,12 @@ class OpcuaServer:
         sel = np.flatnonzero(changed)
         if not sel.size:
             return 0
-        src = _utc(t)
+        src = utc(t)
         for k, (i, v) in enumerate(zip(sel.tolist(), arr[sel].tolist(), strict=True)):
             ok = math.isfinite(v)
             await self._write(nodes[i], ua.AttributeIds.Value,
-                              _dv(ua.Variant(v, ua.VariantType.Double) if ok else ua.Variant(),
-                                  GOOD if ok else _STATUS[Quality.INVALID], src, srv))
+                              data_value(ua.Variant(v, ua.VariantType.Double) if ok else ua.Variant(),
+                                  GOOD if ok else STATUSES[Quality.INVALID], src, srv))
             if k % 512 == 511:
                 await anyio.sleep(0)
         last[sel] = arr[sel]
@@ -1286,13 +1015,13 @@ class OpcuaServer:
             else ua.VariantType.Double
         parts = [camel(p) for p in key.split(".")[1:]]
         path = ".".join(["Estimators", *parts])
-        b = _Batch(self.ns)
+        b = NodeBatch(self.ns)
         for k in range(2, len(parts) + 1):
             p = ".".join(["Estimators", *parts[: k - 1]])
             if p not in self._made_objs:
                 self._made_objs.add(p)
                 b.obj(p)
-        nid = b.var(_Var(path, vt, guess_unit(key.split(".")[-1]) if vt == ua.VariantType.Double else None, key))
+        nid = b.var(VarSpec(path, vt, guess_unit(key.split(".")[-1]) if vt == ua.VariantType.Double else None, key))
         for res in await self.server.iserver.isession.add_nodes(b.items):
             if not res.StatusCode.is_good():
                 return None
@@ -1321,7 +1050,7 @@ class OpcuaServer:
             value = entry.get(level) if level and isinstance(entry, Mapping) else entry if not level else None
             if not isinstance(value, int | float) or value == last:
                 continue
-            await self._write(nid, ua.AttributeIds.Value, _dv(ua.Variant(float(value), ua.VariantType.Double),
+            await self._write(nid, ua.AttributeIds.Value, data_value(ua.Variant(float(value), ua.VariantType.Double),
                                                                      GOOD, srv, srv))
             self._limit_nodes[(check, level)] = (nid, value)
             self.stats.updates += 1
@@ -1336,7 +1065,7 @@ class OpcuaServer:
                 if self._est_last.get(key) != value:
                     self._est_last[key] = value
                     await self._write(nid, ua.AttributeIds.Value,
-                                      _dv(ua.Variant(float(value), ua.VariantType.Double), GOOD, srv, srv))
+                                      data_value(ua.Variant(float(value), ua.VariantType.Double), GOOD, srv, srv))
 
     async def _refresh_diagnostics(self) -> None:
         if self.server is None or self._write is None:
@@ -1352,7 +1081,7 @@ class OpcuaServer:
         leaves = list(_flatten(tree))
         new = [(p, v) for p, v in leaves if p not in self._diag_nodes]
         if new:
-            b = _Batch(self.ns)
+            b = NodeBatch(self.ns)
             for path, value in new:
                 parts = path.split(".")
                 for k in range(1, len(parts)):
@@ -1361,7 +1090,7 @@ class OpcuaServer:
                         self._made_objs.add(p)
                         b.obj(p, folder=False)
                 vt = _diag_type(value)
-                nid = b.var(_Var("Gateway.Diagnostics." + path, vt, array=vt == ua.VariantType.Double and
+                nid = b.var(VarSpec("Gateway.Diagnostics." + path, vt, array=vt == ua.VariantType.Double and
                                  isinstance(value, list), description=path))
                 self._diag_nodes[path] = (nid, vt, _MISSING)
             for res in await self.server.iserver.isession.add_nodes(b.items):
@@ -1378,199 +1107,7 @@ class OpcuaServer:
             if _same(last, variant.Value):
                 continue
             self._diag_nodes[path] = (nid, vt, variant.Value)
-            await self._write(nid, ua.AttributeIds.Value, _dv(variant, GOOD, srv, srv))
-
-    # -- events and alarms ------------------------------------------------------------------------
-
-    def _on_event(self, event: Event) -> None:
-        """Recorder subscriber: called from protection threads; never blocks."""
-        if len(self._pending) >= self._max_pending:
-            self.stats.events_dropped += 1
-            return
-        self._pending.append(event)
-
-    async def _event_loop(self) -> None:
-        while True:
-            while self._pending:
-                ev = self._pending.popleft()
-                try:
-                    await self._emit(ev)
-                except Exception:
-                    log.exception("OPC UA event %s not emitted", ev.name)
-            await anyio.sleep(0.05)
-
-    async def _emit(self, ev: Event) -> None:
-        if ev.kind in (Kind.LIMIT, Kind.DATA, Kind.CONTACTOR):
-            cond = self._conditions.get((ev.kind, ev.name))
-            if cond is None:
-                cond = await self._new_condition(ev.kind, ev.name)
-            key = (ev.index, ev.level)
-            was_active = cond.is_active
-            if ev.active:
-                if key not in cond.active:
-                    cond.acked = False
-                cond.active[key] = ev
-            else:
-                cond.active.pop(key, None)
-            sev = max((SEVERITY.get(lv, 100) for _, lv in cond.active), default=SEVERITY.get(ev.level, 100))
-            cond.last_severity, cond.severity = cond.severity, sev
-            if cond.is_active != was_active or cond.transition is None:
-                cond.transition = _utc(ev.time)
-            cond.last = ev
-            await self._send_condition(cond, ev.message, _utc(ev.time), ev)
-            await self._alarm_summary(_utc(ev.time))
-            return
-        e: Any = copy.copy(self._event_template)
-        e.EventId = uuid.uuid4().bytes
-        e.Time = _utc(ev.time)
-        e.ReceiveTime = datetime.now(UTC)
-        e.Message = ua.LocalizedText(ev.message or ev.name)
-        e.Severity = TRIP_SEVERITY if ev.kind == Kind.TRIP else SEVERITY.get(ev.level, 100)
-        e.SourceNode = self.root
-        e.SourceName = ROOT
-        _fill_bms(e, ev)
-        await self._trigger(e)
-
-    async def _new_condition(self, kind: str, name: str) -> _Condition:
-        item, cond = self._condition_item(kind, name)
-        if self.server is not None:
-            (res,) = await self.server.iserver.isession.add_nodes([item])
-            if not res.StatusCode.is_good():
-                log.warning("condition node %s not added: %s", cond.nodeid, res.StatusCode)
-        return cond
-
-    async def _send_condition(self, cond: _Condition, message: str, when: datetime, ev: Event | None) -> None:
-        e: Any = copy.copy(self._alarm_template)
-        cond.event_id = uuid.uuid4().bytes
-        e.EventId = cond.event_id
-        e.Time = when
-        e.ReceiveTime = datetime.now(UTC)
-        e.Message = ua.LocalizedText(message)
-        e.Severity = cond.severity
-        e.SourceNode = self.root
-        e.SourceName = ROOT
-        e.ConditionName = cond.browse
-        e.ConditionClassId = _nid(ua.ObjectIds.ProcessConditionClassType)
-        e.ConditionClassName = ua.LocalizedText("Process")
-        e.BranchId = ua.NodeId()
-        e.Retain = cond.retain
-        e.NodeId = cond.nodeid
-        e.EnabledState = ua.LocalizedText("Enabled")
-        setattr(e, "EnabledState/Id", True)
-        e.Quality = GOOD
-        e.LastSeverity = cond.last_severity
-        e.Comment = ua.LocalizedText(cond.comment)
-        e.ClientUserId = cond.client_user
-        e.AckedState = ua.LocalizedText("Acknowledged" if cond.acked else "Unacknowledged")
-        setattr(e, "AckedState/Id", cond.acked)
-        e.ActiveState = ua.LocalizedText("Active" if cond.is_active else "Inactive")
-        setattr(e, "ActiveState/Id", cond.is_active)
-        setattr(e, "ActiveState/TransitionTime", cond.transition)
-        e.SuppressedOrShelved = False
-        e.InputNode = ua.NodeId()
-        if ev is not None:
-            _fill_bms(e, ev)
-        elif cond.last is not None:
-            _fill_bms(e, cond.last)
-        cond.last_fields = e
-        await self._trigger(e)
-
-    async def _trigger(self, e: Any) -> None:
-        if self.server is None:
-            return
-        svc = self.server.iserver.subscription_service
-        for notifier in (_nid(ua.ObjectIds.Server), self.root):
-            one = copy.copy(e)
-            one.emitting_node = notifier
-            for sub in list(svc.subscriptions.values()):
-                await sub.monitored_item_srv.trigger_event(one)
-        self.stats.events_emitted += 1
-
-    async def _alarm_summary(self, when: datetime) -> None:
-        if self._write is None:
-            return
-        active = [c for c in self._conditions.values() if c.is_active]
-        rows = [f"{c.browse} {lv.name} {'' if el is None else el}".strip()
-                for c in active for (el, lv) in sorted(c.active, key=lambda k: (-k[1], k[0] or 0))]
-        srv = datetime.now(UTC)
-        values = {
-            "ActiveCount": ua.Variant(len(active), ua.VariantType.UInt32),
-            "UnacknowledgedCount": ua.Variant(sum(1 for c in self._conditions.values() if not c.acked),
-                                              ua.VariantType.UInt32),
-            "Active": ua.Variant(rows, ua.VariantType.String),
-        }
-        for name, variant in values.items():
-            await self._write(self._alarm_vars[name], ua.AttributeIds.Value, _dv(variant, GOOD, when, srv))
-
-    async def _acknowledge(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
-        res = ua.CallMethodResult()
-        req = current_request()
-        cond = next((c for c in self._conditions.values() if c.nodeid == parent), None)
-        if cond is None:
-            res.StatusCode = _code(ua.StatusCodes.BadNodeIdInvalid)
-            return res
-        if len(args) < 2:
-            res.StatusCode = _code(ua.StatusCodes.BadArgumentsMissing)
-            return res
-        if req is None or req.read_only or req.user is None or ROLE_RANK.get(req.user.bms_role, 0) < 1:
-            self._refuse(f"Acknowledge {cond.browse} by {_who(req)}: needs operator")
-            res.StatusCode = _code(ua.StatusCodes.BadUserAccessDenied)
-            return res
-        event_id, comment = args[0].Value, args[1].Value
-        if args[0].VariantType != ua.VariantType.ByteString or args[1].VariantType != ua.VariantType.LocalizedText:
-            res.StatusCode = _code(ua.StatusCodes.BadInvalidArgument)
-            res.InputArgumentResults = [_code(ua.StatusCodes.BadTypeMismatch)
-                                        if a.VariantType != t else ua.StatusCode()
-                                        for a, t in zip(args[:2], (ua.VariantType.ByteString,
-                                                                   ua.VariantType.LocalizedText), strict=True)]
-            return res
-        if bytes(event_id or b"") != cond.event_id:
-            res.StatusCode = _code(ua.StatusCodes.BadEventIdUnknown)
-            return res
-        if cond.acked:
-            res.StatusCode = _code(ua.StatusCodes.BadConditionBranchAlreadyAcked)
-            return res
-        cond.acked = True
-        cond.comment = (comment.Text if isinstance(comment, ua.LocalizedText) else "") or ""
-        cond.client_user = req.user.name or ""
-        cond.last_severity = cond.severity
-        self.stats.calls += 1
-        await self._send_condition(cond, f"{cond.browse} acknowledged by {cond.client_user}"
-                                   + (f": {cond.comment}" if cond.comment else ""), datetime.now(UTC), None)
-        await self._alarm_summary(datetime.now(UTC))
-        return res
-
-    async def _condition_refresh(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
-        res = ua.CallMethodResult()
-        if self.server is None or not args:
-            res.StatusCode = _code(ua.StatusCodes.BadArgumentsMissing)
-            return res
-        sub = self.server.iserver.subscription_service.subscriptions.get(args[0].Value)
-        if sub is None:
-            res.StatusCode = _code(ua.StatusCodes.BadSubscriptionIdInvalid)
-            return res
-        only = args[1].Value if len(args) > 1 else None
-        mis = sub.monitored_item_srv
-        for notifier in (_nid(ua.ObjectIds.Server), self.root):
-            mids = [m for m in mis._monitored_events.get(notifier, []) if only is None or m == only]
-            for start_end in (event_objects.RefreshStartEvent, None, event_objects.RefreshEndEvent):
-                batch: list[Any] = []
-                if start_end is None:
-                    batch = [c.last_fields for c in self._conditions.values() if c.retain and c.last_fields]
-                else:
-                    marker: Any = start_end(sourcenode=_nid(ua.ObjectIds.Server))
-                    marker.EventId = uuid.uuid4().bytes
-                    marker.Time = marker.ReceiveTime = datetime.now(UTC)
-                    marker.Severity = 100
-                    marker.SourceName = "Server"
-                    marker.Message = ua.LocalizedText("ConditionRefresh")
-                    batch = [marker]
-                for e in batch:
-                    one = copy.copy(e)
-                    one.emitting_node = notifier
-                    for mid in mids:
-                        await mis.trigger_event(one, mid)
-        return res
+            await self._write(nid, ua.AttributeIds.Value, data_value(variant, GOOD, srv, srv))
 
     # -- methods and writes ------------------------------------------------------------------------
 
@@ -1584,23 +1121,23 @@ class OpcuaServer:
         req = current_request()
         types = next(t for n, t in self._method_nodes.values() if n == name)
         if parent != self.root:
-            res.StatusCode = _code(ua.StatusCodes.BadMethodInvalid)
+            res.StatusCode = status_code(ua.StatusCodes.BadMethodInvalid)
             return res
         if req is None or req.read_only or req.user is None or ROLE_RANK.get(req.user.bms_role, 0) < 1:
-            self._refuse(f"{name} by {_who(req)}: needs operator")
+            self._refuse(f"{name} by {caller_name(req)}: needs operator")
             self.stats.calls_refused += 1
-            res.StatusCode = _code(ua.StatusCodes.BadUserAccessDenied)
+            res.StatusCode = status_code(ua.StatusCodes.BadUserAccessDenied)
             return res
         if len(args) < len(types):
-            res.StatusCode = _code(ua.StatusCodes.BadArgumentsMissing)
+            res.StatusCode = status_code(ua.StatusCodes.BadArgumentsMissing)
             return res
         if len(args) > len(types):
-            res.StatusCode = _code(ua.StatusCodes.BadTooManyArguments)
+            res.StatusCode = status_code(ua.StatusCodes.BadTooManyArguments)
             return res
         checks = [ua.StatusCode() if a.VariantType == t and not a.is_array else
-                  _code(ua.StatusCodes.BadTypeMismatch) for a, t in zip(args, types, strict=True)]
+                  status_code(ua.StatusCodes.BadTypeMismatch) for a, t in zip(args, types, strict=True)]
         if any(not c.is_good() for c in checks):
-            res.StatusCode = _code(ua.StatusCodes.BadInvalidArgument)
+            res.StatusCode = status_code(ua.StatusCodes.BadInvalidArgument)
             res.InputArgumentResults = checks
             return res
         handler = self.methods.get(name)
@@ -1627,30 +1164,30 @@ class OpcuaServer:
 
     async def _client_write(self, wv: ua.WriteValue, user: User) -> ua.StatusCode:
         req = current_request()
-        who = _who(req)
+        who = caller_name(req)
         spec = self._settings_by_node.get(wv.NodeId)
         if spec is None or wv.AttributeId != ua.AttributeIds.Value:
             if self.server is None or wv.NodeId not in self.server.iserver.aspace:
-                return _code(ua.StatusCodes.BadNodeIdUnknown)
+                return status_code(ua.StatusCodes.BadNodeIdUnknown)
             self._refuse(f"write {wv.NodeId.to_string()} by {who}: not writable")
-            return _code(ua.StatusCodes.BadNotWritable)
+            return status_code(ua.StatusCodes.BadNotWritable)
         role = user.bms_role if isinstance(user, OpcuaIdentity) else "viewer"
         if req is None or req.read_only or ROLE_RANK.get(role, 0) < ROLE_RANK["engineer"]:
             self._refuse(f"write {spec.name} by {who}: needs engineer on a secured channel")
-            return _code(ua.StatusCodes.BadUserAccessDenied)
+            return status_code(ua.StatusCodes.BadUserAccessDenied)
         if wv.IndexRange:
-            return _code(ua.StatusCodes.BadIndexRangeInvalid)
+            return status_code(ua.StatusCodes.BadIndexRangeInvalid)
         variant = wv.Value.Value if wv.Value is not None else None
         vt = {"double": ua.VariantType.Double, "boolean": ua.VariantType.Boolean,
               "int32": ua.VariantType.Int32}[spec.kind]
         if variant is None or variant.VariantType != vt or variant.is_array:
             self._refuse(f"write {spec.name} by {who}: type {variant.VariantType.name if variant else None}, "
                          f"needs {vt.name}")
-            return _code(ua.StatusCodes.BadTypeMismatch)
+            return status_code(ua.StatusCodes.BadTypeMismatch)
         value = variant.Value
         if spec.kind != "boolean" and (not math.isfinite(float(value)) or not spec.low <= float(value) <= spec.high):
             self._refuse(f"write {spec.name}={value} by {who}: outside [{spec.low}, {spec.high}]")
-            return _code(ua.StatusCodes.BadOutOfRange)
+            return status_code(ua.StatusCodes.BadOutOfRange)
         if self.write_setting is None:
             ok, reason = False, "settings are read-only on this gateway"
         else:
@@ -1666,11 +1203,11 @@ class OpcuaServer:
                                     f"{'accepted' if ok else 'refused'}: {reason}"))
         if not ok:
             self._refuse(f"write {spec.name}={value} by {who}: {reason}")
-            return _code(ua.StatusCodes.BadOutOfRange)
+            return status_code(ua.StatusCodes.BadOutOfRange)
         self.stats.writes_accepted += 1
         now = datetime.now(UTC)
         if self._write is not None:
-            await self._write(wv.NodeId, ua.AttributeIds.Value, _dv(ua.Variant(value, vt), GOOD, now, now))
+            await self._write(wv.NodeId, ua.AttributeIds.Value, data_value(ua.Variant(value, vt), GOOD, now, now))
         if spec.limit is not None:
             self._est_last[f"setting:{spec.name}"] = value
         return ua.StatusCode()
@@ -1693,9 +1230,9 @@ class OpcuaServer:
 _MISSING = object()
 
 
-def _image_dv(kind: int, v: float, q: int, src: datetime | None, srv: datetime) -> _DataValue:
+def _image_dv(kind: int, v: float, q: int, src: datetime | None, srv: datetime) -> SharedDataValue:
     if q >= Quality.INVALID:  # Bad: the value must not be used (asyncua would null it anyway)
-        return _dv(ua.Variant(), _STATUS[q], src if q == Quality.INVALID else None, srv)
+        return data_value(ua.Variant(), STATUSES[q], src if q == Quality.INVALID else None, srv)
     if kind == KIND_DOUBLE:
         variant = ua.Variant(v, ua.VariantType.Double)
     elif kind == KIND_BOOL:
@@ -1703,8 +1240,8 @@ def _image_dv(kind: int, v: float, q: int, src: datetime | None, srv: datetime) 
     elif -2147483648.0 <= v <= 2147483647.0:
         variant = ua.Variant(int(v), ua.VariantType.Int32)
     else:
-        return _dv(ua.Variant(), _STATUS[Quality.INVALID], src, srv)
-    return _dv(variant, _STATUS[q], src, srv)
+        return data_value(ua.Variant(), STATUSES[Quality.INVALID], src, srv)
+    return data_value(variant, STATUSES[q], src, srv)
 
 
 def _coerce(value: Any, vt: ua.VariantType) -> Any:
@@ -1721,7 +1258,7 @@ def _variant(value: Any, vt: ua.VariantType, array: bool) -> ua.Variant:
     if vt == ua.VariantType.String:
         return ua.Variant(value if isinstance(value, str) else json.dumps(value, default=str), vt)
     if vt == ua.VariantType.DateTime:
-        return ua.Variant(_utc(float(value)), vt)
+        return ua.Variant(utc(float(value)), vt)
     if vt == ua.VariantType.Boolean:
         return ua.Variant(bool(value), vt)
     return ua.Variant(float(value), vt)
@@ -1765,35 +1302,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, A
             yield path, list(value) if isinstance(value, tuple) else value
 
 
-def _fill_bms(e: Any, ev: Event) -> None:
-    e.Kind = ev.kind
-    e.Check = ev.name
-    e.Level = ev.level.name
-    e.Element = -1 if ev.index is None else int(ev.index)
-    e.MeasuredValue = math.nan if ev.value is None else float(ev.value)
-    e.LimitValue = math.nan if ev.limit is None else float(ev.limit)
-
-
-def _who(req: Request | None) -> str:
-    if req is None or req.user is None:
-        return "unknown"
-    return f"{req.user.name} ({req.user.bms_role}{', security None' if req.read_only else ''})"
-
-
-def _ref(source: Any, reftype: int, target: ua.NodeId) -> ua.AddReferencesItem:
-    ref = ua.AddReferencesItem()
-    ref.SourceNodeId = source if isinstance(source, ua.NodeId) else _nid(source)
-    ref.ReferenceTypeId = _nid(reftype)
-    ref.IsForward = True
-    ref.TargetNodeId = target
-    ref.TargetNodeClass = ua.NodeClass.Object
-    return ref
-
-
 def _argument(name: str, datatype: int, description: str) -> ua.Argument:
     arg = ua.Argument()
     arg.Name = name
-    arg.DataType = _nid(datatype)
+    arg.DataType = node_id(datatype)
     arg.ValueRank = -1
     arg.Description = ua.LocalizedText(description)
     return arg
@@ -1832,5 +1344,4 @@ def _eu_ranges(limits: Mapping[str, Any], layout: Layout) -> dict[str, tuple[flo
     return out
 
 
-__all__ = ["NAMESPACE_URI", "OpcuaServer", "OpcuaStats", "SettingSpec", "Node", "eu_information", "limit_settings",
-           "unit_id"]
+__all__ = ["NAMESPACE_URI", "OpcuaServer", "OpcuaStats", "SettingSpec", "Node", "limit_settings"]

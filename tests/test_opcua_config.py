@@ -17,7 +17,7 @@ from gateway.opcua_config import (
     parse_password_hash,
     verify_password,
 )
-from gateway.opcua_server import camel, eu_information, unit_id
+from gateway.opcua_nodes import camel, eu_information, unit_id
 from gateway.schema import ConfigError, Loader, read_toml
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_opcua_support import PASSWORDS, Harness, Site, make_cert, section
 
-from gateway.opcua_server import unit_id
+from gateway.opcua_nodes import unit_id
 
 INTEROP = Path(__file__).resolve().parents[1] / "scripts" / "interop"
 pytestmark = pytest.mark.slow

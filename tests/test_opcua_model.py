@@ -31,7 +31,8 @@ from test_opcua_support import (
 from drivers.sim_pack import SimPack
 from gateway.config import load_config, shipped_config
 from gateway.image import Quality
-from gateway.opcua_server import NAMESPACE_URI, UNECE_URI, unit_id
+from gateway.opcua_nodes import UNECE_URI, unit_id
+from gateway.opcua_server import NAMESPACE_URI
 
 pytestmark = pytest.mark.slow
 
