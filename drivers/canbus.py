@@ -5,14 +5,17 @@ passing through the event loop, so frames are decoded in arrival order with
 their adapter/kernel timestamps, whatever the loop is busy with.  When the
 adapter disappears (USB unplugged, TCP peer gone, interface down) the thread
 closes it, counts the failure and reopens it with exponential backoff and
-jitter.
+jitter.  An exception from the sink (or a tap) costs only its frame: it is
+counted and logged, and the thread goes on with the next frame.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,9 @@ CAN_ERR_CRTL = 0x00000004
 CAN_ERR_BUSOFF = 0x00000040
 CAN_ERR_CRTL_RX_OVERFLOW = 0x01
 CAN_ERR_CRTL_TX_OVERFLOW = 0x02
+
+# a sink failing on every frame logs once per interval (with the count of the rest), not per frame
+SINK_LOG_INTERVAL_S = 10.0
 
 Sink = Callable[[can.Message], object]
 
@@ -71,6 +77,7 @@ class AdapterStats:
     tx_errors: int = 0
     opens: int = 0
     failures: int = 0
+    sink_errors: int = 0  # frames whose sink or tap raised (the frame is lost, reception goes on)
     last_error: str = ""
 
 
@@ -88,6 +95,8 @@ class CanAdapter:
         self._tx_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sink_log_at = -math.inf  # monotonic time of the last logged sink error
+        self._sink_unlogged = 0  # sink errors since then
 
     def start(self) -> None:
         """Start the receive thread (it opens the bus)."""
@@ -177,10 +186,32 @@ class CanAdapter:
             if msg.is_error_frame:
                 self._error_frame(msg)
                 continue
-            sink(msg)
+            # a raising sink must not end the thread: every later frame would go undecoded and unprotected
+            try:
+                sink(msg)
+            except Exception as exc:
+                self._sink_failed("sink", msg, exc)
             if taps:
                 for tap in taps:
-                    tap(msg)
+                    try:
+                        tap(msg)
+                    except Exception as exc:
+                        self._sink_failed("tap", msg, exc)
+
+    def _sink_failed(self, what: str, msg: can.Message, exc: Exception) -> None:
+        """Count a frame the sink or a tap raised on; log it with its traceback, rate-limited."""
+        s = self.stats
+        s.sink_errors += 1
+        s.last_error = f"{what}: {type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if now - self._sink_log_at < SINK_LOG_INTERVAL_S:
+            self._sink_unlogged += 1
+            return
+        unlogged, self._sink_unlogged, self._sink_log_at = self._sink_unlogged, 0, now
+        log.error("bus %s: the %s raised on frame 0x%X; frame dropped, receiving goes on "
+                  "(errors so far: %d, unreported since the last report: %d; one report per %.0f s at most)",
+                  self.settings.name, what, msg.arbitration_id, s.sink_errors, unlogged, SINK_LOG_INTERVAL_S,
+                  exc_info=exc)
 
     def _error_frame(self, msg: can.Message) -> None:
         s = self.stats
@@ -192,4 +223,7 @@ class CanAdapter:
             s.rx_overflow += bool(msg.data[1] & CAN_ERR_CRTL_RX_OVERFLOW)
             s.tx_overflow += bool(msg.data[1] & CAN_ERR_CRTL_TX_OVERFLOW)
         for tap in self.taps:
-            tap(msg)
+            try:
+                tap(msg)
+            except Exception as exc:
+                self._sink_failed("tap", msg, exc)

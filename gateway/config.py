@@ -8,6 +8,7 @@ ConfigError naming the file, the key path (and line where known) and the reason.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Literal
 
 from cloudlink.config import CloudSection
 from drivers.canbus import AdapterSettings
-from gateway.contactors import ContactorSettings
+from gateway.contactors import CONTACTORS, ContactorSettings
 from gateway.dbcfile import LoadedDbc, load_dbc, merge
 from gateway.eis import EisSection, eis_families, eis_slots, module_frame_ids
 from gateway.estimation import EstimatorSection
@@ -286,7 +287,7 @@ def load_config(path: str | Path) -> Loaded:
     except ValueError as exc:
         raise loader.error("site", f"the signal maps do not fit the site layout: {exc}") from None
     if cfg.protection.enabled:
-        _check_protection(cfg, image, sources, loader)
+        _check_protection(cfg, image, sources, dbcs, loader)
     return Loaded(path, cfg, dbcs, sources, warnings, image, ingests)
 
 
@@ -308,19 +309,54 @@ def _check_eis(cfg: Config, sources: list[BusSource], loader: Loader) -> None:
             raise loader.error("eis.sot_calibration", str(exc)) from None
 
 
-def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource], loader: Loader) -> None:
+def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource],
+                      dbcs: dict[str, list[LoadedDbc]], loader: Loader) -> None:
     """What protection needs from the maps and DBCs is there (else it could not protect)."""
     p = cfg.protection
     try:
-        Protection(image, cfg.limit_table(), p.debounce, p.plausible,
-                   p.charge_threshold_a, p.lane.tick_ms / 1000.0)
+        prot = Protection(image, cfg.limit_table(), p.debounce, p.plausible,
+                          p.charge_threshold_a, p.lane.tick_ms / 1000.0)
     except ValueError as exc:
         raise loader.error("protection", f"{exc} (or set protection.enabled = false)") from None
+    feedback = {image.index(f"contactor.{c}") for c in CONTACTORS if f"contactor.{c}" in image.scalars}
+    _check_watched_periods(cfg, image, {int(i) for i in prot.watched} | feedback, sources, dbcs, loader)
     bus = cfg.contactor_bus()
     messages = next(s.messages for s in sources if s.bus == bus)
     if not any(m.name == p.contactor_message for m in messages):
         raise loader.error("protection.contactor_message",
                            f"bus '{bus}' has no message '{p.contactor_message}' in its DBC to command the contactors")
+
+
+def _check_watched_periods(cfg: Config, image: ProcessImage, watched: set[int], sources: list[BusSource],
+                           dbcs: dict[str, list[LoadedDbc]], loader: Loader) -> None:
+    """Every signal protection watches comes from a message with a cycle time.
+
+    Without one the message's slot never goes stale, so a sender that falls silent leaves its last
+    values GOOD forever and protection keeps judging them: missing data must be a fault instead.
+    """
+    for n, (bus, src) in enumerate(zip(cfg.bus, sources, strict=True)):
+        missing: dict[str, list[str]] = {}  # message name -> the watched signals it carries
+        for b in src.signal_map.bindings:
+            i = image.index(b.target)
+            if i in watched and not math.isfinite(image.period(int(image.slot_of[i]))):
+                missing.setdefault(b.message.name, []).append(b.target)
+        if not missing:
+            continue
+        names = sorted(missing)
+        carried = "; ".join(f"{m} ({_some(missing[m])})" for m in names)
+        where = sorted({str(d.path) for d in dbcs[bus.name] for m in d.db.messages if m.name in missing})
+        raise loader.error(f"bus[{n}].map",
+                           f"protection watches signals of messages with no cycle time: {carried}. "
+                           "A sender that stops would never be detected (its last values would stay good). "
+                           f"Give each a [[message]] entry with cycle_ms in {src.signal_map.source}, "
+                           f"or a GenMsgCycleTime attribute in {', '.join(where)} "
+                           "(or set protection.enabled = false)")
+
+
+def _some(names: list[str], shown: int = 2) -> str:
+    """A few names and how many more, for error messages about many signals."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 SYSTEM_SOCKET = Path("/run/bmsgw/control.sock")

@@ -1,16 +1,21 @@
 """The contactor state machine: INIT -> STANDBY -> PRECHARGE -> NORMAL, OPEN_REQUESTED, ERROR.
 
 ERROR is latched: it is left only when every cause is gone AND a reset is
-requested. Feedback is supervised (a contactor that does not follow its command
-within the feedback timeout, or reports itself welded, is a fault), precharge
-is bounded in time and retries, and an oscillation guard refuses rapid re-close
-requests. A deep discharge is latched in the state directory so a restart does
-not clear it.
+requested, and it is kept in the state directory so that a restart (a crash, the
+watchdog) does not leave it either; a deep discharge is latched there too.
+Feedback is supervised (a contactor that does not follow its command within the
+feedback timeout, reports itself welded, or whose feedback stops arriving, is a
+fault), precharge closes only on valid measurements and is bounded in time and
+retries, and an oscillation guard refuses rapid re-close requests.
+
+Lock order: protection's lock before ours (a trip arrives from a receive thread
+that holds it), so nothing here asks protection anything while holding ours.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -23,6 +28,8 @@ from typing import Any, Protocol
 
 from gateway.events import Event, Kind, Level
 from gateway.image import ProcessImage, Quality
+
+log = logging.getLogger(__name__)
 
 CONTACTORS = ("main_positive", "main_negative", "precharge")
 GOOD = Quality.GOOD
@@ -73,28 +80,43 @@ class ContactorSettings:
             raise ValueError("max_closes_per_hour: must be >= 1")
 
 
-class DeepDischargeLatch:
-    """A deep discharge recorded on disk (atomically, fsynced) so that restarts keep it."""
+class LatchFile:
+    """A latch kept on disk (written atomically and fsynced) so that restarts keep it.
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "deep_discharge.json"
+    The first ``set`` wins until ``clear``. When the file cannot be written (a read-only or
+    full SD card) the latch is still held, in memory, and its record says so.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._unsaved: dict[str, Any] | None = None
 
     def read(self) -> dict[str, Any] | None:
+        if self._unsaved is not None:
+            return self._unsaved
         try:
             data: dict[str, Any] = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:  # unreadable: stay safe, treat as latched
-            return {"cell": None, "value": None, "time": None, "note": f"latch file unreadable: {exc}"}
+            return {"note": f"latch file unreadable: {exc}"}
         return data
 
-    def set(self, cell: int, value: float) -> None:
+    def set(self, record: dict[str, Any]) -> None:
         if self.read() is not None:
             return
+        record = {**record, "time": time.time()}
+        try:
+            self._write(record)
+        except OSError as exc:
+            log.error("latch %s not saved (%s): held in memory until a restart", self.path, exc)
+            self._unsaved = {**record, "note": f"not saved ({exc}): a restart would lose it"}
+
+    def _write(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump({"cell": cell, "value": value, "time": time.time()}, f)
+            json.dump(record, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -105,19 +127,31 @@ class DeepDischargeLatch:
             os.close(dfd)
 
     def clear(self) -> None:
+        self._unsaved = None
         self.path.unlink(missing_ok=True)
+
+
+class DeepDischargeLatch(LatchFile):
+    """The cell that went below ``deep_discharge_v`` (cleared only by an explicit reset)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir / "deep_discharge.json")
+
+    def latch(self, cell: int, value: float) -> None:
+        self.set({"cell": cell, "value": value})
 
 
 class ContactorMachine:
     """Drives the contactors from protection state, feedback and requests. Call tick() every 10 ms."""
 
     def __init__(self, image: ProcessImage, driver: ContactorDriver, settings: ContactorSettings,
-                 latch: DeepDischargeLatch, on_event: Callable[[Event], None],
+                 state_dir: Path, on_event: Callable[[Event], None],
                  trip_causes: Callable[[], list[str]]) -> None:
         self.image = image
         self.driver = driver
         self.settings = settings
-        self.latch = latch
+        self.latch = DeepDischargeLatch(state_dir)
+        self.error_latch = LatchFile(state_dir / "error.json")
         self.on_event = on_event
         self.trip_causes = trip_causes
         self.lock = threading.RLock()
@@ -134,10 +168,16 @@ class ContactorMachine:
         self.last_sent = 0.0
         self.trips = 0
         self.feedback_faults: dict[str, str] = {}
+        self._said_missing = False
         self._fb_index = {c: image.index(f"contactor.{c}") for c in CONTACTORS if f"contactor.{c}" in image.scalars}
-        latched = latch.read()
+        before = self.error_latch.read()
+        self._error_saved = before is not None
+        latched = self.latch.read()
         if latched is not None:
             self._enter(State.ERROR, self.clock(), f"deep discharge latched (cell {latched.get('cell')})")
+        elif before is not None:
+            self.error_causes = list(before.get("causes") or ["unknown (latch file unreadable)"])
+            self._enter(State.ERROR, self.clock(), f"ERROR before the restart: {'; '.join(self.error_causes)}")
 
     # -- outputs ---------------------------------------------------------------------
 
@@ -209,10 +249,11 @@ class ContactorMachine:
     def reset(self, clear_deep_discharge: bool = False, now: float | None = None) -> tuple[bool, str]:
         """Leave ERROR when every cause is gone; says which cause remains otherwise."""
         now = self.clock() if now is None else now
+        causes = self.trip_causes()  # before taking our lock (the lock order above)
         with self.lock:
             if self.state is not State.ERROR:
                 return False, f"not in ERROR (state {self.state.value})"
-            remaining = list(self.trip_causes()) + [f"contactor {c}: {r}" for c, r in self.feedback_faults.items()]
+            remaining = causes + [f"contactor {c}: {r}" for c, r in self.feedback_faults.items()]
             latched = self.latch.read()
             if latched is not None and not clear_deep_discharge:
                 remaining.append("deep discharge latched: check the cells, then reset with --clear-deep-discharge")
@@ -222,6 +263,8 @@ class ContactorMachine:
                 return False, reason
             if latched is not None:
                 self.latch.clear()
+            self.error_latch.clear()
+            self._error_saved = False
             self.error_causes.clear()
             self.close_requested = self.settings.auto_close
             self.attempt = 0
@@ -242,40 +285,52 @@ class ContactorMachine:
     # -- the tick --------------------------------------------------------------------
 
     def _feedback(self, now: float) -> None:
-        """Compare feedback with commands; a mismatch beyond the timeout, or a weld, is a fault."""
-        img = self.image
+        """Compare feedback with commands: a mismatch beyond the timeout, a weld, or feedback that
+        stops arriving (neither of the others could be seen then) is a fault until it follows again."""
         for name, i in self._fb_index.items():
-            if img.quality_of(i, now) != GOOD:
-                continue  # missing feedback is caught as stale data by protection
-            fb = int(img.w_value[i])
-            want = self.commanded[name]
-            late = now - self.commanded_at[name] > self.settings.feedback_timeout_s
-            fault = ""
-            if fb == FB_WELDED or (fb == FB_CLOSED and not want and late):
-                fault = "welded (closed while commanded open)"
-            elif fb == FB_FAULT:
-                fault = "reports a fault"
-            elif fb == FB_OPEN and want and late:
-                fault = "did not close"
+            fault, follows = self._feedback_fault(name, i, now)
             if fault and self.feedback_faults.get(name) != fault:
                 self.feedback_faults[name] = fault
                 self.on_event(Event(Kind.CONTACTOR, name, Level.MSL, True, message=f"contactor {name} {fault}"))
                 self.trip(f"contactor {name} {fault}", now)
-            elif not fault and name in self.feedback_faults and not late:
+            elif follows and name in self.feedback_faults:
                 del self.feedback_faults[name]
                 self.on_event(Event(Kind.CONTACTOR, name, Level.MSL, False, message=f"contactor {name} follows again"))
 
+    def _feedback_fault(self, name: str, i: int, now: float) -> tuple[str, bool]:
+        """(fault or "", whether the feedback matches the command) of one contactor."""
+        quality = self.image.quality_of(i, now)
+        if quality != GOOD:  # while all are commanded open, STANDBY only refuses to close
+            return (f"feedback {quality.name.lower()}" if any(self.commanded.values()) else ""), False
+        fb = int(self.image.w_value[i])
+        want = self.commanded[name]
+        late = now - self.commanded_at[name] > self.settings.feedback_timeout_s
+        if fb == FB_WELDED or (fb == FB_CLOSED and not want and late):
+            return "welded (closed while commanded open)", False
+        if fb == FB_FAULT:
+            return "reports a fault", False
+        if fb == FB_OPEN and want and late:
+            return "did not close", False
+        return "", fb == (FB_CLOSED if want else FB_OPEN)
+
     def tick(self, now: float, data_ready: bool) -> None:
-        """Advance the machine; resend the command every command_period_s (a heartbeat for the PCU)."""
+        """Advance the machine; resend the command every command_period_s (a heartbeat for the PCU).
+
+        ``data_ready``: every measurement protection watches is valid and no MSL condition is active.
+        """
         with self.lock:
             self._feedback(now)
             st, s = self.state, self.settings
+            if st is State.ERROR and not self._error_saved:
+                # here, not in trip(): a receive thread must not wait for the disk (the contactors are open)
+                self.error_latch.set({"causes": list(self.error_causes)})
+                self._error_saved = True
             if st is State.INIT:
                 if data_ready:
                     self._enter(State.STANDBY, now, "measurements valid")
             elif st is State.STANDBY:
                 self._set(now, main_positive=False, main_negative=False, precharge=False)
-                if self.close_requested and data_ready and not self.trip_causes():
+                if self.close_requested and data_ready and self._feedback_present(now):
                     refused = self._guard(now)
                     if not refused:
                         self.closes.append(now)
@@ -293,6 +348,15 @@ class ContactorMachine:
             if now - self.last_sent >= s.command_period_s:
                 self._send(now)
 
+    def _feedback_present(self, now: float) -> bool:
+        """Every contactor's feedback is valid (else closing waits, and says why once)."""
+        missing = [n for n, i in self._fb_index.items() if self.image.quality_of(i, now) != GOOD]
+        if missing and not self._said_missing:
+            self.on_event(Event(Kind.STATE, "contactors", Level.RSL, True,
+                                message=f"not closing: no valid feedback from {', '.join(missing)}"))
+        self._said_missing = bool(missing)
+        return not missing
+
     def _start_precharge(self, now: float) -> None:
         self.step = "precharging"
         self._enter(State.PRECHARGE, now, f"attempt {self.attempt}")
@@ -305,22 +369,22 @@ class ContactorMachine:
             if elapsed >= s.precharge_retry_delay_s:
                 self._start_precharge(now)
             return
-        if self.step == "closing":
+        if self.step == "closing":  # _feedback trips if main+ does not close within the feedback timeout
             fb = self._fb_index.get("main_positive")
-            closed = fb is None or int(self.image.value[fb]) == FB_CLOSED
-            if closed:
+            if fb is None or (self.image.quality_of(fb, now) == GOOD and int(self.image.w_value[fb]) == FB_CLOSED):
                 self._set(now, main_positive=True, main_negative=True, precharge=False)
                 self._enter(State.NORMAL, now, "precharge complete")
             return
-        img = self.image
-        diff = abs(img.read("pack.voltage", now).value - img.read("pack.link_voltage", now).value)
-        current = abs(img.read("pack.current", now).value)
-        if diff < s.precharge_max_voltage_diff_v and current < s.precharge_max_current_a:
+        pack, link, cur = (self.image.read(n, now) for n in ("pack.voltage", "pack.link_voltage", "pack.current"))
+        invalid = [r.name for r in (pack, link, cur) if r.quality != GOOD]
+        diff, current = abs(pack.value - link.value), abs(cur.value)
+        if not invalid and diff < s.precharge_max_voltage_diff_v and current < s.precharge_max_current_a:
             self.step = "closing"
             self._set(now, main_positive=True, main_negative=True, precharge=True)
         elif elapsed > s.precharge_timeout_s:
             self._set(now, main_positive=False, main_negative=False, precharge=False)
-            reason = f"precharge timed out (link differs by {diff:.1f} V, current {current:.1f} A)"
+            reason = (f"precharge timed out ({', '.join(invalid)} not valid)" if invalid else
+                      f"precharge timed out (link differs by {diff:.1f} V, current {current:.1f} A)")
             if self.attempt > s.precharge_retries:
                 self.trip(f"precharge failed after {self.attempt} attempts: {reason}", now)
                 return
@@ -335,7 +399,7 @@ class ContactorMachine:
                     "commanded": dict(self.commanded), "error_causes": list(self.error_causes),
                     "feedback_faults": dict(self.feedback_faults), "precharge_attempt": self.attempt,
                     "close_requested": self.close_requested, "trips": self.trips,
-                    "deep_discharge_latched": self.latch.read()}
+                    "deep_discharge_latched": self.latch.read(), "error_latched": self.error_latch.read()}
 
 
 class CanContactorDriver:

@@ -23,7 +23,7 @@ import numpy as np
 
 from gateway import __version__
 from gateway.config import Loaded, socket_path, state_dir
-from gateway.contactors import CanContactorDriver, ContactorMachine, DeepDischargeLatch
+from gateway.contactors import CanContactorDriver, ContactorMachine
 from gateway.control import ControlError, ControlServer
 from gateway.decode import Decoder, frame_record
 from gateway.estimation import Estimation
@@ -671,9 +671,9 @@ def make_lane(loaded: Loaded, recorder: Recorder, send: Callable[[can.Message], 
 
     protection = Protection(loaded.image, cfg.limit_table(), p.debounce, p.plausible,
                             p.charge_threshold_a, p.lane.tick_ms / 1000.0)
-    machine = ContactorMachine(loaded.image, CanContactorDriver(command), p.contactors,
-                               DeepDischargeLatch(state_dir(cfg)), recorder, protection.trip_causes)
-    protection.on_deep_discharge = machine.latch.set
+    machine = ContactorMachine(loaded.image, CanContactorDriver(command), p.contactors, state_dir(cfg), recorder,
+                               protection.trip_causes)
+    protection.on_deep_discharge = machine.latch.latch
     return ProtectionLane(protection, machine, recorder, p.lane)
 
 

@@ -1,11 +1,13 @@
-"""CAN adapters on python-can's virtual bus: frames, error counters, FD, 29-bit IDs, reconnect."""
+"""CAN adapters on python-can's virtual bus: frames, error counters, FD, 29-bit IDs, reconnect, a failing sink."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import can
+import pytest
 
 from drivers.canbus import CAN_ERR_BUSOFF, CAN_ERR_CRTL, AdapterSettings, CanAdapter
 from tests.procs import wait_for
@@ -91,3 +93,51 @@ def test_bus_kwargs_per_interface() -> None:
         == {"interface": "pcan", "channel": "PCAN_USBBUS1", "bitrate": 250_000, "fd": True, "data_bitrate": 2_000_000}
     assert AdapterSettings("x", "slcan", "socket://127.0.0.1:1", options={"ttyBaudrate": 115200}).bus_kwargs() == \
         {"interface": "slcan", "channel": "socket://127.0.0.1:1", "bitrate": 500_000, "ttyBaudrate": 115200}
+
+
+def test_a_sink_that_raises_loses_that_frame_only(caplog: pytest.LogCaptureFixture) -> None:
+    """The receive thread outlives a failing sink: a dead thread would leave protection blind."""
+    got: list[int] = []
+
+    def sink(msg: can.Message) -> None:
+        if msg.arbitration_id == 0x101:
+            raise OSError(30, "Read-only file system")  # as a latch write on a failing SD card
+        got.append(msg.arbitration_id)
+
+    caplog.set_level(logging.ERROR, logger="drivers.canbus")
+    a = _adapter("canbus-t5", sink)
+    a.start()
+    wait_for(lambda: a.stats.state == "up", what="bus up")
+    with can.Bus(interface="virtual", channel="canbus-t5") as peer:
+        for fid in (0x100, 0x101, 0x102, 0x103):
+            peer.send(can.Message(arbitration_id=fid, data=bytes(8)))
+        # a dead thread ends the wait at once instead of after the timeout
+        wait_for(lambda: len(got) == 3 or not a.alive, what="the frames after the failing one")
+    alive = a.alive
+    a.stop()
+    assert alive and got == [0x100, 0x102, 0x103]
+    assert a.stats.sink_errors == 1 and a.stats.frames == 4
+    assert "Read-only file system" in a.stats.last_error
+    [rec] = [r for r in caplog.records if r.name == "drivers.canbus" and r.levelno == logging.ERROR]
+    assert rec.exc_info is not None and "0x101" in rec.getMessage()  # the traceback, and which frame
+
+
+def test_a_sink_that_always_raises_is_counted_but_logged_rarely(caplog: pytest.LogCaptureFixture) -> None:
+    """Thousands of frames/s through a broken sink must not flood the journal (or cost the thread its time)."""
+
+    def sink(msg: can.Message) -> None:
+        raise ValueError("broken decoder")
+
+    caplog.set_level(logging.ERROR, logger="drivers.canbus")
+    a = _adapter("canbus-t6", sink)
+    a.start()
+    wait_for(lambda: a.stats.state == "up", what="bus up")
+    with can.Bus(interface="virtual", channel="canbus-t6") as peer:
+        for i in range(200):
+            peer.send(can.Message(arbitration_id=0x100 + i % 8, data=bytes(8)))
+        wait_for(lambda: a.stats.frames == 200 or not a.alive, what="200 frames")
+    alive = a.alive
+    a.stop()
+    assert alive and a.stats.sink_errors == 200
+    logged = [r for r in caplog.records if r.name == "drivers.canbus" and r.levelno == logging.ERROR]
+    assert len(logged) == 1, [r.getMessage() for r in logged]  # well within one log interval

@@ -336,3 +336,61 @@ def test_protection_refuses_a_map_without_cell_voltages(tmp_path: Path, sim_text
                    ('map = "bmsgw_pack.toml"', 'map = "overlap.toml"'))
     err = config_error(path)
     assert err.key == "protection" and "cell voltages" in err.reason and "enabled = false" in err.reason
+
+
+# -- protection's signals must be able to go stale ----------------------------------------------
+
+CELL_CYCLE_ENTRY = "[[message]]\nname = 'MMU\\d+_CellVoltages'\ncycle_ms = 100\n"
+
+
+def pack_copy(tmp_path: Path, sim_text: str, *frame_ids: int, keep_map_cycle: bool = False,
+              protection: bool = True) -> Path:
+    """sim.toml over copies of the shipped DBC and map, the DBC without the cycle time of ``frame_ids``.
+
+    Unless ``keep_map_cycle``, the map also loses its [[message]] cycle_ms for the cell-voltage frames.
+    """
+    dbc = (shipped_dbc_dir() / "bmsgw_pack.dbc").read_text(encoding="utf-8")
+    for fid in frame_ids:
+        line = next(ln for ln in dbc.splitlines(keepends=True) if ln.startswith(f'BA_ "GenMsgCycleTime" BO_ {fid} '))
+        dbc = dbc.replace(line, "")
+    (tmp_path / "pack.dbc").write_text(dbc, encoding="utf-8")
+    mp = (shipped_dbc_dir() / "maps" / "bmsgw_pack.toml").read_text(encoding="utf-8")
+    assert mp.count(CELL_CYCLE_ENTRY) == 1
+    (tmp_path / "pack_map.toml").write_text(mp if keep_map_cycle else mp.replace(CELL_CYCLE_ENTRY, ""),
+                                            encoding="utf-8")
+    edits = [('dbc = ["bmsgw_pack.dbc"]', 'dbc = ["pack.dbc"]'), ('map = "bmsgw_pack.toml"', 'map = "pack_map.toml"')]
+    if not protection:
+        edits.append(("[protection.contactors]", "[protection]\nenabled = false\n\n[protection.contactors]"))
+    return variant(tmp_path, sim_text, *edits)
+
+
+@pytest.mark.parametrize("frame_id, message, signal", [
+    (514, "MMU02_CellVoltages", "cell[28].voltage"),
+    (581, "MMU05_Temperatures", "module[5].temperature[0]"),
+    (256, "PACK_Measurement", "pack.current"),
+], ids=["cell-voltages", "temperatures", "pack-current"])
+def test_protection_refuses_a_watched_message_without_cycle_time(tmp_path: Path, sim_text: str, frame_id: int,
+                                                                  message: str, signal: str) -> None:
+    """Without a period a silent sender never goes stale: protection would keep judging its last value."""
+    path = pack_copy(tmp_path, sim_text, frame_id)
+    err = config_error(path)
+    assert_points(err, path, "bus[0].map", line_of(path, 'map = "pack_map.toml"'))
+    assert message in err.reason and signal in err.reason and "no cycle time" in err.reason
+    # how to fix it, and where
+    assert "cycle_ms" in err.reason and str(tmp_path / "pack_map.toml") in err.reason
+    assert "GenMsgCycleTime" in err.reason and str(tmp_path / "pack.dbc") in err.reason
+
+
+def test_protection_refusal_lists_every_message_without_cycle_time(tmp_path: Path, sim_text: str) -> None:
+    err = config_error(pack_copy(tmp_path, sim_text, 513, 514))
+    assert "MMU01_CellVoltages" in err.reason and "MMU02_CellVoltages" in err.reason
+
+
+def test_a_map_cycle_time_or_an_unwatched_message_or_no_protection_is_fine(tmp_path: Path, sim_text: str) -> None:
+    # the map's [[message]] cycle_ms stands in for the DBC's missing attribute
+    loaded = load_config(pack_copy(tmp_path, sim_text, 514, keep_map_cycle=True))
+    assert loaded.image.period(int(loaded.image.slot_of[loaded.image.index("cell[28].voltage")])) == 0.1
+    # PACK_Temperatures (ambient, coolant) is not what protection judges
+    load_config(pack_copy(tmp_path, sim_text, 257, keep_map_cycle=True))
+    # a read-only gateway watches nothing
+    load_config(pack_copy(tmp_path, sim_text, 514, 581, 256, protection=False))

@@ -257,6 +257,115 @@ def test_repeatedly_late_lane_forces_the_safe_state(tmp_path: Path) -> None:
     assert rig.lane.stats.forced_safe_state == 1 and rig.trips[0][1].name == "protection_tick"
 
 
+def test_error_latch_survives_a_restart(tmp_path: Path) -> None:
+    """A crash or watchdog restart is not a reset: ERROR comes back, and auto_close must not close."""
+    rig = Rig(tmp_path, WIDE_SPREAD)
+    rig.to_normal()
+    rig.sim.inject("cell_drift", CELL, 300.0)
+    rig.run_until(lambda: rig.trips, 10, "a trip")
+    rig.run(0.1)
+    again = Rig(tmp_path, WIDE_SPREAD)
+    assert again.state is State.ERROR and "cell_voltage_high" in again.lane.machine.error_causes[0]
+    again.run(3.0)
+    assert again.state is State.ERROR and not again.sim.contactors["main_positive"].closed
+    ok, reason = again.lane.machine.reset()
+    assert ok, reason
+    assert Rig(tmp_path, WIDE_SPREAD).state is State.INIT  # the accepted reset removed the latch
+
+
+def test_weld_fault_clears_when_the_contactor_opens_again(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    rig.sim.inject("welded", 0)
+    rig.lane.machine.request_open()
+    rig.run(1.0)
+    assert "welded" in rig.lane.machine.feedback_faults["main_positive"]
+    rig.sim.inject("clear")  # repaired: the feedback says open, as commanded
+    rig.run(1.0)
+    assert rig.lane.machine.feedback_faults == {}
+    ok, reason = rig.lane.machine.reset()
+    assert ok, reason
+
+
+def test_precharge_closes_only_on_valid_voltages(tmp_path: Path) -> None:
+    """The PCU flags its voltages invalid (and the link does not charge): precharge must not close on them."""
+    rig = Rig(tmp_path)
+    rig.sim.inject("precharge_open")
+    pcu = rig.sim.db.get_message_by_frame_id(0x100)
+
+    def invalid(msg: can.Message) -> can.Message:
+        v = pcu.decode(bytes(msg.data), decode_choices=False)
+        v["VoltageValid"], v["LinkVoltage"] = 0, v["PackVoltage"]  # a plausible number in an invalid field
+        return can.Message(arbitration_id=0x100, data=pcu.encode(v, strict=False), timestamp=msg.timestamp,
+                           is_extended_id=False)
+
+    rig._inject[0x100] = invalid
+    rig.run_until(lambda: rig.state is State.ERROR, 30, "ERROR after failed precharges")
+    assert not any("-> NORMAL" in e.message for e in rig.recorder.recent(200))
+    assert "not valid" in rig.lane.machine.error_causes[0]
+
+
+CONTACTOR_FEEDBACK = 0x111
+
+
+def test_lost_contactor_feedback_opens_and_missing_feedback_blocks_closing(tmp_path: Path) -> None:
+    def without_feedback(rig: Rig) -> None:
+        sink = rig.sink
+        rig.sink = lambda msg: None if msg.arbitration_id == CONTACTOR_FEEDBACK else sink(msg)
+
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    without_feedback(rig)
+    rig.run(2.0)
+    assert rig.state is State.ERROR
+    assert rig.lane.machine.feedback_faults["main_positive"] == "feedback stale"
+    ok, reason = rig.lane.machine.reset()
+    assert not ok and "feedback stale" in reason
+
+    (tmp_path / "fresh").mkdir()
+    rig = Rig(tmp_path / "fresh")  # feedback that never arrives: stays open, says why, no trip
+    without_feedback(rig)
+    rig.run(5.0)
+    assert rig.state is State.STANDBY and not rig.trips
+    assert any("not closing: no valid feedback" in (e.message or "") for e in rig.recorder.recent(200))
+
+
+def test_a_lane_that_wakes_late_every_time_forces_the_safe_state(tmp_path: Path, monkeypatch: Any) -> None:
+    """Each wake-up 70 ms late (deadline 50 ms): the tick after the late one must not count as on time."""
+    rig = Rig(tmp_path)
+    rig.to_normal()
+    lane, wakeups = rig.lane, []
+
+    def late_sleep(delay: float) -> None:
+        for _ in range(round((delay + 0.07) / TICK_S)):
+            rig.t += TICK_S
+            rig.sim.tick()
+        wakeups.append(rig.t)
+        if len(wakeups) == 20:
+            lane._stop.set()
+
+    monkeypatch.setattr("gateway.lane.time.sleep", late_sleep)
+    lane._run()
+    assert lane.stats.forced_safe_state == 1 and rig.trips[0][1].name == "protection_tick"
+    assert rig.state is State.ERROR
+
+
+def test_a_tick_that_keeps_failing_forces_the_safe_state(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.to_normal()
+
+    def broken(now: float) -> None:
+        raise RuntimeError("a bug in one tick")
+
+    rig.lane.protection.tick = broken  # type: ignore[method-assign]
+    for _ in range(rig.loaded.config.protection.lane.max_missed):
+        rig.t += TICK_S
+        rig.lane._guarded_tick(rig.t, rig.t)
+        assert not rig.lane.healthy
+    assert rig.state is State.ERROR and rig.lane.stats.tick_errors == 3
+    assert "failed 3 times in a row" in rig.trips[0][1].message
+
+
 def test_trip_freezes_a_flight_record_around_it(tmp_path: Path) -> None:
     rig = Rig(tmp_path, extra=WIDE_SPREAD + "\n[protection.lane]\nflight_before_s = 1.0\nflight_after_s = 0.5\n")
     records: list[Any] = []
