@@ -273,6 +273,28 @@ def test_error_latch_survives_a_restart(tmp_path: Path) -> None:
     assert Rig(tmp_path, WIDE_SPREAD).state is State.INIT  # the accepted reset removed the latch
 
 
+def test_the_machine_never_asks_protection_while_holding_its_lock(tmp_path: Path) -> None:
+    """A trip takes protection's lock, then the machine's: the other order (reset, tick) would deadlock."""
+    rig = Rig(tmp_path, WIDE_SPREAD)
+    machine, asked_holding = rig.lane.machine, []
+    causes = machine.trip_causes
+
+    def watched_causes() -> list[str]:
+        asked_holding.append(machine.lock._is_owned())  # type: ignore[attr-defined]
+        return causes()
+
+    machine.trip_causes = watched_causes
+    rig.to_normal()
+    rig.sim.inject("cell_drift", CELL, 300.0)
+    rig.run_until(lambda: rig.trips, 10, "a trip")
+    machine.reset()
+    rig.sim.inject("clear")
+    rig.run(1.5)
+    assert machine.reset()[0]
+    rig.run(1.0)
+    assert asked_holding and not any(asked_holding)
+
+
 def test_weld_fault_clears_when_the_contactor_opens_again(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     rig.to_normal()
