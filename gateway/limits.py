@@ -166,7 +166,8 @@ def _bounds(hw: HardwareLimits) -> dict[str, tuple[float, float]]:
         "cell_temperature_low_charge": t, "cell_temperature_low_discharge": t,
         "pack_current_charge": (0.0, hw.pack_current_charge_max),
         "pack_current_discharge": (0.0, hw.pack_current_discharge_max),
-        "cell_voltage_spread": (0.0, math.inf), "cell_temperature_spread": (0.0, math.inf),
+        # a spread wider than the hardware's whole range could never be reached: a disabled check
+        "cell_voltage_spread": (0.0, v[1] - v[0]), "cell_temperature_spread": (0.0, t[1] - t[0]),
         "pack_voltage_mismatch": (0.0, math.inf),
     }
 
@@ -177,8 +178,8 @@ def validate(table: LimitTable, hw: HardwareLimits) -> list[str]:
     bounds = _bounds(hw)
     for name, (direction, unit, _) in CHECKS.items():
         lv = table.get(name)
-        if any(math.isnan(x) for x in lv.as_tuple()):
-            errors.append(f"{name}: NaN threshold")
+        if not all(math.isfinite(x) for x in lv.as_tuple()):  # NaN never compares; inf never trips
+            errors.append(f"{name}: non-finite threshold")
             continue
         if not lv.ordered(direction):
             order = "MOL <= RSL <= MSL" if direction == "high" else "MOL >= RSL >= MSL"

@@ -410,6 +410,7 @@ def test_trip_freezes_a_flight_record_around_it(tmp_path: Path) -> None:
     ("\n[protection.limits.cell_voltage_low]\nmol = 2.9\nrsl = 3.0\n", "protection.limits.cell_voltage_low"),
     ("\n[protection.limits.cell_volt_high]\nmsl = 4.1\n", "protection.limits.cell_volt_high"),
     ("\n[hardware_limits]\ncell_voltage_max = 4.1\n", "protection.limits.cell_voltage_high"),
+    ("\n[protection.limits.cell_voltage_spread]\nmsl = 2.0\n", "protection.limits.cell_voltage_spread"),
 ])
 def test_limit_tables_out_of_order_or_beyond_hardware_are_rejected(tmp_path: Path, extra: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
