@@ -11,6 +11,8 @@ from gateway.image import ProcessImage, family_of
 from gateway.ingest import Ingest
 from gateway.signalmap import SignalMap
 
+MAX_CELLS = 20_000  # far beyond one edge box's CAN bandwidth (the reference site has 224)
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -35,6 +37,12 @@ class Layout:
                 raise ValueError(f"{name}: must be >= 1")
         if self.sensors_per_module < 0:
             raise ValueError("sensors_per_module: must be >= 0")
+        # a typo such as 140000 cells would otherwise end in a MemoryError while the image is built
+        if self.cells > MAX_CELLS:
+            raise ValueError(f"cells_per_module: {self.cells} cells in all; one gateway handles at most {MAX_CELLS}")
+        if self.modules * self.sensors_per_module > MAX_CELLS:
+            raise ValueError(f"sensors_per_module: {self.modules * self.sensors_per_module} sensors in all; "
+                             f"one gateway handles at most {MAX_CELLS}")
 
     def families(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the per-cell/per-module families every image carries."""

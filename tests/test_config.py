@@ -147,7 +147,9 @@ def test_bad_literal(tmp_path: Path, sim_text: str, old: str, new: str, key: str
     ('log_level = "info"', 'log_level = "info"\nstale_cycles = 0.5', "gateway.stale_cycles"),
     ("bitrate = 500000", "bitrate = 5000", "bus[0].bitrate"),
     ("initial_soc = 0.5", "initial_soc = 1.5", "sim.initial_soc"),
-], ids=["gateway", "bus", "sim"])
+    ("cells_per_module = 14", "cells_per_module = 99999999", "site.cells_per_module"),
+    ("sensors_per_module = 2", "sensors_per_module = 99999999", "site.sensors_per_module"),
+], ids=["gateway", "bus", "sim", "cells-beyond-memory", "sensors-beyond-memory"])
 def test_value_check_names_the_key(tmp_path: Path, sim_text: str, old: str, new: str, key: str) -> None:
     path = variant(tmp_path, sim_text, (old, new))
     assert_points(config_error(path), path, key, line_of(path, new.splitlines()[-1]))
