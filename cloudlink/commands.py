@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import inspect
 import json
+import logging
 import math
 import re
 import time
@@ -35,6 +36,8 @@ import anyio
 
 from cloudlink.config import CommandSettings
 from gateway.limits import CHECKS, HardwareLimits, LevelOverride, LimitTable, validate, with_overrides
+
+log = logging.getLogger(__name__)
 
 Result = tuple[bool, str]
 Handler = Callable[[dict[str, Any]], "Result | Awaitable[Result]"]
@@ -297,7 +300,7 @@ def open_envelope(payload: bytes, secret: bytes | None) -> dict[str, Any]:
         raise Reject(f"command larger than {MAX_COMMAND_BYTES} bytes")
     try:
         env = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the decoder's stack
         raise Reject("not a JSON envelope") from None
     if not isinstance(env, dict) or not isinstance(env.get("body"), str):
         raise Reject("envelope must be an object with a 'body' string")
@@ -306,12 +309,17 @@ def open_envelope(payload: bytes, secret: bytes | None) -> dict[str, Any]:
         mac = env.get("hmac")
         if not isinstance(mac, str):
             raise Reject("missing hmac")
-        want = hmac.new(secret, text.encode("utf-8"), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(want, mac.lower()):
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape is valid JSON but has no UTF-8 bytes to sign
+            raise Reject("body is not valid UTF-8") from None
+        want = hmac.new(secret, data, hashlib.sha256).hexdigest()
+        # compare_digest raises TypeError for non-ASCII str; no hex digest is non-ASCII anyway
+        if not mac.isascii() or not hmac.compare_digest(want, mac.lower()):
             raise Reject("bad signature")
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise Reject("body is not JSON") from None
     if not isinstance(body, dict):
         raise Reject("body must be a JSON object")
@@ -344,7 +352,8 @@ class CommandProcessor:
         self.secret: bytes | None = settings.secret() if settings.auth == "hmac" else None
         if self.secret is not None and len(self.secret) < 16:
             raise ValueError("commands.hmac_secret: at least 16 bytes are needed (auth = 'hmac')")
-        self.counts: dict[str, int] = {"accepted": 0, "rejected": 0, "duplicate": 0}
+        # errors: commands that failed in a way no check anticipated (also counted as rejected)
+        self.counts: dict[str, int] = {"accepted": 0, "rejected": 0, "duplicate": 0, "errors": 0}
         self.last: dict[str, Any] | None = None
 
     def _answer(self, body: dict[str, Any], status: str, reason: str, cmd: str | None, duplicate: bool = False,
@@ -362,6 +371,19 @@ class CommandProcessor:
     async def handle(self, topic_command: str, payload: bytes) -> Outcome:
         """One command in, its answer out (never raises for bad input)."""
         received = self.clock()
+        try:
+            return await self._handle(topic_command, payload, received)
+        except Exception as exc:
+            # last resort: an exception here would end the MQTT session, and a retained command would
+            # then end every later one too; it is answered like any other bad command instead
+            log.exception("cloud: command on '%s' failed unexpectedly", topic_command)
+            self.counts["errors"] += 1
+            peek = _peek_id(payload)
+            reason = f"internal error: {type(exc).__name__}: {exc}"[:200]
+            return self._out(self._answer({"id": peek} if peek else {}, "rejected", reason, topic_command or None,
+                                          received=received))
+
+    async def _handle(self, topic_command: str, payload: bytes, received: float) -> Outcome:
         try:
             body = open_envelope(payload, self.secret)
         except Reject as exc:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
 import math
 import secrets
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_S = 0.1
 DELETE_EVERY_S = 0.2
 RELIEVE_EVERY_S = 5.0
+PURGE_EVERY_S = 3600.0  # expired command ids are forgotten this often
 PAGE_ROWS = 64
 PAGE_BYTES = 4 << 20
 
@@ -113,6 +114,7 @@ class _Rates:
     def __init__(self, link: CloudLink) -> None:
         self.link = link
         self._runs: dict[str, int] = {}
+        self._errors: dict[str, int] = {}
         self._applied_at = 0.0
 
     def snapshot(self) -> dict[str, float]:
@@ -126,6 +128,7 @@ class _Rates:
         for name, hz in args["rates"].items():
             self.link._set_rate(by[name], hz)
         self._runs = {n: by[n].stats.runs for n in args["rates"]}
+        self._errors = {n: by[n].stats.errors for n in args["rates"]}
         self._applied_at = time.monotonic()
         return True, "rates " + ", ".join(f"{n}={hz:g} Hz" for n, hz in args["rates"].items())
 
@@ -136,7 +139,7 @@ class _Rates:
             s = by[name]
             if s.rate_hz * waited >= 2 and s.stats.runs <= runs:
                 return False, f"sampler {name} did not run at {s.rate_hz:g} Hz"
-            if s.stats.errors and s.stats.last_error:
+            if s.stats.errors > self._errors[name]:  # errors from before the change are not its fault
                 return False, f"sampler {name}: {s.stats.last_error}"
         return True, "samplers running"
 
@@ -320,7 +323,11 @@ class CloudLink:
                         self.recorder.subscribers.remove(self.intake.on_event)
                     with contextlib.suppress(ValueError):
                         self.recorder.record_subscribers.remove(self.intake.on_flight_record)
-                await self._final_flush()
+                try:
+                    await self._final_flush()
+                finally:
+                    send.close()
+                    recv.close()
                 self.conn["state"] = "stopped"
                 self._running = False
 
@@ -384,16 +391,16 @@ class CloudLink:
             return rows + self.store.note_loss("store_error", sealed), error
 
     async def _writer(self, recv: MemoryObjectReceiveStream[tuple[Any, ...]]) -> None:
-        async with recv:
-            while True:
-                first = await recv.receive()
-                items = [first]
-                while len(items) < 32:  # whatever else is waiting goes into the same transaction
-                    try:
-                        items.append(recv.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                await self._store_items(items)
+        # recv stays open when this task is cancelled: what is still queued is _final_flush's to store
+        while True:
+            first = await recv.receive()
+            items = [first]
+            while len(items) < 32:  # whatever else is waiting goes into the same transaction
+                try:
+                    items.append(recv.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            await self._store_items(items)
 
     async def _store_items(self, items: Sequence[tuple[Any, ...]]) -> None:
         rows, error = await anyio.to_thread.run_sync(self._seal_and_put, items)
@@ -449,14 +456,19 @@ class CloudLink:
         eis = self.intake.drain_eis()
         if eis:
             items.append(("rec", "eis", KIND_EIS, eis))
-        if self.store.con is None:
+        if self.store.con is None:  # closed under us: nothing can be stored, nor noted as lost there
+            if items or self._lost_outside:
+                log.error("cloud: store closed at shutdown; %d queued items and %d noted losses not stored",
+                          len(items), len(self._lost_outside))
             return
         try:
-            if items:
+            rows: list[Row] = []
+            if items:  # what cannot be stored, _seal_and_put counts as lost (store_error, encode_error)
                 rows, _ = await anyio.to_thread.run_sync(self._seal_and_put, items)
-                for r in rows:
-                    for fn in self.on_commit:
-                        fn(r)
+            rows += await self._note_lost_outside()  # e.g. overflow since housekeeping last ran
+            for r in rows:
+                for fn in self.on_commit:
+                    fn(r)
             await self._delete_acked()
         finally:
             await anyio.to_thread.run_sync(self.store.close)
@@ -469,11 +481,7 @@ class CloudLink:
             await anyio.sleep(HOUSEKEEPING_S)
             now = time.monotonic()
             if self._lost_outside:
-                lost, self._lost_outside = self._lost_outside, []
-                for reason, stream, n, t0, t1 in lost:
-                    rows = await anyio.to_thread.run_sync(functools.partial(
-                        self.store.note_loss, reason, stream=stream, samples=n, t0=t0, t1=t1))
-                    self._committed(rows)
+                self._committed(await self._note_lost_outside())
             if self._acked and (len(self._acked) >= 256 or now - last_delete >= DELETE_EVERY_S):
                 await self._delete_acked()
                 last_delete = now
@@ -482,9 +490,30 @@ class CloudLink:
             if now - last_relieve >= RELIEVE_EVERY_S:
                 last_relieve = now
                 self._committed(await anyio.to_thread.run_sync(self.store.relieve))
-            if now - last_purge >= 3600:
+            if now - last_purge >= PURGE_EVERY_S:
                 last_purge = now
-                await anyio.to_thread.run_sync(self.store.forget_commands, time.time())
+                try:
+                    await anyio.to_thread.run_sync(self.store.forget_commands, time.time())
+                except sqlite3.Error as exc:  # e.g. disk full: old ids stay remembered until the next purge
+                    self._error(f"purge commands: {type(exc).__name__}: {exc}")
+                    log.warning("cloud: %s", self.conn["last_error"])
+
+    async def _note_lost_outside(self) -> list[Row]:
+        """Losses counted before their batch reached the store: into its loss counters and gap records."""
+        lost = list(self._lost_outside)
+        if not lost:
+            return []
+        rows = await anyio.to_thread.run_sync(self._note_losses, lost)
+        # removed only once noted: a call cancelled before it ran leaves them to _final_flush
+        del self._lost_outside[:len(lost)]
+        return rows
+
+    def _note_losses(self, lost: Sequence[tuple[str, str, int, int, int]]) -> list[Row]:
+        """Worker thread: one note_loss per loss (each keeps its own stream and time range)."""
+        rows: list[Row] = []
+        for reason, stream, n, t0, t1 in lost:
+            rows += self.store.note_loss(reason, stream=stream, samples=n, t0=t0, t1=t1)
+        return rows
 
     async def _delete_acked(self) -> None:
         ids, self._acked = self._acked, []

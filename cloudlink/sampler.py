@@ -72,6 +72,7 @@ class ClassSampler:
         self.samples = 0  # values taken since start
         self.missed = 0  # ticks skipped because the loop was late by more than a period
         self._lock = threading.Lock()
+        self._rate_changed: anyio.Event | None = None  # created by run(); set_rate wakes it
         self._alloc()
 
     def _alloc(self) -> None:
@@ -111,7 +112,7 @@ class ClassSampler:
             return tel
 
     def set_rate(self, rate_hz: float) -> Telemetry | None:
-        """Change the rate; returns the block taken at the old rate (emit it first)."""
+        """Change the rate at once (call on the event loop); returns the block taken at the old rate (emit it first)."""
         with self._lock:
             n = self._n
             tel = None
@@ -121,16 +122,25 @@ class ClassSampler:
             self.rate_hz = rate_hz
             self.stats.period_s = 1.0 / rate_hz
             self._alloc()
-            return tel
+        if self._rate_changed is not None:  # run() may be asleep for up to a whole old period (1000 s at 0.001 Hz)
+            self._rate_changed.set()
+        return tel
 
     async def run(self, emit: Callable[[str, Telemetry], None]) -> None:
         """Sample at the class's rate until cancelled; full blocks go to ``emit`` (which must not block)."""
-        due = time.monotonic()
+        self._rate_changed = anyio.Event()
+        due = last = time.monotonic()
         while True:
             now = time.monotonic()
             if now < due:
-                await anyio.sleep(due - now)
+                with anyio.move_on_after(due - now):
+                    await self._rate_changed.wait()
+                if self._rate_changed.is_set():  # the next sample is one new period after the last (or now)
+                    self._rate_changed = anyio.Event()
+                    due = max(last + 1.0 / self.rate_hz, time.monotonic())
+                    continue
                 now = time.monotonic()
+            last = now
             self.stats.late_s.append(max(0.0, now - due))
             try:
                 self.sample(now)

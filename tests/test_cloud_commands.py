@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
 from typing import Any
 
@@ -175,6 +176,7 @@ def test_duplicates_are_answered_again_without_reapplying() -> None:
     ("set_protection_limits", {"limits": {"cell_voltage_low": {"msl": 2.0, "rsl": 2.1, "mol": 2.2}}},
      "outside the hardware limits"),
     ("set_protection_limits", {"limits": {"pack_current_charge": {"msl": 500.0}}}, "outside the hardware limits"),
+    ("set_protection_limits", {"limits": {"cell_voltage_spread": {"msl": 1e6}}}, "outside the hardware limits"),
     ("set_protection_limits", {"limits": {"cell_voltage_high": {"rsl": 4.19, "msl": 4.18}}}, "out of order"),
     ("set_protection_limits", {"limits": {"made_up_check": {"msl": 1.0}}}, "unknown check"),
 ])
@@ -242,3 +244,44 @@ def test_a_crashing_handler_is_an_answer() -> None:
         raise RuntimeError("EIS module not connected")
     a = run(processor({"start_eis_sweep": boom}), "start_eis_sweep", cmd("start_eis_sweep", {"cells": [3]}))
     assert a["status"] == "rejected" and "EIS module not connected" in a["reason"]
+
+
+def _signed_envelope(body_text: str) -> bytes:
+    mac = hmac.new(SECRET, body_text.encode("utf-8"), hashlib.sha256).hexdigest()
+    return json.dumps({"body": body_text, "hmac": mac}).encode()
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (json.dumps({"body": "{}", "hmac": "\u00e9"}).encode(), "bad signature"),  # non-ASCII hmac, no secret needed
+    (b'{"body": "\\ud800", "hmac": "00"}', "body is not valid UTF-8"),  # a lone surrogate cannot be signed
+    (("[" * 30000 + "]" * 30000).encode(), "not a JSON envelope"),  # deeper than the JSON decoder recurses
+    (_signed_envelope("[" * 30000 + "]" * 30000), "body is not JSON"),
+])
+def test_malformed_envelopes_are_rejected_not_raised(payload: bytes, reason: str) -> None:
+    h = Recorded()
+    p = processor({"reset_error": h})
+    a = run(p, "reset_error", payload)
+    assert a["status"] == "rejected" and a["reason"] == reason
+    assert p.counts["rejected"] == 1 and h.calls == []
+
+
+class BrokenLog(MemoryLog):
+    """A command log whose database fails (e.g. an I/O error on the SD card)."""
+
+    def command_ack(self, cmd_id: str) -> bytes | None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_an_unexpected_failure_is_answered_rejected_and_counted() -> None:
+    h = Recorded()
+    p = processor({"reset_error": h}, log=BrokenLog())
+    a = run(p, "reset_error", cmd("reset_error"))
+    assert a["status"] == "rejected" and "disk I/O error" in a["reason"] and a["id"] == "c-1"
+    assert p.counts["rejected"] == 1 and p.counts["errors"] == 1 and h.calls == []
+    # a time no float can hold fails a check nobody anticipated: still an answer, never an exception
+    p = processor({"reset_error": h})
+    huge = 10 ** 400
+    a = run(p, "reset_error", _signed_envelope(json.dumps(
+        {"id": "c-2", "gateway": GW, "command": "reset_error", "issued_at": huge, "expires_at": huge + 60,
+         "args": {}})))
+    assert a["status"] == "rejected" and a["id"] == "c-2" and p.counts["errors"] == 1 and h.calls == []

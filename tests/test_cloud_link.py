@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import pytest
 from mqtt_broker import Broker, Consumer, Feeder, Gate, V311Gate, make_image
 
-from cloudlink.batch import KIND_EVENTS, KIND_THINNED, Sealer, Telemetry
+import cloudlink.link
+from cloudlink.batch import KIND_EVENTS, KIND_THINNED, Sealer, Telemetry, decode
 from cloudlink.commands import make_command
 from cloudlink.config import CloudSection, CommandSettings, SignalClass
 from cloudlink.link import CloudLink
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 GW = "gw-test"
 SECRET = "0123456789abcdef0123"
+T_MS = 1_700_000_000_000
 
 
 def config(port: int, **kw: Any) -> CloudSection:
@@ -487,3 +491,148 @@ def test_commands_over_the_broker(tmp_path: Path, broker: Broker) -> None:
     finally:
         cloud.loop_stop()
         consumer.stop()
+
+
+def offline_gate() -> Gate:
+    """A port nothing listens on (connection refused): the link works offline, nothing is ever deleted."""
+    gate = Gate(0)
+    gate.close()
+    return gate
+
+
+def stored_records(path: Path, stream: str) -> list[dict[str, Any]]:
+    con = sqlite3.connect(path)
+    try:
+        return [r for (p,) in con.execute("SELECT payload FROM batches WHERE stream = ?", (stream,))
+                for r in decode(bytes(p)).records]
+    finally:
+        con.close()
+
+
+def test_shutdown_stores_or_counts_everything_queued_for_the_writer(tmp_path: Path) -> None:
+    """Cancelling run() while the writer is busy (a slow SD card): what waits for it is stored, or counted lost."""
+    gate = offline_gate()
+    rig = Rig(tmp_path, config(gate.port, telemetry=[]))
+    link = rig.link
+    real_put = link.store.put
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_put(sealed: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real_put(sealed)
+
+    link.store.put = slow_put  # type: ignore[method-assign]
+    tel = Telemetry(["pack.current"], np.array([T_MS], np.int64), np.zeros((1, 1)), np.zeros((1, 1), np.int8), 10.0)
+    overflowed = 0
+
+    async def scenario() -> None:
+        nonlocal overflowed
+        await until(lambda: link.intake.on_event in rig.recorder.subscribers, what="run() listening to the recorder")
+        rig.event(Kind.TRIP)
+        await until(entered.is_set, what="the writer storing the first event")
+        for _ in range(5):
+            rig.event(Kind.TRIP)
+        await until(lambda: link.intake.pending() == 0, what="the later events queued for the writer")
+        before = link.counters["overflow"]
+        for _ in range(1100):  # more than the queue holds: the rest overflows, to be counted as lost
+            link._emit_telemetry("pack", tel)
+        overflowed = link.counters["overflow"] - before
+        release.set()  # no await until run() is cancelled: the queue and the overflow are shutdown's to handle
+
+    try:
+        rig.run(scenario)
+    finally:
+        release.set()
+        gate.close()
+    assert link.store.path is not None
+    assert sorted(r["index"] for r in stored_records(link.store.path, "events")) == list(range(1, rig.events + 1))
+    assert overflowed > 0
+    gaps = [g for g in stored_records(link.store.path, "gaps") if g["reason"] == "overflow"]
+    lost = overflowed * tel.samples
+    assert sum(g["samples"] for g in gaps) == lost == link.store.stats()["losses"]["overflow"]["samples"]
+
+
+def test_a_failing_command_purge_does_not_end_the_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forgetting expired command ids fails (disk full): the error is recorded and the link goes on."""
+    monkeypatch.setattr(cloudlink.link, "PURGE_EVERY_S", 0.2)
+    state = tmp_path / "state"
+    state.mkdir()
+    store = Store(state / "cloud.db", Sealer(GW, "0ld0ld0ld0ld0ld0", 128 * 1024), quota_bytes=1 << 30,
+                  min_free_bytes=0, fsync_window_s=0.2, thin_window_ms=1000)
+    store.open()
+    store.remember_command("expired", 1.0, b"{}")
+    assert store.con is not None
+    store.con.execute("CREATE TRIGGER full BEFORE DELETE ON commands BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    store.close()
+    gate = offline_gate()
+    rig = Rig(tmp_path, config(gate.port, telemetry=[]), state=state)
+
+    async def scenario() -> None:
+        await until(lambda: "disk says no" in rig.link.conn["last_error"], what="the purge failing")
+        n = len(rig.rows)
+        rig.event(Kind.TRIP)
+        await until(lambda: len(rig.rows) > n, what="the link still storing events")
+
+    try:
+        rig.run(scenario)
+    finally:
+        gate.close()
+
+
+RATE_CLASS = SignalClass("cells", ["cell[*].voltage"], rate_hz=10.0, batch_s=5.0)
+
+
+async def set_rates(link: CloudLink, cmd_id: str, rates: dict[str, float]) -> dict[str, Any]:
+    assert link.processor is not None
+    out = await link.processor.handle("set_report_rates", make_command(SECRET.encode(), GW, "set_report_rates",
+                                                                       {"rates": rates}, cmd_id=cmd_id))
+    return out.body
+
+
+def test_report_rate_can_be_raised_again_after_slowing_down(tmp_path: Path) -> None:
+    gate = offline_gate()
+    cfg = config(gate.port, telemetry=[RATE_CLASS], commands=CommandSettings(hmac_secret=SECRET, health_check_s=0.5))
+    rig = Rig(tmp_path, cfg)
+    sampler = rig.link.samplers[0]
+
+    async def scenario() -> None:
+        await until(lambda: sampler.stats.runs >= 2, what="the sampler running")
+        assert (await set_rates(rig.link, "slow", {"cells": 0.01}))["status"] == "accepted"
+        runs = sampler.stats.runs
+        a = await set_rates(rig.link, "fast", {"cells": 10.0})  # 100 s until the next tick at the slow rate
+        assert a["status"] == "accepted", a["reason"]
+        assert sampler.rate_hz == 10.0 and sampler.stats.runs > runs
+
+    try:
+        rig.run(scenario)
+    finally:
+        gate.close()
+
+
+def test_an_old_sampler_error_does_not_veto_a_rate_change(tmp_path: Path) -> None:
+    gate = offline_gate()
+    cfg = config(gate.port, telemetry=[RATE_CLASS], commands=CommandSettings(hmac_secret=SECRET, health_check_s=0.3))
+    rig = Rig(tmp_path, cfg)
+    sampler = rig.link.samplers[0]
+    read = rig.img.quality
+    fail = [1]
+
+    def flaky(idx: Any, mono: float) -> Any:  # one transient read error, then normal operation
+        if fail[0]:
+            fail[0] -= 1
+            raise RuntimeError("transient read error")
+        return read(idx, mono)
+
+    rig.img.quality = flaky  # type: ignore[method-assign, assignment]
+
+    async def scenario() -> None:
+        await until(lambda: sampler.stats.errors == 1 and sampler.stats.runs >= 3, what="one sampler error")
+        a = await set_rates(rig.link, "r1", {"cells": 20.0})
+        assert a["status"] == "accepted", a["reason"]
+        assert sampler.rate_hz == 20.0
+
+    try:
+        rig.run(scenario)
+    finally:
+        gate.close()
