@@ -21,12 +21,18 @@ estimate x ``duration_margin`` + ``duration_slack_s``) and the result collection
 (missing points are asked for again up to ``resend_rounds`` times). A failed attempt is
 retried after ``retry_delay_s`` with a new SweepId, up to ``max_attempts`` attempts;
 errors that cannot go away by retrying (invalid target, frequency, ...) fail at once.
+Aborts are not acknowledged by a timeout: instead, while the module's Status says it settles
+or measures and no sweep of ours is running (an abort lost on the way, or a sweep a previous
+gateway process left behind), every such Status is answered with another abort (SweepId 0);
+SweepIds start at a random value, so a new process's first request is unlikely to repeat one
+its predecessor left running.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import random
 import re
 import threading
 import time
@@ -316,13 +322,16 @@ class EisDriver:
         self._records: deque[EisSpectrum] = deque(maxlen=self.config.max_records)
         self._failures: deque[SweepFailure] = deque(maxlen=64)
         self._next_handle = 1
-        self._next_sweep_id = 1
+        # a new process must not reuse the SweepId its predecessor may have left running (the
+        # module would take the request as a repetition of that sweep and keep measuring it)
+        self._next_sweep_id = random.randrange(1, 256)
         self._rr = 0
         self._next_periodic = 0.0
         self._now = 0.0
         self._hist: deque[tuple[float, float]] = deque()
         self._stable_since: float | None = None
         self._clear_busy = False
+        self._stray_abort_due = False
 
     # -- requests --------------------------------------------------------------------------
 
@@ -476,6 +485,8 @@ class EisDriver:
     def _on_status(self, v: dict[str, Any], now: float) -> None:
         state, sid, err = int(v["State"]), int(v["SweepId"]), int(v["ErrorCode"])
         self.module_state, self.module_error, self.module_sweep_id = state, err, sid
+        if self._module_unsupervised():
+            self._stray_abort_due = True  # one abort per such Status: at most the Status rate
         a = self._active
         if a is None or sid != a.sweep_id or self._phase not in (Phase.REQUESTING, Phase.RUNNING, Phase.COLLECTING):
             return
@@ -495,13 +506,22 @@ class EisDriver:
         elif state == ST_ABORTED and self._phase in (Phase.REQUESTING, Phase.RUNNING):
             self._fail(a, f"aborted by the module: {ERROR_NAMES.get(err, err)}", retry=True)
 
+    def _module_unsupervised(self) -> bool:
+        """The module's last Status says it excites a target, but no sweep of ours runs: an abort
+        was lost, or a previous gateway process left it running."""
+        return self.module_state in (ST_SETTLING, ST_MEASURING) and \
+            (self._active is None or self._phase not in (Phase.REQUESTING, Phase.RUNNING))
+
     def _point(self, a: _Active, k: int, now: float) -> _Point | None:
         if not 0 <= k < max(a.points_total, 1) or k > MAX_POINTS:
             self.stats.bad_frames += 1
             return None
         p = a.points.get(k)
         if p is None:
-            p = a.points[k] = _Point(arrived=now, conditions=self._conditions(a))
+            # a point first seen after Done was asked for again: it was measured earlier, under
+            # other conditions than now; _build_record gives it those of its neighbours
+            cond = None if self._phase == Phase.COLLECTING else self._conditions(a)
+            p = a.points[k] = _Point(arrived=now, conditions=cond)
         return p
 
     def _conditions(self, a: _Active) -> Conditions | None:
@@ -552,7 +572,9 @@ class EisDriver:
 
     @staticmethod
     def _complete(p: _Point, a: _Active) -> bool:
-        return p.parts == 0b111 and math.isfinite(p.frequency) and p.frequency > 0
+        # the protocol forbids NaN/inf in results; one such value would spoil the whole analysis
+        return (p.parts == 0b111 and math.isfinite(p.frequency) and p.frequency > 0
+                and math.isfinite(p.z_re) and math.isfinite(p.z_im))
 
     def _missing(self, a: _Active) -> list[int]:
         return [k for k in range(a.points_total) if k not in a.points or not self._complete(a.points[k], a)]
@@ -625,6 +647,7 @@ class EisDriver:
             a = self._active
             if a is not None:
                 out.extend(self._timeouts(a, now))
+            out.extend(self._stray_abort(protection_event_active))
             if self._phase == Phase.BACKOFF and now >= self._backoff_until:
                 self._phase = Phase.IDLE
             if self._phase == Phase.IDLE and not protection_event_active:
@@ -667,6 +690,16 @@ class EisDriver:
             else:
                 self._fail(a, f"{len(missing)} points missing after {cfg.resend_rounds} resend requests", retry=True)
         return out
+
+    def _stray_abort(self, protection_event_active: bool) -> list[can.Message]:
+        """Abort a sweep the module runs without us, once per Status that reports it: an abort
+        that did not reach the module is otherwise never repeated, and the cell stays excited."""
+        due, self._stray_abort_due = self._stray_abort_due, False
+        if not due or not self._module_unsupervised():
+            return []
+        self.stats.aborts += 1
+        self._clear_busy = False  # this abort clears the module for the next request too
+        return [self._abort_frame(0, "protection" if protection_event_active else "unspecified")]
 
     def _stable(self, now: float) -> bool:
         cfg = self.config

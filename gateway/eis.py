@@ -33,7 +33,7 @@ import can
 import numpy as np
 
 from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, Phase, SweepSettings, load_eis_dbc
-from estimators.eis import EisAnalysis, EisSpectrum, SotCalibration, analyze_spectrum, calibrate_sot
+from estimators.eis import EisAnalysis, EisSpectrum, KKResult, SotCalibration, analyze_spectrum, calibrate_sot
 from gateway.events import Event, Kind, Level, Recorder
 from gateway.image import ProcessImage, Quality
 from gateway.pipeline import Layout
@@ -282,7 +282,8 @@ class EisService:
         if frames:
             try:
                 await anyio.to_thread.run_sync(self.send, frames)
-            except Exception as exc:  # the bus or P0 refused: the driver's timeouts retry
+            except Exception as exc:  # the bus or P0 refused: the driver repeats requests (Ack timeout)
+                # and aborts (while the module's Status still says it measures)
                 self.send_errors += 1
                 log.warning("EIS: could not send %d frames: %s", len(frames), exc)
         for failure in self.driver.pop_failures():
@@ -306,10 +307,16 @@ class EisService:
             del self.outcomes[next(iter(self.outcomes))]
 
     def analyse(self, spectrum: EisSpectrum) -> EisResult:
-        """KK, DRT, fit and SoT of one spectrum (pure computation; a worker thread runs it)."""
+        """KK, DRT, fit and SoT of one spectrum (pure computation; a worker thread runs it).
+        A spectrum the analysis fails on is returned as invalid, the error as its KK reason: it is
+        still published (every record goes to the cloud) and its sweep still gets an outcome."""
         s = self.section
-        analysis = analyze_spectrum(spectrum, calibration=self.calibration, fit=True, n_rc=s.fit_rc, cpe=s.fit_cpe,
-                                    mismatch_threshold_c=s.sot_mismatch_c)
+        try:
+            analysis = analyze_spectrum(spectrum, calibration=self.calibration, fit=True, n_rc=s.fit_rc,
+                                        cpe=s.fit_cpe, mismatch_threshold_c=s.sot_mismatch_c)
+        except Exception as exc:  # numerics (LinAlgError, ...) or too few points: one spectrum's problem
+            log.warning("EIS %s: analysis failed: %s: %s", spectrum.target, type(exc).__name__, exc)
+            analysis = EisAnalysis(spectrum, _failed_kk(spectrum.n, f"analysis failed: {type(exc).__name__}: {exc}"))
         return EisResult(analysis, time.time())
 
     def publish(self, result: EisResult) -> None:
@@ -461,6 +468,12 @@ def summary(result: EisResult) -> dict[str, Any]:
             "fit": None if a.fit is None else {"params": {k: _num(v) for k, v in a.fit.params.as_cloud().items()},
                                                 "rel_sd": {k: _num(v) for k, v in a.fit.rel_sd_named().items()},
                                                 "rel_rms": _num(a.fit.rel_rms), "converged": a.fit.converged}}
+
+
+def _failed_kk(n: int, reason: str) -> KKResult:
+    """The verdict of a spectrum that could not be analysed: invalid, no residuals."""
+    nan = np.full(n, math.nan)
+    return KKResult(False, reason, 0, math.nan, nan, nan.copy(), math.nan, math.nan, nan.astype(np.complex128))
 
 
 def _target_key(name: str) -> tuple[str, int]:

@@ -1,18 +1,29 @@
 """EIS through the running daemon: the simulated module on the pack bus, sweeps from the CLI,
-results in the image and the CLI, aborts on protection events, refusals."""
+results in the image and the CLI, aborts on protection events, refusals; and, in-process, the
+service's publication of spectra and the cloud's sweep command."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import anyio
+import numpy as np
 import pytest
 
+from drivers.sim_eis import SimEis
+from estimators.eis import EisSpectrum
+from gateway.daemon import Gateway
+from gateway.eis import EisSection, EisService, eis_families, eis_slots
+from gateway.events import Recorder
+from gateway.image import ProcessImage
+from gateway.pipeline import Layout
 from tests.procs import ROOT, Daemon, wait_for
-
-pytestmark = pytest.mark.slow
 
 
 def night_sim_text() -> str:
@@ -38,6 +49,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_sweep_from_the_cli_feeds_image_table_plot_and_png(gw: Daemon, tmp_path: Path) -> None:
     r = gw.cli("eis", "sweep", "--cell", "5", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -71,6 +83,7 @@ def test_sweep_from_the_cli_feeds_image_table_plot_and_png(gw: Daemon, tmp_path:
     assert table.returncode == 0 and "cell[5]" in table.stdout
 
 
+@pytest.mark.slow
 def test_requests_for_targets_the_site_lacks_are_refused(gw: Daemon) -> None:
     r = gw.cli("eis", "sweep", "--cell", "224")
     assert r.returncode == 4 and "224 cells" in r.stderr
@@ -78,6 +91,7 @@ def test_requests_for_targets_the_site_lacks_are_refused(gw: Daemon) -> None:
     assert r.returncode == 4 and "no spectrum of module[3]" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_protection_event_aborts_the_running_sweep(gw: Daemon) -> None:
     # down to 1 mHz: the last points take seconds each even at 200x
     queued = json.loads(gw.cli("eis", "sweep", "--module", "2", "--f-stop", "0.001", "--no-wait", "--json").stdout)
@@ -93,3 +107,59 @@ def test_a_protection_event_aborts_the_running_sweep(gw: Daemon) -> None:
         gw.cli("sim", "fault", "clear")
         gw.cli("eis", "cancel")
     assert queued["handle"] > 0
+
+
+# -- in-process: the service and the daemon's command handler, no daemon -------------------------
+
+
+def _service(layout: Layout, records: list[dict[str, Any]] | None = None) -> EisService:
+    img = ProcessImage({"cell.voltage": (layout.cells,), **eis_families(layout)}, ["pack.current"])
+    for name, (period, signals) in eis_slots(layout).items():
+        slot = img.add_slot(name, period)
+        for sig in signals:
+            img.bind(img.index(sig), slot)
+    img.freeze()
+    return EisService(EisSection(enabled=True), layout, img, Recorder(), lambda frames: None, soc=lambda: None,
+                      record=None if records is None else records.append)
+
+
+def test_a_spectrum_whose_analysis_fails_is_still_published_and_ends_its_sweep() -> None:
+    """One spectrum the analysis cannot take (here a NaN the module reported) is published as
+    invalid with the error; it does not cost its own record and outcome, nor the next spectrum's."""
+    records: list[dict[str, Any]] = []
+    svc = _service(Layout(modules_per_string=1, cells_per_module=4), records)
+    f = SimEis(lambda m: None).model.impedance  # a real cell's spectrum
+    grid = np.logspace(3, -1, 41)
+    z = f(grid, 25.0, 0.5)
+    bad_re = z.real.copy()
+    bad_re[10] = math.nan
+    bad = EisSpectrum(grid, bad_re, z.imag, target="cell[2]", sweep_id=8)
+    good = EisSpectrum(grid, z.real, z.imag, target="cell[1]", sweep_id=7)
+    svc.driver._records.extend([bad, good])  # as if both sweeps had completed in the same tick
+    svc._handle_of.update({8: 1, 7: 2})
+    anyio.run(svc.step, False)
+    assert [r["target"] for r in records] == ["cell[2]", "cell[1]"]
+    assert not records[0]["valid"] and "analysis failed" in records[0]["kk"]["reason"]
+    assert records[1]["valid"]
+    assert svc.outcomes[1]["ok"] and not svc.outcomes[1]["valid"] and "analysis failed" in svc.outcomes[1]["reason"]
+    assert svc.outcomes[2] == {"ok": True, "target": "cell[1]", "valid": True, "reason": "measured"}
+    assert svc.status()["analysed"] == 2 and svc.status()["invalid"] == 1
+    assert svc.show("cell[2]")["valid"] is False
+
+
+def test_a_cloud_sweep_command_is_queued_whole_or_not_at_all() -> None:
+    """start_eis_sweep may name more targets than the EIS queue holds (or one it refuses): the
+    answer "rejected" must mean nothing was queued."""
+    svc = _service(Layout())  # 224 cells: the cloud's validator lets all of them through
+    gw: Any = SimpleNamespace(eis=svc)
+    gw._eis_sweep = lambda target, **o: Gateway._eis_sweep(gw, target, **o)
+    args: dict[str, Any] = {"cells": list(range(100)), "modules": None, "f_min_hz": 0.1, "f_max_hz": 1000.0,
+                            "points_per_decade": 10, "amplitude_a": None}
+    ok, reason = Gateway._remote_eis_sweep(gw, args)
+    assert not ok and "queue" in reason
+    assert svc.driver.status()["queued"] == []
+    ok, reason = Gateway._remote_eis_sweep(gw, {**args, "cells": [0, 1, 224]})  # the last one the site lacks
+    assert not ok and "cell[224]" in reason
+    assert svc.driver.status()["queued"] == []
+    ok, reason = Gateway._remote_eis_sweep(gw, {**args, "cells": [0, 1], "modules": [3]})
+    assert ok and svc.driver.status()["queued"] == ["cell[0]", "cell[1]", "module[3]"]

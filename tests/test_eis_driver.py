@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 import can
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, Phase, SweepSettings
-from drivers.sim_eis import DBC_PATH, STATE_ABORTED, STATE_DONE, SimConditions, SimEis
+from drivers.sim_eis import DBC_PATH, STATE_ABORTED, STATE_DONE, STATE_MEASURING, SimConditions, SimEis
 
 DB = cantools.database.load_file(str(DBC_PATH))
 SWEEP = SweepSettings(f_start_hz=10_000.0, f_stop_hz=0.01, points_per_decade=10)
@@ -29,6 +30,9 @@ class Link:
         base: dict[str, object] = {"sweep": SWEEP, "stable_window_s": 0.2, "retry_delay_s": 0.2}
         base.update(cfg)
         self.drv = EisDriver(lambda t: Conditions(3.65, 24.0, 0.5), EisDriverConfig(**base))  # type: ignore[arg-type]
+        # the wire's faults: a module frame altered or dropped (None) on its way, a gateway frame lost
+        self.wire_in: Callable[[can.Message], can.Message | None] = lambda m: m
+        self.lost_out: Callable[[can.Message], bool] = lambda m: False
 
     def run(self, ticks: int, current: float | Callable[[float], float] = 0.0,
             protection: Callable[[float], bool] = lambda t: False,
@@ -37,13 +41,16 @@ class Link:
             self.sim.tick()
             for m in self.to_gw:
                 self.received.append(m)
-                self.drv.on_frame(m, self.sim.now)
+                arrived = self.wire_in(m)
+                if arrived is not None:
+                    self.drv.on_frame(arrived, self.sim.now)
             self.to_gw.clear()
             now = self.sim.now
             out = self.drv.tick(now, current(now) if callable(current) else current, protection(now))
             self.sent.extend(out)
             for m in out:
-                self.sim.receive(m)
+                if not self.lost_out(m):
+                    self.sim.receive(m)
             if until is not None and until():
                 return
 
@@ -231,14 +238,21 @@ def test_current_change_aborts_and_unstable_current_blocks_the_start() -> None:
 
 
 def test_busy_module_is_cleared_then_measured() -> None:
-    link = Link()
+    link = Link(stable_window_s=0.0)
     _setup(link)
-    # a long sweep started by someone else (a previous gateway run): about 9 s on this clock
+    # a long sweep started by someone else just before our request, whose Status has not reached us
+    # yet (once it has, the gateway aborts it before asking): about 9 s on this clock
     req = DB.encode_message("EIS_SweepRequest", {"SweepId": 200, "TargetType": 0, "TargetIndex": 9,
                                                  "StartFreqLog10": 3, "StopFreqLog10": -3, "PointsPerDecade": 20,
                                                  "ExcitationAmplitude": 0, "ResultFormat": 0})
     link.sim.receive(can.Message(arbitration_id=0x301, data=req, is_extended_id=False))
+    link.to_gw.clear()
     link.drv.request_sweep("cell[5]")
+    out = link.drv.tick(link.sim.now, 0.0, False)
+    assert [m.arbitration_id for m in out] == [0x301]
+    link.sent.extend(out)
+    for m in out:
+        link.sim.receive(m)
     link.run(2000, until=lambda: bool(link.drv._records))
     assert "busy" in link.drv.pop_failures()[0].reason
     aborts = link.sent_named("EIS_Abort")
@@ -301,3 +315,96 @@ def test_sweep_under_current_gives_a_drifted_record_and_module_done() -> None:
     dev = np.abs(r.z - truth) / np.abs(truth)
     assert dev[-1] > 0.02 and dev[0] < 1e-5  # 10 mHz drifted, 10 kHz not
     assert r.pack_current_a == 4.0
+
+
+def _point_frame(m: can.Message) -> tuple[int, int] | None:
+    """(PointIndex, Part) of a classic result frame, None for any other frame."""
+    if m.arbitration_id != 0x320:
+        return None
+    v = DB.decode_message(0x320, m.data, decode_choices=False)
+    return int(v["PointIndex"]), int(v["Part"])
+
+
+def _with_float(m: can.Message, value: float) -> can.Message:
+    """The classic result frame with its float32 (bytes 4-7) replaced."""
+    data = bytearray(m.data)
+    data[4:8] = struct.pack("<f", value)
+    return can.Message(arbitration_id=m.arbitration_id, data=bytes(data), is_extended_id=False)
+
+
+def test_a_lost_protection_abort_is_repeated_until_the_module_stops() -> None:
+    """An abort that never reached the module (bus or P0 refused it) must not leave the module
+    exciting the cell: it goes out again, once per Status that still says Measuring."""
+    link = Link()
+    _setup(link)
+    link.sim.speed = 50.0
+    link.drv.request_sweep("cell[5]")
+    link.run(60)
+    assert link.drv.phase is Phase.RUNNING
+    link.lost_out = lambda m: m.arbitration_id == 0x300  # every abort lost for a while
+    seen = len(link.received)
+    link.run(10, protection=lambda t: True)
+    assert link.sim.state == STATE_MEASURING and link.drv.phase is not Phase.RUNNING
+    statuses = [m for m in link.received[seen:] if m.arbitration_id == 0x310]
+    aborts = [a for a in link.sent_named("EIS_Abort") if a["AbortReason"] == 2]
+    assert 2 <= len(aborts) <= 1 + len(statuses)  # repeated, but no more often than the Status comes
+    assert all(a["SweepId"] == 0 for a in aborts)
+    link.lost_out = lambda m: False
+    link.run(10, protection=lambda t: True, until=lambda: link.sim.state == STATE_ABORTED)
+    assert link.sim.state == STATE_ABORTED
+    n = len(link.sent_named("EIS_Abort"))
+    link.run(30, protection=lambda t: True)  # the Status says Aborted: nothing more to repeat
+    assert len(link.sent_named("EIS_Abort")) == n
+
+
+@pytest.mark.parametrize(("bad", "part"), [("nan", 1), ("inf", 1), ("-inf", 2)])
+def test_a_point_with_a_non_finite_impedance_is_asked_for_again(bad: str, part: int) -> None:
+    link = Link()
+    _setup(link)
+
+    def spoil(m: can.Message) -> can.Message:
+        pp = _point_frame(m)
+        return _with_float(m, float(bad)) if pp == (10, part) and link.drv.phase is Phase.RUNNING else m
+
+    link.wire_in = spoil
+    link.drv.request_sweep("cell[5]")
+    link.run(1000, until=lambda: bool(link.drv._records))
+    resend = link.sent_named("EIS_ResendRequest")
+    assert resend and resend[0]["FirstPoint"] == 10 and resend[0]["PointCount"] == 1
+    _check_against_truth(link)
+
+
+def test_a_point_asked_for_again_gets_its_neighbours_conditions() -> None:
+    """A resent point arrives after the sweep (the pack may be charging by then): the conditions of
+    that moment are not those of its measurement."""
+    link = Link()
+    _setup(link)
+    link.drv.conditions = lambda t: Conditions(4.1 if link.drv.phase is Phase.COLLECTING else 3.65, 24.0, 0.5)
+
+    def lose_point_10(m: can.Message) -> can.Message | None:
+        pp = _point_frame(m)
+        return None if pp is not None and pp[0] == 10 and link.drv.phase is Phase.RUNNING else m
+
+    link.wire_in = lose_point_10
+    link.drv.request_sweep("cell[5]")
+    link.run(1000, until=lambda: bool(link.drv._records))
+    assert link.sent_named("EIS_ResendRequest")[0]["FirstPoint"] == 10
+    _check_against_truth(link)  # every point at 3.65 V
+
+
+def test_the_first_request_after_a_restart_does_not_take_over_the_previous_sweep() -> None:
+    """A module without the heartbeat watch still measures the previous gateway process's sweep;
+    the new process's first request may carry the same SweepId, target and format, which the
+    module would take as a repetition: the module's Status gives it away, and it is aborted."""
+    link = Link()
+    _setup(link)
+    old = DB.encode_message("EIS_SweepRequest", {"SweepId": link.drv._next_sweep_id, "TargetType": 0,
+                                                 "TargetIndex": 5, "StartFreqLog10": 3, "StopFreqLog10": -3,
+                                                 "PointsPerDecade": 20, "ExcitationAmplitude": 0, "ResultFormat": 0})
+    link.sim.receive(can.Message(arbitration_id=0x301, data=old, is_extended_id=False))
+    link.drv.request_sweep("cell[5]")
+    link.run(2000, until=lambda: bool(link.drv._records))
+    sent = [m.arbitration_id for m in link.sent]
+    assert sent.index(0x300) < sent.index(0x301)  # the old sweep is aborted before the first request
+    assert link.sent_named("EIS_Abort")[0]["SweepId"] == 0
+    _check_against_truth(link)  # the new sweep's 61 points, not the old one's 121
