@@ -88,6 +88,8 @@ class Balancer:
         self.config = config or BalanceConfig()
         self.status = BalanceStatus.IDLE
         self._requested = False
+        self._budget_s = self.config.time_budget_s  # of the current run (a request may set its own)
+        self._stop_v = self.config.stop_spread_v
         self._start_s = math.nan
         self._active_s = 0.0
         self._quiet_since = math.nan
@@ -95,8 +97,20 @@ class Balancer:
         self._last_end_s = -math.inf
         self._bleed = np.zeros(self.n_cells, dtype=np.bool_)
 
-    def request(self) -> None:
-        """Ask for a run (``bmsgw balance``); it starts when the conditions allow."""
+    def request(self, time_budget_s: float | None = None, stop_spread_v: float | None = None) -> None:
+        """Ask for a run (``bmsgw balance``, the cloud); it starts when the conditions allow.
+
+        ``time_budget_s`` and ``stop_spread_v`` replace the configured ones for this run only.
+        """
+        c = self.config
+        budget = c.time_budget_s if time_budget_s is None else float(time_budget_s)
+        stop = c.stop_spread_v if stop_spread_v is None else float(stop_spread_v)
+        if not budget > 0.0:
+            raise ValueError("time budget must be > 0 s")
+        if not c.cell_band_v < stop < c.start_spread_v:
+            raise ValueError(f"stop spread must lie between the cell band ({c.cell_band_v * 1e3:g} mV) "
+                             f"and the start spread ({c.start_spread_v * 1e3:g} mV)")
+        self._budget_s, self._stop_v = budget, stop
         self._requested = True
         if self.status not in (BalanceStatus.ACTIVE, BalanceStatus.PAUSED):
             self.status = BalanceStatus.WAITING
@@ -107,6 +121,7 @@ class Balancer:
 
     def _finish(self, status: BalanceStatus, now: float | None = None) -> None:
         self._requested = False
+        self._budget_s, self._stop_v = self.config.time_budget_s, self.config.stop_spread_v
         self.status = status
         self._start_s = math.nan
         self._bleed[:] = False
@@ -159,12 +174,14 @@ class Balancer:
         if running and alarm:
             self._finish(BalanceStatus.ABORTED, now_s)
             return self._decision(spread, "alarm active")
-        if running and self._active_s >= c.time_budget_s:
+        if running and self._active_s >= self._budget_s:
+            budget = self._budget_s
             self._finish(BalanceStatus.TIMEOUT, now_s)
-            return self._decision(spread, f"time budget {c.time_budget_s:g} s used")
-        if running and math.isfinite(spread) and spread < c.stop_spread_v:
+            return self._decision(spread, f"time budget {budget:g} s used")
+        if running and math.isfinite(spread) and spread < self._stop_v:
+            stop = self._stop_v
             self._finish(BalanceStatus.DONE, now_s)
-            return self._decision(spread, f"spread {spread * 1e3:.1f} mV below {c.stop_spread_v * 1e3:g} mV")
+            return self._decision(spread, f"spread {spread * 1e3:.1f} mV below {stop * 1e3:g} mV")
         if not running:
             due = c.auto and now_s - self._last_end_s >= c.auto_interval_s
             if not (self._requested or due):

@@ -173,7 +173,7 @@ class Gateway:
         return out
 
     def _eis_sweep(self, target: str, **overrides: Any) -> tuple[bool, str]:
-        """The one entry point for on-demand sweeps: CLI, OPC UA and the cloud."""
+        """One on-demand sweep (CLI, OPC UA); the cloud's several at once are :meth:`_remote_eis_sweep`."""
         if self.eis is None:
             return False, "this gateway has no EIS module (eis.enabled = false)"
         ok, reason, _handle = self.eis.request(target, **overrides)
@@ -183,16 +183,24 @@ class Gateway:
         targets = [f"cell[{i}]" for i in args["cells"] or []] + [f"module[{i}]" for i in args["modules"] or []]
         overrides = {"f_start_hz": args["f_max_hz"], "f_stop_hz": args["f_min_hz"],
                      "points_per_decade": args["points_per_decade"], "amplitude_a": args["amplitude_a"] or 0.0}
+        if self.eis is None:
+            return False, "this gateway has no EIS module (eis.enabled = false)"
+        handles: list[int] = []
         for target in targets:
-            ok, reason = self._eis_sweep(target, **overrides)
+            ok, reason, handle = self.eis.request(target, **overrides)
             if not ok:
-                return False, f"{target}: {reason}"
+                # all or nothing: "rejected" must not leave part of the command queued (the queue
+                # holds fewer requests than the cloud may name targets)
+                for h in handles:
+                    self.eis.cancel(h)
+                return False, f"{target}: {reason}; none of the {len(targets)} sweeps was queued"
+            handles.append(handle)
         return True, f"{len(targets)} sweeps queued"
 
     def _remote_balancing(self, args: dict[str, Any]) -> tuple[bool, str]:
         if args.get("cells") and len(args["cells"]) != self.image.families["cell.voltage"].size:
             return False, "this gateway balances the whole string: send no 'cells' (it picks the cells above the band)"
-        return self._balancing(True)
+        return self._balancing(True, args.get("max_duration_s"), args.get("stop_spread_v"))
 
     async def _remote_reset(self, args: dict[str, Any]) -> tuple[bool, str]:
         try:
@@ -384,12 +392,17 @@ class Gateway:
                 log.warning("balancing: %s", exc)
         self._bleeding = bool(d.bleeding)
 
-    def _balancing(self, start: bool) -> tuple[bool, str]:
-        """The one entry point for balancing requests: CLI, OPC UA and the cloud."""
+    def _balancing(self, start: bool, time_budget_s: float | None = None,
+                   stop_spread_v: float | None = None) -> tuple[bool, str]:
+        """The one entry point for balancing requests: CLI, OPC UA and the cloud (which may set the
+        run's time budget and stop spread)."""
         if self.estimation is None:
             return False, "balancing needs the estimators (estimators.enabled = true)"
         if start:
-            self.estimation.balancer.request()
+            try:
+                self.estimation.balancer.request(time_budget_s, stop_spread_v)
+            except ValueError as exc:
+                return False, str(exc)
             return True, (f"balancing requested: starts at rest once the spread exceeds "
                           f"{self.estimation.section.balancing_start_spread_v * 1000:.0f} mV")
         self.estimation.balancer.cancel()

@@ -225,6 +225,23 @@ def test_balancing_pauses_stops_and_aborts() -> None:
     assert b.status is BalanceStatus.ABORTED
 
 
+def test_balancing_request_with_its_own_budget_and_stop_spread() -> None:
+    b = Balancer(28, BalanceConfig(settle_s=0.0, time_budget_s=100.0))
+    b.request(stop_spread_v=0.050)
+    b.step(0.0, spread_v(120), 0.0, 25.0, False)
+    d = b.step(1.0, spread_v(45), 0.0, 25.0, False)  # above the configured 30 mV, below this run's 50
+    assert d.status is BalanceStatus.DONE and "50 mV" in d.reason
+    b.request(time_budget_s=10.0)
+    b.step(2.0, spread_v(120), 0.0, 25.0, False)
+    d = b.step(13.0, spread_v(120), 0.0, 25.0, False)
+    assert d.status is BalanceStatus.TIMEOUT and "10 s" in d.reason
+    b.request()  # the next run is back on the configured values
+    b.step(20.0, spread_v(120), 0.0, 25.0, False)
+    assert b.step(40.0, spread_v(120), 0.0, 25.0, False).status is BalanceStatus.ACTIVE
+    with pytest.raises(ValueError, match="stop spread"):
+        b.request(stop_spread_v=0.150)  # above the start spread: the run would end as it starts
+
+
 def test_balancing_limits_bleeders_per_module_and_hysteresis() -> None:
     cfg = BalanceConfig(settle_s=0.0, max_per_module=2, cells_per_module=14)
     b = Balancer(28, cfg)
