@@ -329,7 +329,7 @@ def _check_protection(cfg: Config, image: ProcessImage, sources: list[BusSource]
 
 def _check_watched_periods(cfg: Config, image: ProcessImage, watched: set[int], sources: list[BusSource],
                            dbcs: dict[str, list[LoadedDbc]], loader: Loader) -> None:
-    """Every signal protection watches comes from a message with a cycle time.
+    """Every signal protection or the contactor machine watches comes from a message with a cycle time.
 
     Without one the message's slot never goes stale, so a sender that falls silent leaves its last
     values GOOD forever and protection keeps judging them: missing data must be a fault instead.
