@@ -83,7 +83,7 @@ cell_voltage_high = 0
 [protection.limits.cell_voltage_spread]
 mol = 1.0
 rsl = 1.5
-msl = 2.0
+msl = 1.7
 """
 
 
