@@ -21,6 +21,7 @@ import anyio
 import can
 import numpy as np
 
+from drivers.eis_driver import load_eis_dbc
 from gateway import __version__
 from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine
@@ -56,7 +57,10 @@ class Gateway:
         self.loaded = loaded
         self.simulate = simulate
         self.image = loaded.image
-        self.decoders = {s.bus: Decoder(s.messages) for s in loaded.sources}
+        eis_bus = loaded.config.eis_bus() if loaded.config.eis.enabled else None
+        # candump decodes the EIS module's frames too (they are not in the bus's own DBCs)
+        self.decoders = {s.bus: Decoder([*s.messages, *(load_eis_dbc().messages if s.bus == eis_bus else ())])
+                         for s in loaded.sources}
         self.recorder = Recorder()
         self.p0: P0Process | None = None
         self.started_mono = time.monotonic()
