@@ -189,11 +189,16 @@ def test_bad_values_trip_as_bad_data(tmp_path: Path, fault: str) -> None:
     assert not any(e.name == "cell_voltage_high" for e in rig.recorder.recent(200))  # not mistaken for OV
 
 
-def test_reset_refused_while_the_cause_persists_then_accepted(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, WIDE_SPREAD)
+def trip_on_a_drifting_cell(rig: Rig) -> None:
+    """From NORMAL, one cell drifts over its high MSL until the lane trips."""
     rig.to_normal()
     rig.sim.inject("cell_drift", CELL, 300.0)
     rig.run_until(lambda: rig.trips, 10, "a trip")
+
+
+def test_reset_refused_while_the_cause_persists_then_accepted(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, WIDE_SPREAD)
+    trip_on_a_drifting_cell(rig)
     rig.run(0.5)
     ok, reason = rig.lane.machine.reset()
     assert not ok and "cell_voltage_high" in reason
@@ -260,9 +265,7 @@ def test_repeatedly_late_lane_forces_the_safe_state(tmp_path: Path) -> None:
 def test_error_latch_survives_a_restart(tmp_path: Path) -> None:
     """A crash or watchdog restart is not a reset: ERROR comes back, and auto_close must not close."""
     rig = Rig(tmp_path, WIDE_SPREAD)
-    rig.to_normal()
-    rig.sim.inject("cell_drift", CELL, 300.0)
-    rig.run_until(lambda: rig.trips, 10, "a trip")
+    trip_on_a_drifting_cell(rig)
     rig.run(0.1)
     again = Rig(tmp_path, WIDE_SPREAD)
     assert again.state is State.ERROR and "cell_voltage_high" in again.lane.machine.error_causes[0]
@@ -284,9 +287,7 @@ def test_the_machine_never_asks_protection_while_holding_its_lock(tmp_path: Path
         return causes()
 
     machine.trip_causes = watched_causes
-    rig.to_normal()
-    rig.sim.inject("cell_drift", CELL, 300.0)
-    rig.run_until(lambda: rig.trips, 10, "a trip")
+    trip_on_a_drifting_cell(rig)
     machine.reset()
     rig.sim.inject("clear")
     rig.run(1.5)
