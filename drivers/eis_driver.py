@@ -5,7 +5,7 @@ daemon feeds it every received EIS frame (:meth:`EisDriver.on_frame`, from the b
 thread) and calls :meth:`EisDriver.tick` periodically (every 50-100 ms) with the monotonic
 time, the pack current and whether a protection event is active; ``tick`` returns the frames
 to send, an abort always first. Completed spectra come out of :meth:`EisDriver.pop_records`
-as :class:`estimators.eis.EisSpectrum`; sweeps given up come out of
+as :class:`estimators.spectrum.EisSpectrum`; sweeps given up come out of
 :meth:`EisDriver.pop_failures`. A lock makes ``on_frame`` and ``tick`` safe to call from
 different threads; no method blocks or does heavy work, so a sweep never delays protection.
 
@@ -47,7 +47,7 @@ import can
 import cantools
 import numpy as np
 
-from estimators.eis import EisSpectrum, log_grid
+from estimators.spectrum import EisSpectrum, log_grid
 
 DBC_PATH = Path(__file__).resolve().parent.parent / "dbc" / "bmsgw_eis.dbc"
 

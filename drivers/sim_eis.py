@@ -53,7 +53,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from drivers.eis_driver import load_eis_dbc
 from drivers.sim_battery import get_chemistry
-from estimators.eis import EcmParams, EisSpectrum, log_grid
+from estimators.eis_fit import EcmParams
+from estimators.spectrum import EisSpectrum, log_grid
 
 log = logging.getLogger(__name__)
 
@@ -639,7 +640,7 @@ def calibration_set(chemistry: str = "NMC", *, temperatures_c: ArrayLike = (0, 5
                     frequency_hz: ArrayLike | None = None, seed: int = 7,
                     variant: str = "physical") -> tuple[list[EisSpectrum], FloatArray, FloatArray, NDArray[np.int64]]:
     """Spectra of a few random cells over a T x SoC grid, as a lab would record to calibrate SoT:
-    (spectra, temperatures, socs, cell index per spectrum) for :func:`estimators.eis.calibrate_sot`."""
+    (spectra, temperatures, socs, cell index per spectrum) for :func:`estimators.sot.calibrate_sot`."""
     model = ImpedanceModel(chemistry, variant)
     f = log_grid(10_000.0, 0.01, 10) if frequency_hz is None else np.asarray(frequency_hz, dtype=np.float64)
     rng = np.random.default_rng(seed)

@@ -33,7 +33,10 @@ import can
 import numpy as np
 
 from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, Phase, SweepSettings, load_eis_dbc
-from estimators.eis import EisAnalysis, EisSpectrum, KKResult, SotCalibration, analyze_spectrum, calibrate_sot
+from estimators.eis import EisAnalysis, analyze_spectrum
+from estimators.kk import KKResult
+from estimators.sot import SotCalibration, calibrate_sot
+from estimators.spectrum import EisSpectrum
 from gateway.events import Event, Kind, Level, Recorder
 from gateway.image import ProcessImage, Quality
 from gateway.pipeline import Layout

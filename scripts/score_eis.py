@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Score the EIS estimators (estimators/eis.py) on simulated spectra, against impedance.py and PyBaMM.
+"""Score the EIS estimators (estimators/kk.py, drt.py, eis_fit.py, sot.py) on simulated spectra,
+against impedance.py and PyBaMM.
 
     .venv/bin/python scripts/score_eis.py --json
 
@@ -60,18 +61,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from drivers.sim_eis import CellSpread, ImpedanceModel, calibration_set, simulate_spectrum  # noqa: E402
-from estimators.eis import (  # noqa: E402
-    EcmParams,
-    EisSpectrum,
-    calibrate_sot,
-    default_sot_candidates,
-    drt,
-    estimate_temperature,
-    fit_ecm,
-    lin_kk,
-    log_grid,
-    parameter_uncertainty,
-)
+from estimators.drt import drt  # noqa: E402
+from estimators.eis_fit import EcmParams, fit_ecm, parameter_uncertainty  # noqa: E402
+from estimators.kk import lin_kk  # noqa: E402
+from estimators.sot import calibrate_sot, default_sot_candidates, estimate_temperature  # noqa: E402
+from estimators.spectrum import EisSpectrum, log_grid  # noqa: E402
 
 FREQ = log_grid(10_000.0, 0.01, 10)
 NOISE = 0.005

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from drivers.sim_eis import SimEis
-from estimators.eis import EisSpectrum
+from estimators.spectrum import EisSpectrum
 from gateway.daemon import Gateway
 from gateway.eis import EisSection, EisService, eis_families, eis_slots
 from gateway.events import Recorder

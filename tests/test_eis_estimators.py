@@ -10,23 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.sim_eis import CellSpread, ImpedanceModel, add_noise, calibration_set, simulate_spectrum
-from estimators.eis import (
-    EcmParams,
-    EisSpectrum,
+from estimators.drt import drt
+from estimators.eis import analyze_spectrum
+from estimators.eis_fit import EcmParams, fit_ecm, parameter_uncertainty
+from estimators.kk import lin_kk
+from estimators.lsq import nnls
+from estimators.sot import (
     SotCalibration,
     SotFeature,
-    analyze_spectrum,
     calibrate_sot,
     default_sot_candidates,
-    drt,
     estimate_temperature,
-    fit_ecm,
-    lin_kk,
-    log_grid,
-    nnls,
-    parameter_uncertainty,
     sot_mismatch,
 )
+from estimators.spectrum import EisSpectrum, log_grid
 
 F = log_grid(10_000.0, 0.01, 10)
 PHYS = ImpedanceModel("NMC")

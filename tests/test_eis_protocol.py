@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, Phase, SweepSettings, quantize_log_f
 from drivers.sim_eis import SimEis
-from estimators.eis import log_grid
+from estimators.spectrum import log_grid
 from gateway.dbcfile import load_dbc, merge
 
 ROOT = Path(__file__).resolve().parent.parent
