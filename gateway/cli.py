@@ -136,12 +136,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         errs = b["decode_errors"]
         lines.append(f"bus {b['name']:<8} {b['state']:<6} {b['frames_per_s']:8.0f} frames/s  total {b['frames']}  "
                      f"unknown IDs {errs['unknown']}  bad length {errs['bad_length']}  bad mux {errs['bad_mux']}  "
-                     f"error frames {b['error_frames']}  bus-off {b['bus_off']}  overruns {b['rx_overflow']}")
+                     f"error frames {b['error_frames']}  bus-off {b['bus_off']}  overruns {b['rx_overflow']}" +
+                     (f"  LOST to handler errors {b['sink_errors']}" if b["sink_errors"] else ""))
         if b["last_error"]:
             lines.append(f"         last error: {b['last_error']}")
     for lp in st["loops"]:
         lines.append(f"loop {lp['name']:<12} {lp['lane']} every {lp['period_ms']:.0f} ms  runs {lp['runs']}  "
-                     f"overruns {lp['overruns']}  jitter p99 {lp['jitter_p99_ms']:.2f} ms  max {lp['jitter_max_ms']:.2f} ms")
+                     f"overruns {lp['overruns']}  errors {lp['errors']}  jitter p99 {lp['jitter_p99_ms']:.2f} ms  max {lp['jitter_max_ms']:.2f} ms")
+        if lp["errors"]:
+            lines.append(f"         last error: {lp['last_error']}")
     prot = st.get("protection")
     if prot:
         c = prot["contactors"]

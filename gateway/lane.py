@@ -69,7 +69,6 @@ class LaneStats:
     consecutive_missed: int = 0
     max_late_ms: float = 0.0
     forced_safe_state: int = 0
-    tick_errors: int = 0
     consecutive_errors: int = 0
     samples_checked: int = 0
     flight_records: int = 0
@@ -177,7 +176,8 @@ class ProtectionLane:
             self.tick(now, due)
         except Exception as exc:
             log.exception("protection tick failed")
-            st.tick_errors += 1
+            self.loop.errors += 1
+            self.loop.last_error = f"{type(exc).__name__}: {exc}"
             st.consecutive_errors += 1
             if st.consecutive_errors == self.settings.max_missed:
                 st.forced_safe_state += 1
@@ -230,6 +230,6 @@ class ProtectionLane:
     def status(self) -> dict[str, Any]:
         st = self.stats
         return {"ticks": st.ticks, "missed_deadlines": st.missed_deadlines, "max_late_ms": round(st.max_late_ms, 3),
-                "forced_safe_state": st.forced_safe_state, "tick_errors": st.tick_errors, "samples_checked": st.samples_checked,
+                "forced_safe_state": st.forced_safe_state, "samples_checked": st.samples_checked,
                 "flight_records": st.flight_records, "last_trip": st.last_trip, "healthy": self.healthy,
                 "derate": self.protection.derate()}

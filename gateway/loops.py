@@ -32,7 +32,7 @@ class LoopStats:
         def pct(a: np.ndarray, q: float) -> float:
             return round(float(np.percentile(a, q)), 3) if a.size else 0.0
         return {"name": self.name, "lane": self.lane, "period_ms": self.period_s * 1e3, "runs": self.runs,
-                "overruns": self.overruns, "errors": self.errors, "jitter_p50_ms": pct(late, 50),
+                "overruns": self.overruns, "errors": self.errors, "last_error": self.last_error, "jitter_p50_ms": pct(late, 50),
                 "jitter_p99_ms": pct(late, 99), "jitter_max_ms": round(float(late.max()), 3) if late.size else 0.0,
                 "busy_p99_ms": pct(busy, 99)}
 

@@ -64,6 +64,7 @@ def _loops(loops: list[dict[str, Any]]) -> Iterator[Metric]:
     runs = CounterMetricFamily("bmsgw_loop_runs", "Loop runs", labels=["loop", "lane"])
     over = CounterMetricFamily("bmsgw_loop_overruns", "Loop runs that ended after the next was due",
                                labels=["loop", "lane"])
+    errors = CounterMetricFamily("bmsgw_loop_errors", "Loop runs that raised", labels=["loop", "lane"])
     for lp in loops:
         lbl = [lp["name"], lp["lane"]]
         period.add_metric(lbl, lp["period_ms"] / 1e3)
@@ -71,7 +72,8 @@ def _loops(loops: list[dict[str, Any]]) -> Iterator[Metric]:
         busy.add_metric(lbl, lp["busy_p99_ms"] / 1e3)
         runs.add_metric(lbl, lp["runs"])
         over.add_metric(lbl, lp["overruns"])
-    yield from (period, jitter, busy, runs, over)
+        errors.add_metric(lbl, lp["errors"])
+    yield from (period, jitter, busy, runs, over, errors)
 
 
 def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -80,6 +82,7 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
     up = GaugeMetricFamily("bmsgw_can_up", "1 while the adapter is open", labels=["bus"])
     errs = CounterMetricFamily("bmsgw_can_errors", "Error frames, bus-off and overrun events", labels=["bus", "kind"])
     dec = CounterMetricFamily("bmsgw_decode_errors", "Frames not decoded", labels=["bus", "kind"])
+    lost = CounterMetricFamily("bmsgw_can_frames_lost", "Frames lost because a frame handler raised", labels=["bus"])
     for b in buses:
         frames.add_metric([b["name"]], b["frames"])
         rate.add_metric([b["name"]], b["frames_per_s"])
@@ -88,7 +91,8 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
             errs.add_metric([b["name"], kind], b[kind])
         for kind, n in b["decode_errors"].items():
             dec.add_metric([b["name"], kind], n)
-    yield from (frames, rate, up, errs, dec)
+        lost.add_metric([b["name"]], b["sink_errors"])
+    yield from (frames, rate, up, errs, dec, lost)
 
 
 def serve(section: MetricsSection, snapshot: Callable[[], dict[str, Any]]) -> Any:

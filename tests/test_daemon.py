@@ -48,6 +48,7 @@ def test_status_shows_the_live_pack(sim_daemon: Daemon) -> None:
     text = sim_daemon.cli("status")
     assert text.returncode == 0
     assert "cell V" in text.stdout and "frames/s" in text.stdout and "(cell " in text.stdout
+    assert "loop protection" in text.stdout and "errors 0" in text.stdout and "LOST" not in text.stdout
 
 
 def test_signals_glob_text_and_json(sim_daemon: Daemon) -> None:

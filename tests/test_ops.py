@@ -43,6 +43,8 @@ def test_metrics_endpoint(ops: tuple[Daemon, Path, int]) -> None:
     assert m['bmsgw_loop_period_seconds{lane="P0",loop="protection"}'] == 0.01
     assert m['bmsgw_decode_errors_total{bus="pack",kind="unknown"}'] == 0
     assert m["bmsgw_protection_healthy"] == 1 and m["bmsgw_trips_total"] == 0
+    assert m['bmsgw_loop_errors_total{lane="P0",loop="protection"}'] == 0
+    assert m['bmsgw_can_frames_lost_total{bus="pack"}'] == 0
 
 
 def test_metrics_only_on_loopback(tmp_path: Path) -> None:

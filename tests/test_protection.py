@@ -385,7 +385,7 @@ def test_a_tick_that_keeps_failing_forces_the_safe_state(tmp_path: Path) -> None
         rig.t += TICK_S
         rig.lane._guarded_tick(rig.t, rig.t)
         assert not rig.lane.healthy
-    assert rig.state is State.ERROR and rig.lane.stats.tick_errors == 3
+    assert rig.state is State.ERROR and rig.lane.loop.errors == 3
     assert "failed 3 times in a row" in rig.trips[0][1].message
 
 
