@@ -13,6 +13,7 @@ creates one :class:`Alarms`).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import uuid
@@ -29,7 +30,7 @@ from asyncua.common import event_objects, events
 from gateway.events import Event, Kind, Level
 from gateway.limits import CHECKS
 from gateway.opcua_nodes import GOOD, ROOT, NodeBatch, VarSpec, camel, data_value, node_id, reference, status_code, utc
-from gateway.opcua_security import ROLE_RANK, caller_name, current_request
+from gateway.opcua_security import ROLE_RANK, caller_name, current_request, current_session
 
 if TYPE_CHECKING:
     from gateway.opcua_server import OpcuaStats
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 
 SEVERITY = {Level.INFO: 100, Level.MOL: 300, Level.RSL: 600, Level.MSL: 900}
 TRIP_SEVERITY = 1000
+CONDITION_KINDS = (Kind.LIMIT, Kind.DATA, Kind.CONTACTOR)
+YIELD_EVERY = 32  # events emitted between two yields to the event loop
+BATCH = 1000  # events per summary update while a backlog drains
+
+Key = tuple[str, str, int | None, Level]  # one element and level of a condition
 
 Writer = Callable[[ua.NodeId, ua.AttributeIds, ua.DataValue], Awaitable[None]]
 
@@ -86,7 +92,13 @@ class Alarms:
         self.write = write
         self.refuse = refuse
         self.max_pending = max_pending
-        self.pending: deque[Event] = deque()
+        self.pending: deque[tuple[int, Event]] = deque()
+        # when the deque is full, condition events wait here, the latest per element and level only: a clear
+        # can never be lost (only other events are dropped)
+        self.overflow: dict[Key, tuple[int, Event]] = {}
+        self._seq = itertools.count()  # next() is atomic in CPython: the Recorder's threads need no lock
+        self._done: dict[Key, int] = {}  # per element and level, the sequence number of the last emitted event
+        self._draining = 0  # 1 while a drain runs: its events are out of the queues but not all published yet
         self.conditions: dict[tuple[str, str], _Condition] = {}
         self.ns = 0
         self.root = ua.NodeId()
@@ -152,26 +164,58 @@ class Alarms:
 
     # -- events and conditions ----------------------------------------------------------------------
 
+    def backlog(self) -> int:
+        """Events not yet published (queued, or in the batch being published)."""
+        return len(self.pending) + len(self.overflow) + self._draining
+
     def on_event(self, event: Event) -> None:
         """Recorder subscriber: called from protection threads; never blocks."""
-        if len(self.pending) >= self.max_pending:
+        item = (next(self._seq), event)
+        key = _key(event)
+        if key is not None and key in self.overflow:
+            self.overflow[key] = item  # newer than anything queued for this key
+        elif len(self.pending) < self.max_pending:
+            self.pending.append(item)
+        elif key is not None:
+            self.overflow[key] = item
+        else:
             self.stats.events_dropped += 1
-            return
-        self.pending.append(event)
 
     async def run(self) -> None:
         """Publish the queued events until cancelled (while the server serves)."""
         while True:
-            while self.pending:
-                ev = self.pending.popleft()
-                try:
-                    await self._emit(ev)
-                except Exception:
-                    log.exception("OPC UA event %s not emitted", ev.name)
+            while self.pending or self.overflow:
+                await self.drain()
             await anyio.sleep(0.05)
 
-    async def _emit(self, ev: Event) -> None:
-        if ev.kind in (Kind.LIMIT, Kind.DATA, Kind.CONTACTOR):
+    async def drain(self) -> None:
+        """Emit up to BATCH queued events, then what overflowed; yield every few; one summary at the end."""
+        when: datetime | None = None
+        self._draining = 1
+        try:
+            batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
+            batch += [self.overflow.popitem()[1] for _ in range(len(self.overflow))]
+            for k, (seq, ev) in enumerate(batch):
+                key = _key(ev)
+                if key is not None:
+                    if self._done.get(key, -1) > seq:
+                        continue  # older than what this element already shows (it overflowed meanwhile)
+                    self._done[key] = seq
+                try:
+                    if await self._emit(ev):
+                        when = utc(ev.time)
+                except Exception:
+                    log.exception("OPC UA event %s not emitted", ev.name)
+                if k % YIELD_EVERY == YIELD_EVERY - 1:
+                    await anyio.sleep(0)
+            if when is not None:
+                await self.publish_summary(when)
+        finally:
+            self._draining = 0
+
+    async def _emit(self, ev: Event) -> bool:
+        """Send one event; True when it changed a condition (the summary needs writing)."""
+        if ev.kind in CONDITION_KINDS:
             cond = self.conditions.get((ev.kind, ev.name))
             if cond is None:
                 cond = await self._new_condition(ev.kind, ev.name)
@@ -189,8 +233,7 @@ class Alarms:
                 cond.transition = utc(ev.time)
             cond.last = ev
             await self._send_condition(cond, ev.message, utc(ev.time), ev)
-            await self.publish_summary(utc(ev.time))
-            return
+            return True
         e: Any = copy.copy(self._event_template)
         e.EventId = uuid.uuid4().bytes
         e.Time = utc(ev.time)
@@ -201,6 +244,7 @@ class Alarms:
         e.SourceName = ROOT
         _fill_bms(e, ev)
         await self._trigger(e)
+        return False
 
     async def _new_condition(self, kind: str, name: str) -> _Condition:
         item, cond = self._condition_item(kind, name)
@@ -286,12 +330,13 @@ class Alarms:
         if cond is None:
             res.StatusCode = status_code(ua.StatusCodes.BadNodeIdInvalid)
             return res
-        if len(args) < 2:
-            res.StatusCode = status_code(ua.StatusCodes.BadArgumentsMissing)
-            return res
         if req is None or req.read_only or req.user is None or ROLE_RANK.get(req.user.bms_role, 0) < 1:
             self.refuse(f"Acknowledge {cond.browse} by {caller_name(req)}: needs operator")
             res.StatusCode = status_code(ua.StatusCodes.BadUserAccessDenied)
+            return res
+        if len(args) != 2:
+            res.StatusCode = status_code(ua.StatusCodes.BadArgumentsMissing if len(args) < 2
+                                         else ua.StatusCodes.BadTooManyArguments)
             return res
         event_id, comment = args[0].Value, args[1].Value
         if args[0].VariantType != ua.VariantType.ByteString or args[1].VariantType != ua.VariantType.LocalizedText:
@@ -323,8 +368,14 @@ class Alarms:
         if server is None or not args:
             res.StatusCode = status_code(ua.StatusCodes.BadArgumentsMissing)
             return res
+        if len(args) > 2:
+            res.StatusCode = status_code(ua.StatusCodes.BadTooManyArguments)
+            return res
+        if any(a.VariantType != ua.VariantType.UInt32 or a.is_array for a in args):
+            res.StatusCode = status_code(ua.StatusCodes.BadTypeMismatch)
+            return res
         sub = server.iserver.subscription_service.subscriptions.get(args[0].Value)
-        if sub is None:
+        if sub is None or sub.session_id != current_session():  # only the caller's own subscriptions
             res.StatusCode = status_code(ua.StatusCodes.BadSubscriptionIdInvalid)
             return res
         only = args[1].Value if len(args) > 1 else None
@@ -349,6 +400,11 @@ class Alarms:
                     for mid in mids:
                         await mis.trigger_event(one, mid)
         return res
+
+
+def _key(ev: Event) -> Key | None:
+    """The condition element and level an event sets (None: not a condition event)."""
+    return (ev.kind, ev.name, ev.index, ev.level) if ev.kind in CONDITION_KINDS else None
 
 
 def _fill_bms(e: Any, ev: Event) -> None:

@@ -22,10 +22,13 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 Role = Literal["viewer", "operator", "engineer"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "engineer")
@@ -166,6 +169,9 @@ class OpcuaSection:
     slow_period_s: float = 1.0  # limits, diagnostics, alarm summary
     max_connections: int = 20
     max_queue_size: int = 100  # cap of a monitored item's queue
+    max_subscriptions_per_session: int = 20
+    max_monitored_items_per_session: int = 10_000  # the shipped sim site has 555 image variables, ~1,050 in all
+    max_monitored_items: int = 50_000  # all sessions together
     cert_days: int = 3650  # validity of the server certificate created on first start
     cert_hostnames: list[str] = field(default_factory=list)  # extra DNS names / IPs in the server certificate
 
@@ -198,6 +204,12 @@ class OpcuaSection:
             raise ValueError("max_connections: must be 1..1000")
         if not 1 <= self.max_queue_size <= 10_000:
             raise ValueError("max_queue_size: must be 1..10000")
+        if not 1 <= self.max_subscriptions_per_session <= 1000:
+            raise ValueError("max_subscriptions_per_session: must be 1..1000")
+        if not 1 <= self.max_monitored_items <= 1_000_000:
+            raise ValueError("max_monitored_items: must be 1..1000000")
+        if not 1 <= self.max_monitored_items_per_session <= self.max_monitored_items:
+            raise ValueError("max_monitored_items_per_session: must be 1..max_monitored_items")
         if not 1 <= self.cert_days <= 36500:
             raise ValueError("cert_days: must be 1..36500")
 
@@ -220,8 +232,64 @@ class OpcuaSection:
 
         users = [replace(u, certificate=one(f"user[{i}].certificate", u.certificate, False)) if u.certificate else u
                  for i, u in enumerate(self.user)]
+        user_certificates(users)
         trusted = [one(f"trusted_client_certs[{i}]", t, True) for i, t in enumerate(self.trusted_client_certs)]
+        for i, t in enumerate(trusted):
+            _parse(f"trusted_client_certs[{i}]", t)
         return replace(self, user=users, trusted_client_certs=trusted)
+
+
+def user_certificates(users: Sequence[OpcuaUser]) -> dict[bytes, OpcuaUser]:
+    """DER of every user certificate -> its user; ValueError("user[j].certificate: ...") for an unreadable
+    certificate or one that two users share (it could log in as one of them only: a viewer's as an engineer)."""
+    out: dict[bytes, OpcuaUser] = {}
+    index: dict[bytes, int] = {}
+    for j, u in enumerate(users):
+        if u.certificate:
+            der = _parse(f"user[{j}].certificate", u.certificate)[0]
+            if der in index:
+                raise ValueError(f"user[{j}].certificate: same certificate as user[{index[der]}]")
+            out[der], index[der] = u, j
+    return out
+
+
+def _parse(key: str, name: str) -> list[bytes]:
+    """Every certificate of a file or folder as DER; ValueError("key: 'file' is not a certificate (why)")."""
+    out = []
+    for f in certificate_files(Path(name)):
+        try:
+            out += [_der(c) for c in load_certificates([str(f)])]
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{key}: '{name if f == Path(name) else f}' is not a certificate ({exc})") from None
+    return out
+
+
+CERT_SUFFIXES = (".der", ".pem", ".crt", ".cer")
+
+
+def certificate_files(path: Path) -> list[Path]:
+    """The certificate files of a folder (by suffix), or the file itself."""
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.suffix.lower() in CERT_SUFFIXES)
+    return [path]
+
+
+def load_certificates(paths: Iterable[str]) -> list[x509.Certificate]:
+    """Certificates from files and folders (DER or PEM); ValueError for one that is not a certificate."""
+    from cryptography import x509  # here, not at the top: the daemon's CLI and P0 import this module
+
+    out = []
+    for f in (f for p in paths for f in certificate_files(Path(p))):
+        data = f.read_bytes()
+        out.append(x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                   else x509.load_der_x509_certificate(data))
+    return out
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return cert.public_bytes(Encoding.DER)
 
 
 def _is_ipv6(host: str) -> bool:

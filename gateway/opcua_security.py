@@ -10,11 +10,14 @@ discovery-only) that records who asks, so that the server's attribute service an
 from __future__ import annotations
 
 import contextvars
+import copy
 import hashlib
 import ipaddress
 import logging
+import math
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,17 +29,31 @@ from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User, UserRole
 from asyncua.crypto.security_policies import SecurityPolicyFactory, SecurityPolicyNone
 from asyncua.server.internal_server import InternalServer
+from asyncua.server.internal_session import InternalSession
 from asyncua.server.user_managers import UserManager
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.opcua_config import ROLES, OpcuaSection, OpcuaUser, parse_password_hash, verify_password
+from gateway.opcua_config import (
+    ROLES,
+    OpcuaSection,
+    OpcuaUser,
+    load_certificates,
+    parse_password_hash,
+    verify_password,
+)
+from gateway.opcua_nodes import status_code
 
 log = logging.getLogger(__name__)
 
 ROLE_RANK: dict[str, int] = {r: k for k, r in enumerate(ROLES)}
+
+# password checks not remembered as good: a burst of VERIFY_BURST, then one per VERIFY_REFILL_S
+VERIFY_BURST = 3
+VERIFY_REFILL_S = 2.0
+THROTTLE_LOG_S = 10.0
 
 
 # -- request context: who is calling, on what channel -----------------------------------------
@@ -60,6 +77,7 @@ class Request:
 
 _REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("bmsgw_opcua_request", default=None)
 _X509_TOKEN: contextvars.ContextVar[bool] = contextvars.ContextVar("bmsgw_opcua_x509", default=False)
+_SESSION: contextvars.ContextVar[ua.NodeId | None] = contextvars.ContextVar("bmsgw_opcua_session", default=None)
 
 _USER_SERVICES = frozenset(ua.NodeId(cast(Any, t)) for t in USER_TYPES)
 _MUTATING = frozenset(ua.NodeId(cast(Any, t)) for t in (ua.ObjectIds.WriteRequest_Encoding_DefaultBinary,
@@ -106,6 +124,8 @@ class _PolicyFactory(SecurityPolicyFactory):
         self.trust = trust
 
     def create(self, peer_certificate: Any) -> Any:
+        if self.mode == ua.MessageSecurityMode.None_:
+            peer_certificate = None  # nothing proves that a None channel's client holds the certificate it names
         policy = super().create(peer_certificate)
         policy.permissions = _ChannelRules(self.mode, self.allowed, self.trust,
                                            bytes(peer_certificate) if peer_certificate else None)
@@ -114,6 +134,11 @@ class _PolicyFactory(SecurityPolicyFactory):
 
 def current_request() -> Request | None:
     return _REQUEST.get()
+
+
+def current_session() -> ua.NodeId | None:
+    """The SessionId of the client session whose method call is running (None: the server's own)."""
+    return _SESSION.get()
 
 
 class Users(UserManager):
@@ -127,6 +152,9 @@ class Users(UserManager):
         self._key = os.urandom(32)
         self._verified: set[bytes] = set()  # keyed digests of good (name, password) pairs: repeat logins are cheap
         self.refused = 0
+        self.throttled = 0  # of refused: password checks not even run (too many at once)
+        self._tokens, self._tokens_at = float(VERIFY_BURST), time.monotonic()
+        self._throttle_logged = -math.inf
 
     def _digest(self, name: str, password: str) -> bytes:
         return hashlib.blake2b(f"{name}\0{password}".encode(), key=self._key).digest()
@@ -143,6 +171,16 @@ class Users(UserManager):
                 return None
             key = self._digest(username, password)
             if key not in self._verified:
+                # asyncua's activate_session is synchronous: the hash runs in the event loop (it cannot move to a
+                # thread), so a flood of guesses would stall the server; only a few run, the rest are refused unrun
+                if not self._take_token():
+                    self.refused += 1
+                    self.throttled += 1
+                    now = time.monotonic()
+                    if now - self._throttle_logged >= THROTTLE_LOG_S:
+                        self._throttle_logged = now
+                        log.warning("OPC UA logins refused: too many password checks (%d so far)", self.throttled)
+                    return None
                 if not verify_password(password, self.hashes[username]):
                     self.refused += 1
                     log.warning("OPC UA login refused: wrong password for %r", username)
@@ -161,14 +199,95 @@ class Users(UserManager):
         self.refused += 1
         return None
 
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(float(VERIFY_BURST), self._tokens + (now - self._tokens_at) / VERIFY_REFILL_S)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
 
 class SecuredInternalServer(InternalServer):
-    """asyncua's InternalServer that tells :class:`Users` a login is by X.509 user certificate."""
+    """asyncua's InternalServer with our sessions (:class:`_Session`), no RegisterServer, and X.509 logins
+    marked for :class:`Users`."""
+
+    def __init__(self, users: Users, section: OpcuaSection, trust: TrustList) -> None:
+        super().__init__(user_manager=users)
+        self.users = users
+        self.section = section
+        self.trust = trust
+
+    def create_session(self, name: str, user: User = User(role=UserRole.Anonymous),  # noqa: B008 - asyncua's default
+                       external: bool = False) -> InternalSession:
+        if not external:
+            return super().create_session(name, user, external)
+        return _Session(self, self.aspace, self.subscription_service, name, user=user, external=True)
+
+    def register_server(self, server: Any, conf: Any = None) -> None:
+        # asyncua accepts it from anyone, before any ruleset: fake servers in FindServers, kept for ever
+        raise ServiceError(ua.StatusCodes.BadServiceUnsupported)
+
+    def register_server2(self, params: ua.RegisterServer2Parameters) -> None:
+        raise ServiceError(ua.StatusCodes.BadServiceUnsupported)
 
     def verify_x509_token(self, isession: Any, token: ua.X509IdentityToken, signature: ua.SignatureData) -> bytes:
         der = super().verify_x509_token(isession, token, signature)
         _X509_TOKEN.set(True)  # same task as the get_user call that follows: that login is a certificate login
         return der
+
+
+class _Session(InternalSession):
+    """A client's session: activated only on a channel we accept, with capped subscriptions and items."""
+
+    iserver: SecuredInternalServer
+
+    def activate_session(self, params: ua.ActivateSessionParameters,
+                         peer_certificate: bytes | None) -> ua.ActivateSessionResult:
+        # asyncua runs no ruleset for ActivateSession: without this a discovery-only None channel (or an
+        # untrusted one) could log in, i.e. test passwords, before every later request is refused
+        srv = self.iserver
+        ok = srv.trust.accepts(peer_certificate) if peer_certificate else srv.section.allow_none_readonly
+        if not ok:
+            srv.users.refused += 1
+            log.warning("OPC UA login refused: %s", "the channel's client certificate is not trusted"
+                        if peer_certificate else "security None is off")
+            raise ServiceError(ua.StatusCodes.BadUserAccessDenied)
+        return super().activate_session(params, peer_certificate)
+
+    async def create_subscription(self, params: ua.CreateSubscriptionParameters, callback: Callable[..., Any],
+                                  request_callback: Callable[..., Any] | None = None) -> ua.CreateSubscriptionResult:
+        subs = self.subscription_service.subscriptions.values()
+        if sum(1 for s in subs if s.session_id == self.session_id) >= self.iserver.section.max_subscriptions_per_session:
+            raise ServiceError(ua.StatusCodes.BadTooManySubscriptions)
+        return await super().create_subscription(params, callback, request_callback)
+
+    async def create_monitored_items(self, params: ua.CreateMonitoredItemsParameters
+                                     ) -> list[ua.MonitoredItemCreateResult]:
+        subs = self.subscription_service.subscriptions
+        sub = subs.get(params.SubscriptionId)
+        if sub is None or sub.session_id != self.session_id:
+            raise ServiceError(ua.StatusCodes.BadSubscriptionIdInvalid)
+        mine = total = 0
+        for s in list(subs.values()):
+            n = len(s.monitored_item_srv._monitored_items)
+            total += n
+            mine += n if s.session_id == self.session_id else 0
+        sec = self.iserver.section
+        room = max(0, min(sec.max_monitored_items_per_session - mine, sec.max_monitored_items - total))
+        items = list(params.ItemsToCreate)
+        if len(items) <= room:
+            return await super().create_monitored_items(params)
+        part = copy.copy(params)
+        part.ItemsToCreate = items[:room]
+        made = await super().create_monitored_items(part) if room else []
+        return made + [ua.MonitoredItemCreateResult(StatusCode=status_code(ua.StatusCodes.BadTooManyMonitoredItems))
+                       for _ in items[room:]]
+
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        _SESSION.set(self.session_id)  # for methods that act on the caller's own subscriptions
+        return await super().call(params)
 
 
 class SecuredServer(Server):
@@ -257,19 +376,6 @@ def _first_der(data: bytes) -> bytes:
     return data[: 2 + (n & 0x7F) + size]
 
 
-def load_certificates(paths: Iterable[str]) -> list[x509.Certificate]:
-    """Certificates from files and folders (DER or PEM)."""
-    out = []
-    for p in map(Path, paths):
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".der", ".pem", ".crt", ".cer")) \
-            if p.is_dir() else [p]
-        for f in files:
-            data = f.read_bytes()
-            out.append(x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
-                       else x509.load_der_x509_certificate(data))
-    return out
-
-
 def ensure_server_certificate(folder: Path, application_uri: str, hostnames: Sequence[str], days: int,
                               common_name: str = "bmsgw") -> tuple[Path, Path]:
     """The server's key and self-signed certificate in ``folder``, created on first start.
@@ -324,4 +430,4 @@ def caller_name(req: Request | None) -> str:
 
 
 __all__ = ["ROLE_RANK", "OpcuaIdentity", "Request", "SecuredInternalServer", "SecuredServer", "TrustList", "Users",
-           "caller_name", "current_request", "ensure_server_certificate", "load_certificates"]
+           "caller_name", "current_request", "current_session", "ensure_server_certificate", "load_certificates"]

@@ -50,7 +50,6 @@ from asyncua import Node, Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import AttributeService
 from asyncua.server.monitored_item_service import MonitoredItemService
-from cryptography.hazmat.primitives import serialization
 
 from gateway import __version__
 from gateway.events import Event, Kind, Level, Recorder
@@ -58,7 +57,7 @@ from gateway.image import ProcessImage, Quality
 from gateway.limits import CHECKS, HardwareLimits, _bounds
 from gateway.loops import LoopStats
 from gateway.opcua_alarms import Alarms
-from gateway.opcua_config import OpcuaSection, OpcuaUser
+from gateway.opcua_config import OpcuaSection, user_certificates
 from gateway.opcua_nodes import (
     GOOD,
     NEVER,
@@ -94,6 +93,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_URI = "urn:bmsgw:opcua:BatterySystem"
 PRODUCT_URI = "urn:bmsgw"
+AUDIT_ARG_CHARS = 256  # of each method argument in an audit event
 
 MethodHandler = Callable[..., tuple[bool, str]]
 LimitsProvider = Callable[[], Mapping[str, Any]]
@@ -414,6 +414,7 @@ class OpcuaServer:
         self._last_estimates = -math.inf
         self._est_last: dict[str, Any] = {}
         self._est_time: dict[str, float] = {}
+        self._est_status: dict[str, ua.StatusCode] = {}  # the last status written per estimate key
         self._method_nodes: dict[ua.NodeId, tuple[str, tuple[ua.VariantType, ...]]] = {}
         self._made_objs: set[str] = set()
         self.ns = 0
@@ -442,9 +443,10 @@ class OpcuaServer:
             "endpoint": self.url, "listening": self._ready is not None and self._ready.is_set(),
             "subscriptions": len(subs), "monitored_items": items, "updates": s.updates,
             "updates_per_s": round(s.updates_per_s, 1), "events_emitted": s.events_emitted,
-            "events_dropped": s.events_dropped, "events_pending": len(self.alarms.pending),
+            "events_dropped": s.events_dropped, "events_pending": self.alarms.backlog(),
             "writes_accepted": s.writes_accepted, "writes_refused": s.writes_refused, "calls": s.calls,
             "calls_refused": s.calls_refused, "logins_refused": self._users.refused if self._users else 0,
+            "logins_throttled": self._users.throttled if self._users else 0,
             "certificates_refused": self._trust.rejected if self._trust else 0, "last_refusal": s.last_refusal,
             "start_s": round(s.start_s, 3), "starts": s.starts, "last_error": s.last_error,
             "active_alarms": self.alarms.active_count(),
@@ -556,14 +558,9 @@ class OpcuaServer:
         key_file, cert_file = ensure_server_certificate(self.state_dir / "opcua", self.application_uri, names,
                                                         sec.cert_days, f"bmsgw {self.gateway_id}")
         self.certificate_file = cert_file
-        user_certs: dict[bytes, OpcuaUser] = {}
-        for u in sec.user:
-            if u.certificate:
-                cert = load_certificates([u.certificate])[0]
-                user_certs[cert.public_bytes(serialization.Encoding.DER)] = u
-        self._users = Users(sec, user_certs)
-        iserver = SecuredInternalServer(user_manager=self._users)
+        self._users = Users(sec, user_certificates(sec.user))  # refuses a certificate two users share
         self._trust = TrustList(load_certificates(sec.trusted_client_certs), sec.accept_any_client_cert)
+        iserver = SecuredInternalServer(self._users, sec, self._trust)
         server = SecuredServer(iserver, sec.allow_none_readonly, self._trust)
         await server.init()
         server.set_endpoint(self.url)
@@ -595,7 +592,7 @@ class OpcuaServer:
         sec, img, lay = self.section, self.image, self.layout
         # a restart builds a new address space: forget the nodes of the old one (alarm states are kept)
         for table in (self._diag_nodes, self._limit_nodes, self._est_nodes, self._cell_est, self._settings_by_node,
-                      self._est_last, self._est_time, self._method_nodes):
+                      self._est_last, self._est_time, self._est_status, self._method_nodes):
             table.clear()
         self._last_estimates = -math.inf
         self.ns = ns = await server.register_namespace(NAMESPACE_URI)
@@ -937,11 +934,12 @@ class OpcuaServer:
             return 0
         t_all = data.get("time")
         t_all = float(t_all) if isinstance(t_all, int | float) else None
+        stale = data.get("stale") or ()
         srv = datetime.now(UTC)
         wall = time.time()
         n = 0
         for key, value in data.items():
-            if key == "time":
+            if key in ("time", "stale"):
                 continue
             stamp, per_key = t_all, False
             if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int | float):
@@ -959,20 +957,24 @@ class OpcuaServer:
                 variant = _variant(value, vt, key in EIS_ARRAYS)
             except (TypeError, ValueError, OverflowError):
                 continue
+            bad = vt == ua.VariantType.Double and not variant.is_array and not math.isfinite(variant.Value)
+            status = STATUSES[Quality.INVALID] if bad else STATUSES[Quality.STALE] if key in stale else GOOD
             # numbers: a new estimate (new time) is a new sample; states (text, flags): written when they
-            # change; an unchanged sample is never written again with a new timestamp
+            # change; an unchanged sample is never written again with a new timestamp (a new status alone
+            # keeps the sample's own time)
             timed = per_key or vt == ua.VariantType.Double
             if _same(self._est_last.get(key, _MISSING), variant.Value) and \
                     (not timed or stamp is None or self._est_time.get(key) == stamp):
-                continue
+                if self._est_status.get(key) is status:
+                    continue
+                stamp = self._est_time.get(key, stamp)
             self._est_last[key] = variant.Value
-            if stamp is not None:
-                self._est_time[key] = stamp
-            bad = vt == ua.VariantType.Double and not variant.is_array and not math.isfinite(variant.Value)
-            status = STATUSES[Quality.INVALID] if bad else GOOD
+            self._est_status[key] = status
+            if stamp is None:
+                stamp = wall
+            self._est_time[key] = stamp
             await self._write(nid, ua.AttributeIds.Value,
-                              data_value(ua.Variant() if bad else variant, status,
-                                  utc(stamp if stamp is not None else wall), srv))
+                              data_value(ua.Variant() if bad else variant, status, utc(stamp), srv))
             n += 1
         return n
 
@@ -1155,8 +1157,9 @@ class OpcuaServer:
         if not ok:
             self.stats.calls_refused += 1
         user = req.user.name
+        shown = ", ".join(str(v)[:AUDIT_ARG_CHARS] for v in values)  # the client chooses their length
         self.recorder(Event(Kind.INFO, f"opcua_{name}", Level.INFO, False,
-                            message=f"OPC UA {name}({', '.join(map(str, values))}) by {user}: "
+                            message=f"OPC UA {name}({shown}) by {user}: "
                                     f"{'accepted' if ok else 'refused'}: {reason}"))
         res.OutputArguments = [ua.Variant(bool(ok), ua.VariantType.Boolean), ua.Variant(str(reason),
                                                                                         ua.VariantType.String)]

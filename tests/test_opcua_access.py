@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from asyncua import ua
-from test_opcua_support import Collector, Harness, connect, make_cert, node, ns_of, run, running, wait_for
+from test_opcua_support import (
+    Collector,
+    Harness,
+    Site,
+    connect,
+    make_cert,
+    node,
+    ns_of,
+    run,
+    running,
+    section,
+    wait_for,
+)
 
 from gateway.events import Event, Kind, Level
 
@@ -249,3 +262,131 @@ def test_a_burst_of_events_from_another_thread_is_queued_and_emitted(h: Harness)
     run(body)
     status = h.server.status()
     assert status["events_emitted"] - emitted == 2000 and status["events_dropped"] == 0
+
+
+def test_audit_events_cut_long_arguments(h: Harness) -> None:
+    async def body() -> None:
+        async with connect(h.url, "otto") as c:
+            ns = await ns_of(c)
+            await call(c, ns, "StartEisSweep", ua.Variant("x" * 10_000, ua.VariantType.String))
+    run(body)
+    audit = [e.message for e in h.recorder.recent(50) if e.name == "opcua_StartEisSweep"][-1]
+    assert "x" * 256 in audit and "x" * 257 not in audit
+
+
+def test_acknowledge_takes_exactly_two_arguments_and_checks_the_role_first(h: Harness) -> None:
+    async def body() -> None:
+        async with connect(h.url, "otto") as c, connect(h.url, "vera") as viewer:
+            ns = await ns_of(c)
+            got = Collector()
+            sub = await c.create_subscription(50, got)
+            await sub.subscribe_events(c.nodes.server, await alarm_type(c, ns), queuesize=100)
+            await anyio.to_thread.run_sync(h.recorder, Event(Kind.LIMIT, "cell_voltage_low", Level.MOL, True, index=2,
+                                                             value=3.0, limit=3.1))
+            await wait_for(lambda: last(got, "cell_voltage_low") is not None)
+            e = last(got, "cell_voltage_low")
+            cond = c.get_node(e.NodeId)
+            event_id = ua.Variant(e.EventId, ua.VariantType.ByteString)
+            comment = ua.Variant(ua.LocalizedText("x"), ua.VariantType.LocalizedText)
+            with pytest.raises(ua.uaerrors.BadTooManyArguments):
+                await cond.call_method(ACK, event_id, comment, boolean(True))
+            with pytest.raises(ua.uaerrors.BadUserAccessDenied):  # whatever the arguments, a viewer may not
+                await viewer.get_node(e.NodeId).call_method(ACK, event_id)
+            with pytest.raises(ua.uaerrors.BadArgumentsMissing):
+                await cond.call_method(ACK, event_id)
+            assert h.server.alarms.conditions[("limit", "cell_voltage_low")].acked is False
+            await cond.call_method(ACK, event_id, comment)
+            await anyio.to_thread.run_sync(h.recorder, Event(Kind.LIMIT, "cell_voltage_low", Level.MOL, False, index=2,
+                                                             value=3.2, limit=3.1))
+            await wait_for(lambda: last(got, "cell_voltage_low").Retain is False)
+            await sub.delete()
+    run(body)
+
+
+def test_condition_refresh_only_for_the_callers_subscriptions_and_typed(h: Harness) -> None:
+    refresh = ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh)
+
+    async def body() -> None:
+        async with connect(h.url, "erin") as victim, connect(h.url, "vera", cert=make_cert("client2")) as other:
+            ns = await ns_of(victim)
+            got = Collector()
+            sub = await victim.create_subscription(50, got)
+            await sub.subscribe_events(victim.nodes.server, await alarm_type(victim, ns), queuesize=100)
+            condition_type = other.get_node(ua.ObjectIds.ConditionType)
+            with pytest.raises(ua.uaerrors.BadSubscriptionIdInvalid):
+                await condition_type.call_method(refresh, ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
+            with pytest.raises(ua.uaerrors.BadTypeMismatch):
+                await condition_type.call_method(refresh, ua.Variant([1, 2], ua.VariantType.UInt32))
+            with pytest.raises(ua.uaerrors.BadTypeMismatch):
+                await condition_type.call_method(refresh, ua.Variant(sub.subscription_id, ua.VariantType.Int32))
+            await victim.get_node(ua.ObjectIds.ConditionType).call_method(  # its own
+                refresh, ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
+            await sub.delete()
+    run(body)
+
+
+def test_a_backlog_is_drained_in_steps_with_one_summary_per_batch(h: Harness) -> None:
+    """The drain yields to the event loop every few events, and writes the alarm summary once per batch."""
+    assert h.portal is not None
+    alarms = h.server.alarms
+    summaries = 0
+    publish = alarms.publish_summary
+
+    async def counted(when: Any) -> None:
+        nonlocal summaries
+        summaries += 1
+        await publish(when)
+
+    seen: set[int] = set()
+    done = False
+
+    async def ticker() -> None:  # another task of the server's event loop
+        while not done:
+            if alarms.backlog():
+                seen.add(h.server.stats.events_emitted)
+            await anyio.sleep(0.001)
+
+    events = [Event(Kind.LIMIT, "cell_temperature_spread", Level.MOL, k % 2 == 0, value=5.5, limit=5.0)
+              for k in range(2000)]
+
+    def feed() -> int:  # in the server's event loop: the drain cannot start before all are queued
+        for ev in events:
+            h.recorder(ev)
+        return h.server.stats.events_emitted
+
+    alarms.publish_summary = counted  # type: ignore[method-assign]
+    task = h.portal.start_task_soon(ticker)
+    try:
+        start = h.portal.call(feed)
+
+        async def drained() -> None:
+            await wait_for(lambda: h.server.status()["events_pending"] == 0)
+        run(drained)
+    finally:
+        done = True
+        task.result(timeout=30)
+        alarms.publish_summary = publish  # type: ignore[method-assign]
+    assert any(start < n < start + 2000 for n in seen)  # the loop ran while the backlog drained
+    assert 1 <= summaries <= 3
+
+
+def test_an_overflowing_queue_never_loses_the_latest_state_of_a_condition(tmp_path: Path) -> None:
+    """Events queued while the server is not serving overflow the queue: conditions keep their latest state
+    per element and level (the clear that came last wins); only plain events are dropped, and counted."""
+    h = Harness(section(), Site(), tmp_path, max_pending_events=100)
+    for k in range(299):  # the 100 that fit end with the spread active
+        h.recorder(Event(Kind.LIMIT, "cell_temperature_spread", Level.MOL, k % 2 == 1, value=5.5, limit=5.0))
+    h.recorder(Event(Kind.LIMIT, "cell_voltage_high", Level.RSL, True, index=5, value=4.19, limit=4.18))
+    for _ in range(7):
+        h.recorder(Event(Kind.TRIP, "cell_voltage_high", Level.MSL, True, index=5, message="trip"))
+    h.recorder(Event(Kind.LIMIT, "cell_temperature_spread", Level.MOL, False, value=4.0, limit=5.0, message="cleared"))
+    with h:
+        async def body() -> None:
+            await wait_for(lambda: h.server.status()["events_pending"] == 0)
+            async with connect(h.url, "vera") as c:
+                ns = await ns_of(c)
+                rows = await node(c, ns, "Alarms.Active").read_value()
+                assert rows == ["CellVoltageHigh RSL 5"]
+                assert await node(c, ns, "Alarms.ActiveCount").read_value() == 1
+        run(body)
+        assert h.server.status()["events_dropped"] == 7

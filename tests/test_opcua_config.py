@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_opcua_support import make_cert
 
 from gateway.opcua_config import (
     OpcuaSection,
@@ -63,6 +64,9 @@ def test_defaults_are_valid_and_secure() -> None:
     (dict(cell_rate_hz=0.0), "cell_rate_hz"),
     (dict(scan_ms=1.0), "scan_ms"),
     (dict(application_uri="not a uri"), "application_uri"),
+    (dict(max_subscriptions_per_session=0), "max_subscriptions_per_session"),
+    (dict(max_monitored_items=0), "max_monitored_items"),
+    (dict(max_monitored_items_per_session=60_000), "max_monitored_items_per_session"),
     (dict(user=[OpcuaUser("a", password_hash=hash_password("x", "pbkdf2-sha256")),
                 OpcuaUser("a", certificate="a.der")]), "user[1].name"),
 ])
@@ -105,7 +109,7 @@ password_hash = "plain-text"
 
 def test_resolve_finds_certificates_next_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "certs").mkdir()
-    (tmp_path / "certs" / "laptop.der").write_bytes(b"x")
+    (tmp_path / "certs" / "laptop.der").write_bytes(make_cert("laptop-user", user=True).cert.read_bytes())
     s = OpcuaSection(user=[OpcuaUser("laptop", "engineer", certificate="certs/laptop.der")],
                      trusted_client_certs=["certs"])
     r = s.resolve(tmp_path)
@@ -115,6 +119,55 @@ def test_resolve_finds_certificates_next_to_the_config(tmp_path: Path) -> None:
         OpcuaSection(trusted_client_certs=["missing.der"]).resolve(tmp_path)
     with pytest.raises(ValueError, match=r"^user\[0\].certificate: "):
         OpcuaSection(user=[OpcuaUser("x", certificate="nope.pem")]).resolve(tmp_path)
+
+
+def test_unreadable_or_shared_certificates_fail_the_config_check(tmp_path: Path) -> None:
+    """Found on start-up only, they kept the server failing and retrying; two users with one certificate let
+    the last one win silently (a viewer's certificate logged in as engineer)."""
+    (tmp_path / "garbage.der").write_bytes(b"this is not a certificate\n")
+    (tmp_path / "clients").mkdir()
+    (tmp_path / "clients" / "good.der").write_bytes(make_cert("client").cert.read_bytes())
+    (tmp_path / "clients" / "old.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64!!\n-----END CERTIFICATE-----\n")
+    shared = str(make_cert("shared-user", user=True).cert)
+    cases = {
+        r"^trusted_client_certs\[0\]: '.*garbage.der' is not a certificate \(": dict(trusted_client_certs=["garbage.der"]),
+        r"^trusted_client_certs\[0\]: '.*old.pem' is not a certificate \(": dict(trusted_client_certs=["clients"]),
+        r"^user\[0\].certificate: '.*garbage.der' is not a certificate \(":
+            dict(user=[OpcuaUser("eng", "engineer", certificate="garbage.der")]),
+        r"^user\[2\].certificate: same certificate as user\[0\]$":
+            dict(user=[OpcuaUser("view", "viewer", certificate=shared), OpcuaUser("other", certificate="clients/good.der"),
+                       OpcuaUser("eng", "engineer", certificate=shared)]),
+    }
+    for reason, kwargs in cases.items():
+        with pytest.raises(ValueError, match=reason):
+            OpcuaSection(**kwargs).resolve(tmp_path)  # type: ignore[arg-type]
+    assert OpcuaSection(trusted_client_certs=["clients/good.der"]).resolve(tmp_path).trusted_client_certs
+    # `bmsgw config check` exits 2 naming the file, line and key
+    cfg = tmp_path / "bmsgw.toml"
+    cfg.write_text((REPO / "gateway/configs/sim.toml").read_text() + f"""
+[opcua]
+enabled = true
+
+[[opcua.user]]
+name = "view"
+role = "viewer"
+certificate = "{shared}"
+
+[[opcua.user]]
+name = "eng"
+role = "engineer"
+certificate = "{shared}"
+""")
+    line = len(cfg.read_text().splitlines())  # the second user's certificate
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", str(cfg)], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2
+    assert f"{cfg}:{line}: opcua.user[1].certificate: same certificate as user[0]" in r.stderr
+    cfg.write_text((REPO / "gateway/configs/sim.toml").read_text() + '\n[opcua]\ntrusted_client_certs = ["clients"]\n')
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", str(cfg)], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2 and "opcua.trusted_client_certs[0]: " in r.stderr and "old.pem' is not a certificate" \
+        in r.stderr
 
 
 def test_hash_password_command(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

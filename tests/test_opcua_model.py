@@ -280,6 +280,27 @@ def test_estimates_are_written_when_they_change(h: Harness) -> None:
     run(body)
 
 
+def test_a_stale_estimate_is_uncertain_with_its_last_value_then_good_again(h: Harness) -> None:
+    """The provider marks keys it could not refresh (P0 hangs): same value, UncertainLastUsableValue, its own time."""
+    h.estimates = {"pack.contactor_state": "PRECHARGE", "pack.bms_state": "derate"}
+
+    async def body() -> None:
+        async with connect(h.url, "vera") as c:
+            ns = await ns_of(c)
+            good = await wait_for_async(lambda: read(c, ns, "Pack.ContactorState"),
+                                        lambda d: d.Value.Value == "PRECHARGE" and d.StatusCode.is_good())
+            h.estimates = {**h.estimates, "stale": {"pack.contactor_state"}}
+            stale = await wait_for_async(lambda: read(c, ns, "Pack.ContactorState"),
+                                         lambda d: not d.StatusCode.is_good())
+            assert stale.StatusCode.value == ua.StatusCodes.UncertainLastUsableValue
+            assert stale.Value.Value == "PRECHARGE" and stale.SourceTimestamp == good.SourceTimestamp
+            assert (await read(c, ns, "Pack.BmsState")).StatusCode.is_good()  # not marked: untouched
+            h.estimates = {k: v for k, v in h.estimates.items() if k != "stale"}
+            again = await wait_for_async(lambda: read(c, ns, "Pack.ContactorState"), lambda d: d.StatusCode.is_good())
+            assert again.Value.Value == "PRECHARGE" and again.SourceTimestamp == good.SourceTimestamp
+    run(body)
+
+
 async def wait_for_async(get: Any, ok: Any, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,102 @@ def test_a_failed_start_is_retried_and_never_raised(tmp_path: Path) -> None:
     finally:
         blocker.close()
         h.__exit__(None, None, None)
+
+
+def test_a_discovery_only_none_channel_cannot_even_log_in(strict: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ActivateSession on it is refused before the password is looked at (it used to activate, answering
+    differently for a right and a wrong password, and to run the hash for anyone without a certificate)."""
+    monkeypatch.setattr(Client, "find_endpoint", staticmethod(lambda eps, mode, uri: list(eps)[0]))
+    refused = strict.server.status()["logins_refused"]
+
+    async def body() -> None:
+        for password in ("engineer-pw", "wrong"):
+            with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+                async with connect(strict.url, "erin", password=password, policy=None):
+                    pass  # the session must not even activate
+    run(body)
+    assert strict.server.status()["logins_refused"] - refused == 2
+
+
+def test_a_burst_of_password_guesses_is_throttled(tmp_path: Path) -> None:
+    """Only a few password checks run at once (each is a hash in the event loop); the rest are refused unrun.
+    A password already verified needs no check and still logs in."""
+    with Harness(section(), Site(), tmp_path) as h:
+        async def login(password: str) -> str:
+            try:
+                async with connect(h.url, "vera", password=password) as c:
+                    await c.get_namespace_array()
+                    return "ok"
+            except ua.uaerrors.BadUserAccessDenied:
+                return "refused"
+
+        async def body() -> None:
+            assert await login("viewer-pw") == "ok"
+            results = await asyncio.gather(*[login(f"guess-{k}") for k in range(12)])
+            assert results == ["refused"] * 12
+            assert await login("viewer-pw") == "ok"  # remembered: no check, no token
+        run(body)
+        st = h.server.status()
+        assert st["logins_refused"] == 12 and st["logins_throttled"] >= 1
+
+
+def test_register_server_is_refused_and_the_server_carries_on(strict: Harness) -> None:
+    """RegisterServer(2) came without a session or certificate and planted servers in FindServers for ever."""
+    async def body() -> None:
+        c = Client(strict.url, timeout=30)
+        await c.connect_socket()
+        try:
+            await c.send_hello()
+            await c.open_secure_channel()
+            s = ua.RegisteredServer()
+            s.ServerUri, s.ProductUri, s.IsOnline = "urn:evil:1", "urn:evil", True
+            s.ServerNames = [ua.LocalizedText("use this one")]
+            s.DiscoveryUrls = ["opc.tcp://203.0.113.66:4840/bmsgw"]
+            s.ServerType = ua.ApplicationType.Server
+            with pytest.raises(ua.uaerrors.BadServiceUnsupported):
+                await c.uaclient.register_server(s)
+            params = ua.RegisterServer2Parameters()
+            params.Server = s
+            with pytest.raises(ua.uaerrors.BadServiceUnsupported):
+                await c.uaclient.register_server2(params)
+            await c.close_secure_channel()
+        finally:
+            c.disconnect_socket()
+        servers = await Client(strict.url, timeout=30).connect_and_find_servers()
+        assert [s.ApplicationUri for s in servers] == ["urn:bmsgw:test-gw"]
+        async with connect(strict.url, "vera") as v:
+            assert await node(v, await ns_of(v), "Identification.Site").read_value() == "test-site"
+    run(body)
+
+
+def test_subscriptions_and_monitored_items_are_capped(tmp_path: Path) -> None:
+    """Per session and in total; what does not fit is refused item by item; another session's subscription
+    takes no items."""
+    sec = section(max_subscriptions_per_session=2, max_monitored_items_per_session=5, max_monitored_items=8)
+    with Harness(sec, Site(), tmp_path) as h:
+        async def body() -> None:
+            async with connect(h.url, "vera") as a, connect(h.url, "otto", cert=make_cert("client2")) as b:
+                ns = await ns_of(a)
+                volts = [node(a, ns, f"Strings.String0.Modules.Module0.Cells.Cell{k}.Voltage") for k in range(7)]
+                sub1 = await a.create_subscription(100, None)
+                await a.create_subscription(100, None)
+                with pytest.raises(ua.uaerrors.BadTooManySubscriptions):
+                    await a.create_subscription(100, None)
+                res = await sub1.subscribe_data_change(volts, queuesize=1)
+                assert [isinstance(r, int) for r in res] == [True] * 5 + [False] * 2
+                assert all(r.value == ua.StatusCodes.BadTooManyMonitoredItems for r in res[5:])
+                subb = await b.create_subscription(100, None)
+                res = await subb.subscribe_data_change([b.get_node(v.nodeid) for v in volts[:5]], queuesize=1)
+                assert sum(isinstance(r, int) for r in res) == 3  # 8 in total
+                # b adds items to a's subscription by its id
+                params = ua.CreateMonitoredItemsParameters()
+                params.SubscriptionId = sub1.subscription_id
+                item = ua.MonitoredItemCreateRequest()
+                item.ItemToMonitor.NodeId = volts[0].nodeid
+                item.ItemToMonitor.AttributeId = ua.AttributeIds.Value
+                item.RequestedParameters.ClientHandle = 1
+                params.ItemsToCreate = [item]
+                with pytest.raises(ua.uaerrors.BadSubscriptionIdInvalid):
+                    await b.uaclient.create_monitored_items(params)
+            assert h.server.status()["monitored_items"] == 0  # closed sessions take theirs along
+        run(body)
