@@ -5,8 +5,12 @@ passing through the event loop, so frames are decoded in arrival order with
 their adapter/kernel timestamps, whatever the loop is busy with.  When the
 adapter disappears (USB unplugged, TCP peer gone, interface down) the thread
 closes it, counts the failure and reopens it with exponential backoff and
-jitter.  An exception from the sink (or a tap) costs only its frame: it is
-counted and logged, and the thread goes on with the next frame.
+jitter: the delay doubles after every failure, also when the bus opened but
+failed at once, and starts over only after a session that delivered a frame or
+stayed up ``reconnect_max_s``.  A malformed frame from the adapter (a garbled
+SLCAN line) is counted in ``bad_frames`` and skipped.  An exception from the
+sink (or a tap) costs only its frame: it is counted and logged, and the thread
+goes on with the next frame.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ CAN_ERR_CRTL_TX_OVERFLOW = 0x02
 
 # a sink failing on every frame logs once per interval (with the count of the rest), not per frame
 SINK_LOG_INTERVAL_S = 10.0
+# this many unparsable frames in a row mean the adapter's stream is out of step: reopen it
+MAX_BAD_FRAMES_IN_A_ROW = 100
 
 Sink = Callable[[can.Message], object]
 
@@ -78,6 +84,7 @@ class AdapterStats:
     opens: int = 0
     failures: int = 0
     sink_errors: int = 0  # frames whose sink or tap raised (the frame is lost, reception goes on)
+    bad_frames: int = 0  # frames the adapter's driver could not parse (skipped, reception goes on)
     last_error: str = ""
 
 
@@ -159,29 +166,46 @@ class CanAdapter:
         self.stats.state = "down"
 
     def _run(self) -> None:
-        delay = self.settings.reconnect_min_s
+        s = self.settings
+        delay = s.reconnect_min_s
         while not self._stop.is_set():
-            if self._bus is None and not self._open():
-                # jitter keeps several gateways from hammering a shared resource in step
-                self._stop.wait(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.settings.reconnect_max_s)
-                continue
-            delay = self.settings.reconnect_min_s
-            self._receive()
+            if self._open():
+                opened, frames = time.monotonic(), self.stats.frames
+                self._receive()
+                # only a healthy session starts the backoff over: a bus that opens and fails at
+                # once (interface down, peer closing) would otherwise be reopened in a tight loop
+                if self.stats.frames > frames or time.monotonic() - opened >= s.reconnect_max_s:
+                    delay = s.reconnect_min_s
+            # jitter keeps several gateways from hammering a shared resource in step
+            if self._stop.wait(delay * random.uniform(0.8, 1.2)):
+                break
+            delay = min(delay * 2, s.reconnect_max_s)
 
     def _receive(self) -> None:
         bus = self._bus
         assert bus is not None
         recv, sink, stats, stop, taps = bus.recv, self.sink, self.stats, self._stop, self.taps
+        bad_in_a_row = 0
         while not stop.is_set():
             try:
                 msg = recv(0.2)
-            except Exception as exc:  # adapter gone: reopen from _run
+            except (ValueError, IndexError) as exc:
+                # python-can's text protocols (slcan) raise these on one garbled line; the adapter is fine
+                stats.bad_frames += 1
+                stats.last_error = f"receive: bad frame: {type(exc).__name__}: {exc}"
+                bad_in_a_row += 1
+                if bad_in_a_row < MAX_BAD_FRAMES_IN_A_ROW:
+                    continue
+                self._fail(f"receive: {bad_in_a_row} bad frames in a row, last: {exc}")
+                self._close()
+                return
+            except Exception as exc:  # CanOperationError, OSError, ...: adapter gone, reopen from _run
                 self._fail(f"receive: {exc}")
                 self._close()
                 return
             if msg is None:
                 continue
+            bad_in_a_row = 0
             stats.frames += 1
             if msg.is_error_frame:
                 self._error_frame(msg)

@@ -12,6 +12,7 @@ DBC file.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ def wire_length(length: int) -> int:
 
 
 class MuxError(ValueError):
-    """The multiplexer value of a frame selects no page the DBC defines."""
+    """The multiplexer value of a frame selects no page the DBC defines (args: name, value)."""
+
+    def __str__(self) -> str:
+        return f"multiplexer {self.args[0]} = {self.args[1]} selects no page" if len(self.args) == 2 else super().__str__()
 
 
 def _unpack_f32(raw: int) -> float:
@@ -66,11 +70,17 @@ def raw_expr(sig: Signal, length: int) -> str:
     return expr
 
 
+def _mux_key(value: float) -> float:
+    """A scaled or float multiplexer value as a page key; inf and NaN stay floats that select no page."""
+    return int(value) if isinstance(value, float) and math.isfinite(value) else value
+
+
 def selector_expr(mux: Signal, length: int) -> str:
     """Expression of the multiplexer value that selects a page: cantools compares the
     *scaled* value with the DBC's page IDs (identical to the raw value in practice)."""
     expr = value_expr(mux, length)
-    return expr if expr == raw_expr(mux, length) else f"int({expr})"
+    # int() raises OverflowError on inf: a float multiplexer must select no page instead (MuxError)
+    return expr if expr == raw_expr(mux, length) else f"_mux({expr})"
 
 
 def value_expr(sig: Signal, length: int, factor: float = 1.0, add: float = 0.0) -> str:
@@ -98,7 +108,7 @@ def value_expr(sig: Signal, length: int, factor: float = 1.0, add: float = 0.0) 
     return expr
 
 
-GLOBALS: dict[str, Any] = {"_f32": _unpack_f32, "_f64": _unpack_f64, "MuxError": MuxError}
+GLOBALS: dict[str, Any] = {"_f32": _unpack_f32, "_f64": _unpack_f64, "_mux": _mux_key, "MuxError": MuxError}
 
 
 def compile_function(source: str, name: str, namespace: dict[str, Any]) -> Callable[..., Any]:
@@ -236,7 +246,8 @@ def frame_record(msg: can.Message, bus: str, decoder: Decoder | None) -> dict[st
     rec: dict[str, Any] = {"bus": bus, "timestamp": msg.timestamp, "id": msg.arbitration_id,
                            "extended": msg.is_extended_id, "fd": msg.is_fd, "error": msg.is_error_frame,
                            "remote": msg.is_remote_frame, "data": bytes(msg.data).hex()}
-    if decoder is not None and not msg.is_error_frame:
+    # a remote frame requests data and carries none: nothing to decode, and no decode error
+    if decoder is not None and not msg.is_error_frame and not msg.is_remote_frame:
         prepared = decoder.lookup(msg.arbitration_id, msg.is_extended_id)
         if prepared is None:
             rec["decode_error"] = "unknown ID"

@@ -28,21 +28,24 @@ BAD_MUX = -2
 NOTHING_MAPPED = -3
 UNKNOWN_ID = -4
 FAILED = -5
+REMOTE = -6  # a remote (RTR) frame: a request for data, carrying none
 
 Handler = Callable[[bytes | bytearray, float, float], int]
 
 
 @dataclass
 class IdCounters:
-    """Per frame ID problem counters (keys: frame IDs, 29-bit ones with bit 31 set)."""
+    """Per frame ID counters of frames not decoded (keys: frame IDs, 29-bit ones with bit 31 set)."""
 
     unknown: dict[int, int] = field(default_factory=dict)
     bad_length: dict[int, int] = field(default_factory=dict)
     bad_mux: dict[int, int] = field(default_factory=dict)
     failed: dict[int, int] = field(default_factory=dict)
+    remote: dict[int, int] = field(default_factory=dict)  # RTR requests: normal traffic, not errors
 
     def total(self) -> dict[str, int]:
-        return {k: sum(v.values()) for k, v in vars(self).items()}
+        """Decode errors per kind (remote frames are not errors and not in here)."""
+        return {k: sum(v.values()) for k, v in vars(self).items() if k != "remote"}
 
 
 def frame_key(frame_id: int, extended: bool) -> int:
@@ -160,6 +163,10 @@ class Ingest:
     def on_frame(self, msg: can.Message) -> int:
         """Handle one received frame; returns the refreshed slot or a negative code."""
         key = msg.arbitration_id | (1 << 31) if msg.is_extended_id else msg.arbitration_id
+        if msg.is_remote_frame:  # no payload: neither a bad length nor a refresh of the message's values
+            c = self.counters.remote
+            c[key] = c.get(key, 0) + 1
+            return REMOTE
         handler = self.handlers.get(key)
         if handler is None:
             c = self.counters.unknown

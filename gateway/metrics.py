@@ -80,14 +80,15 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
     frames = CounterMetricFamily("bmsgw_can_frames", "Frames received", labels=["bus"])
     rate = GaugeMetricFamily("bmsgw_can_frames_per_second", "Frames received in the last second", labels=["bus"])
     up = GaugeMetricFamily("bmsgw_can_up", "1 while the adapter is open", labels=["bus"])
-    errs = CounterMetricFamily("bmsgw_can_errors", "Error frames, bus-off and overrun events", labels=["bus", "kind"])
+    errs = CounterMetricFamily("bmsgw_can_errors", "Error frames, bus-off, overrun events and unparsable frames",
+                               labels=["bus", "kind"])
     dec = CounterMetricFamily("bmsgw_decode_errors", "Frames not decoded", labels=["bus", "kind"])
     lost = CounterMetricFamily("bmsgw_can_frames_lost", "Frames lost because a frame handler raised", labels=["bus"])
     for b in buses:
         frames.add_metric([b["name"]], b["frames"])
         rate.add_metric([b["name"]], b["frames_per_s"])
         up.add_metric([b["name"]], int(b["state"] == "up"))
-        for kind in ("error_frames", "bus_off", "rx_overflow", "tx_overflow", "tx_errors", "failures"):
+        for kind in ("error_frames", "bus_off", "rx_overflow", "tx_overflow", "tx_errors", "failures", "bad_frames"):
             errs.add_metric([b["name"], kind], b[kind])
         for kind, n in b["decode_errors"].items():
             dec.add_metric([b["name"], kind], n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +10,11 @@ from typing import Any
 
 from gateway.dbcfile import load_dbc, merge
 from gateway.decode import Decoder, frame_record
-from gateway.image import ProcessImage, Quality
+from gateway.image import ProcessImage, Quality, family_of
 from gateway.ingest import Ingest
-from gateway.pipeline import BusSource, build, covering_families
-from gateway.signalmap import resolve
+from gateway.pipeline import MAX_CELLS, BusSource, build, covering_families
+from gateway.schema import ConfigError, Loader
+from gateway.signalmap import SignalMap, resolve
 from gateway.tracefile import Trace
 
 BUS = "replay"
@@ -27,11 +29,12 @@ class ReplayStats:
     unknown_id: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     error_frames: int = 0
+    remote_frames: int = 0  # RTR requests: carry no data, so neither decoded nor errors
 
     def as_dict(self) -> dict[str, Any]:
         return {"frames": self.frames, "decoded": self.decoded, "unknown_id_frames": sum(self.unknown_id.values()),
                 "unknown_ids": self.unknown_id, "decode_error_frames": sum(self.errors.values()),
-                "decode_errors": self.errors, "error_frames": self.error_frames}
+                "decode_errors": self.errors, "error_frames": self.error_frames, "remote_frames": self.remote_frames}
 
 
 class Replay:
@@ -49,7 +52,11 @@ class Replay:
         self._now = 0.0
         if map_path is not None:
             smap = resolve(map_path, messages)
-            self.image, ingests = build(covering_families(smap.targets()), [BusSource(BUS, messages, smap)])
+            _check_indices(smap, map_path)
+            try:
+                self.image, ingests = build(covering_families(smap.targets()), [BusSource(BUS, messages, smap)])
+            except ValueError as exc:  # a bad map is a bad input (exit 2), not a crash
+                raise ConfigError(map_path, "", str(exc).removeprefix(f"{smap.source}: ")) from None
             self.ingest = ingests[BUS]
             # staleness follows the trace's own clock, not the replay's speed
             self.ingest.clock = lambda: self._now
@@ -63,6 +70,8 @@ class Replay:
             rec = frame_record(msg, BUS, self.decoder)
             if msg.is_error_frame:
                 st.error_frames += 1
+            elif msg.is_remote_frame:
+                st.remote_frames += 1
             elif "signals" in rec:
                 st.decoded += 1
             else:
@@ -87,3 +96,13 @@ class Replay:
             out.append({"name": name, "value": r.value, "quality": Quality(r.quality).name.lower(),
                         "timestamp": r.timestamp})
         return out
+
+
+def _check_indices(smap: SignalMap, path: Path) -> None:
+    """Without a site layout the image grows to the largest index: a template error must not make it huge."""
+    for b in smap.bindings:
+        idx = family_of(b.target)[1]
+        if math.prod(i + 1 for i in idx) > MAX_CELLS:
+            text = path.read_text(encoding="utf-8")
+            raise Loader(path, text).error(f"{b.entry}.to", f"{b.target}: index too large for one gateway "
+                                                             f"(at most {MAX_CELLS} elements per family)")

@@ -15,11 +15,15 @@ arithmetic (+ - * // %) over the groups, ``mux`` and ``bit``.  ``valid`` names
 a flag signal on the same page and the values meaning *valid*: choice names
 from the DBC's value table or raw integers (foxBMS' ``invalidFlag`` = 1 means
 valid, so read the table, not the name).
+
+Physical quantities have one unit in the image (``QUANTITY_UNITS``): a DBC
+signal with a unit must be brought to it by ``scale``/``offset`` (mV: 0.001).
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from collections.abc import Iterable
@@ -29,7 +33,7 @@ from typing import Any
 
 from cantools.database.can import Message, Signal
 
-from gateway.decode import page_tree, walk_pages
+from gateway.decode import page_tree, raw_expr, selector_expr, value_expr, walk_pages
 from gateway.image import family_of
 from gateway.schema import Loader, read_toml
 
@@ -42,6 +46,10 @@ class ValidSpec:
 
     signal: str
     when: list[str | int]
+
+    def check(self) -> None:
+        if not self.when:
+            raise ValueError("when: must list at least one value that means valid (else the value is never valid)")
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class SignalEntry:
                 raise ValueError(f"{key}: bad regular expression: {exc}") from None
         if not 0 <= self.bits <= 64:
             raise ValueError("bits: must be 0..64")
+        if self.scale == 0:
+            raise ValueError("scale: must not be 0 (every value would read 0)")
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,9 @@ def _arith(expr: str, env: dict[str, int]) -> int:
         return ev(ast.parse(expr, mode="eval"))
     except SyntaxError:
         raise ValueError(f"'{expr}' is not a valid expression") from None
+    except ZeroDivisionError:
+        names = ", ".join(f"{k} = {v}" for k, v in sorted(env.items())) or "no names"
+        raise ValueError(f"'{expr}' divides by zero (with {names})") from None
 
 
 def expand(template: str, text: dict[str, str]) -> str:
@@ -163,6 +176,31 @@ def canonical(name: str) -> str:
     """One spelling per signal: ``cell[03].voltage`` and ``cell[3].voltage`` are the same."""
     family_of(name)
     return re.sub(r"\[(\d+)\]", lambda m: f"[{int(m.group(1))}]", name)
+
+
+# The image's unit of each physical quantity, by the last word of a name (module[3].board_temperature);
+# other names (states, flags, counters, SoC fractions) are not checked
+QUANTITY_UNITS: dict[str, str] = {"voltage": "V", "current": "A", "power": "W", "temperature": "degC",
+                                  "resistance": "ohm"}
+
+# DBC unit spellings -> (image unit, scale, offset) that convert a value in it to the image unit
+UNIT_SPELLINGS: dict[str, tuple[str, float, float]] = {
+    **dict.fromkeys(("V", "Volt", "Volts"), ("V", 1.0, 0.0)), "mV": ("V", 1e-3, 0.0), "kV": ("V", 1e3, 0.0),
+    **dict.fromkeys(("A", "Amp", "Amps", "Ampere"), ("A", 1.0, 0.0)), "mA": ("A", 1e-3, 0.0), "kA": ("A", 1e3, 0.0),
+    "W": ("W", 1.0, 0.0), "mW": ("W", 1e-3, 0.0), "kW": ("W", 1e3, 0.0), "MW": ("W", 1e6, 0.0),
+    **dict.fromkeys(("degC", "°C", "C", "deg C", "deg_C", "Celsius", "Â°C"), ("degC", 1.0, 0.0)),
+    "K": ("degC", 1.0, -273.15), **dict.fromkeys(("degF", "°F"), ("degC", 5 / 9, -160 / 9)),
+    **dict.fromkeys(("ohm", "Ohm", "Ω"), ("ohm", 1.0, 0.0)), "mOhm": ("ohm", 1e-3, 0.0),
+    **dict.fromkeys(("kOhm", "kΩ"), ("ohm", 1e3, 0.0)), "MOhm": ("ohm", 1e6, 0.0),
+}
+# the same, case-folded where that stays unambiguous (mW and MW differ, so "mw" is not in here)
+_FOLDED = {k.lower(): v for k, v in UNIT_SPELLINGS.items()
+           if all(w == v for j, w in UNIT_SPELLINGS.items() if j.lower() == k.lower())}
+
+
+def unit_of(name: str) -> str | None:
+    """The image unit of a canonical name (``cell[3].voltage``: V), None for unitless ones."""
+    return QUANTITY_UNITS.get(family_of(name)[0].rsplit(".", 1)[-1].rsplit("_", 1)[-1])
 
 
 def load_map(path: Path) -> MapFile:
@@ -215,15 +253,16 @@ def resolve(path: Path, messages: Iterable[Message]) -> SignalMap:
                     env = {k: v for k, v in {**mm.groupdict(), **sm.groupdict()}.items() if v is not None}
                     if mux_path:
                         env["mux"] = str(mux_path[-1][1])
+                    where = f"{msg.name}.{sig.name}"
                     try:
                         new = _bind(entry, key, msg, mux_path, page.signals, sig, env)
+                        for b in new:
+                            if b.target in seen:
+                                raise EntryError("to", f"{b.target} is bound twice ({seen[b.target]} and {where})")
+                            seen[b.target] = where
+                            _check_unit(b)
                     except EntryError as exc:
-                        raise loader.error(f"{key}.{exc.key}", f"{exc.reason} (at {msg.name}.{sig.name})") from None
-                    for b in new:
-                        where = f"{msg.name}.{sig.name}"
-                        if b.target in seen:
-                            raise loader.error(f"{key}.to", f"{b.target} is bound twice ({seen[b.target]} and {where})")
-                        seen[b.target] = where
+                        raise loader.error(f"{key}.{exc.key}" if exc.key else key, f"{exc.reason} (at {where})") from None
                     bindings += new
                     found += 1
         if not found:
@@ -257,6 +296,15 @@ def _bind(entry: SignalEntry, key: str, msg: Message, path: MuxPath, page: tuple
             raise EntryError("valid.when", str(exc)) from None
     if entry.bits > sig.length:
         raise EntryError("bits", f"{sig.name} has only {sig.length} bits")
+    # the code the ingest will generate, tried now: a signal outside its message is the map's error at start-up
+    try:
+        for mux, _ in path:
+            selector_expr(mux, msg.length)
+        if valid is not None:
+            raw_expr(valid[0], msg.length)
+        (raw_expr if entry.bits else value_expr)(sig, msg.length)
+    except ValueError as exc:
+        raise EntryError("", f"cannot bind: {exc} (the DBC's {msg.name} cannot be decoded)") from None
     out = []
     for bit in range(entry.bits) if entry.bits else [None]:
         try:
@@ -265,3 +313,27 @@ def _bind(entry: SignalEntry, key: str, msg: Message, path: MuxPath, page: tuple
             raise EntryError("to", str(exc)) from None
         out.append(Binding(msg, path, sig, target, entry.scale, entry.offset, bit, valid, key))
     return out
+
+
+def _check_unit(b: Binding) -> None:
+    """The binding yields its target's image unit: DBC unit x scale + offset (a DBC without a unit, or with
+    one we cannot read, is trusted)."""
+    want = unit_of(b.target)
+    unit = (b.signal.unit or "").strip()
+    if want is None or not unit or b.bit is not None:
+        return
+    conv = UNIT_SPELLINGS.get(unit) or _FOLDED.get(unit.lower())
+    if conv is None:
+        return  # a spelling we do not know ("V DC"): trusted like a missing unit, the DBC cannot be edited
+    if conv[0] != want:
+        known = ", ".join(k for k, v in UNIT_SPELLINGS.items() if v[0] == want)
+        raise EntryError("signal", f"{b.signal.name} is in {unit}, but {b.target} is in {want} "
+                                   f"(DBC units it can be bound from: {known})")
+    _, scale, offset = conv
+    scale_ok = math.isclose(abs(b.factor), scale, rel_tol=1e-9) and (b.factor > 0 or offset == 0)
+    # a sign flip (scale = -1 x the unit's) is a convention (which way current counts), not a unit error
+    if scale_ok and math.isclose(b.add, offset, rel_tol=1e-9, abs_tol=1e-9):
+        return
+    raise EntryError("scale" if not scale_ok else "offset",
+                     f"{b.signal.name} is in {unit} and {b.target} in {want}: the entry needs scale = {scale:g} "
+                     f"and offset = {offset:g} (it has scale = {b.factor:g}, offset = {b.add:g})")

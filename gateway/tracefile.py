@@ -12,11 +12,16 @@ Supported formats (names accepted by ``fmt``):
 The format is detected from the content (magic bytes or the first non-empty
 lines); the file suffix only decides when the content is inconclusive.
 Gzip-compressed files are read transparently (except ``sqlite``).
+
+A bad line (or record) is skipped and counted, also in ASC, CSV and TRC files;
+a block of NUL bytes in a text trace (an SD card after a power loss) ends a
+line; a truncated BLF file is reported as a problem after its last frame.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import re
 import zlib
@@ -26,7 +31,10 @@ from pathlib import Path
 from typing import IO, Literal
 
 import can
+from can.io.blf import FILE_HEADER_SIZE
 from can.io.generic import MessageReader
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS",
@@ -73,6 +81,8 @@ _PYCAN_BINARY = frozenset({"blf", "mf4", "sqlite"})
 _SNIFF_BYTES = 64 * 1024
 _SNIFF_LINES = 50
 _TEXT_LIMIT = 80
+_HEADER_LINES = 1000  # lines before the first frame kept to restart a python-can text reader after a bad line
+_BAD_IN_A_ROW = 100  # a python-can text reader failing on this many lines in a row cannot read the file
 
 CAN_ERR_FLAG = 0x20000000
 _STD_MAX = 0x7FF
@@ -370,18 +380,16 @@ class Trace:
             self.errors.append(TraceProblem(location, reason, _shorten(text), unit))
 
     def _open_text(self) -> IO[str]:
-        # errors="replace": a stray non-UTF-8 byte must cost one bad line, not the file.
+        # errors="replace": a stray non-UTF-8 byte must cost one bad line, not the file;
+        # utf-8-sig: a byte-order mark (Windows editors) must not cost the first line.
         if self.gzipped:
-            return gzip.open(self.path, "rt", encoding="utf-8", errors="replace")
-        return self.path.open(encoding="utf-8", errors="replace")
+            return gzip.open(self.path, "rt", encoding="utf-8-sig", errors="replace")
+        return self.path.open(encoding="utf-8-sig", errors="replace")
 
     def _iter_lines(self, parse: Callable[[str], can.Message]) -> Iterator[can.Message]:
         try:
             with self._open_text() as f:
-                for lineno, raw in enumerate(f, 1):
-                    line = raw.strip()
-                    if not line:
-                        continue
+                for lineno, line in _numbered_lines(f):
                     try:
                         msg = parse(line)
                     except ValueError as exc:
@@ -392,24 +400,25 @@ class Trace:
         except (OSError, EOFError, zlib.error) as exc:
             raise TraceError(self.path, f"read failed: {exc}") from exc
 
-    def _open_reader(self) -> MessageReader:
+    def _open_reader(self) -> tuple[MessageReader, _CountingFile | None]:
+        """The python-can reader, and for BLF the counted file under it."""
         cls = _PYCAN_READERS[self.format]
-        source: str | IO[str] | gzip.GzipFile = str(self.path)
-        if self.gzipped:
-            if self.format == "sqlite":
-                raise TraceError(
-                    self.path, "cannot read a gzip-compressed sqlite trace"
-                )
-            if self.format in _PYCAN_BINARY:
-                # The reader owns the file and closes it in stop().
-                source = gzip.open(self.path, "rb")  # noqa: SIM115
-            else:
-                source = self._open_text()
-        elif self.format not in _PYCAN_BINARY:
-            source = self._open_text()
+        source: str | IO[str] | gzip.GzipFile | _CountingFile = str(self.path)
+        counted = None
+        if self.gzipped and self.format == "sqlite":
+            raise TraceError(self.path, "cannot read a gzip-compressed sqlite trace")
         try:
+            # The reader owns the file and closes it in stop().
+            if self.format == "blf":
+                # python-can's BLFReader just stops at a cut: count what it reads to notice one
+                raw = gzip.open(self.path, "rb") if self.gzipped else self.path.open("rb")  # noqa: SIM115
+                source = counted = _CountingFile(raw)
+            elif self.gzipped and self.format in _PYCAN_BINARY:
+                source = gzip.open(self.path, "rb")  # noqa: SIM115
+            elif self.format not in _PYCAN_BINARY:
+                source = self._open_text()
             # python-can annotates only paths, but its file readers accept file objects.
-            return cls(source)  # type: ignore[arg-type]
+            return cls(source), counted  # type: ignore[arg-type]
         except Exception as exc:  # python-can raises many types; all are fatal here
             if not isinstance(source, str):
                 source.close()
@@ -417,7 +426,12 @@ class Trace:
             raise TraceError(self.path, reason) from exc
 
     def _iter_pycan(self) -> Iterator[can.Message]:
-        reader = self._open_reader()
+        if self.format not in _PYCAN_BINARY:
+            return self._iter_pycan_text()
+        return self._iter_pycan_binary()
+
+    def _iter_pycan_binary(self) -> Iterator[can.Message]:
+        reader, counted = self._open_reader()
         name = type(reader).__name__
         record = 0
         try:
@@ -428,6 +442,8 @@ class Trace:
                 except StopIteration:
                     break
                 except Exception as exc:  # see _open_reader
+                    if counted is not None and counted.short:
+                        break  # a cut inside an object header: reported as truncated below
                     what = f"{name} failed after record {record}"
                     raise TraceError(
                         self.path, f"{what}: {type(exc).__name__}: {exc}"
@@ -441,6 +457,136 @@ class Trace:
                 yield msg
         finally:
             reader.stop()
+        if counted is not None and isinstance(reader, can.BLFReader):
+            self._check_blf_complete(reader.file_size, counted, record)
+
+    def _check_blf_complete(self, file_size: int, counted: _CountingFile, records: int) -> None:
+        """Report a BLF file shorter than its header says, or ending inside an object."""
+        # a writer that died before writing its final header leaves the header's own size there
+        cut = file_size > FILE_HEADER_SIZE and counted.pos < file_size
+        if not (cut or counted.short):
+            return
+        size = f"the header gives {file_size} bytes, " if file_size > FILE_HEADER_SIZE else ""
+        reason = f"truncated: {size}the file ends after {counted.pos}; frames after record {records} are lost"
+        log.warning("%s: %s", self.path, reason)
+        self._problem(records + 1, reason, str(self.path), "record")
+
+    def _iter_pycan_text(self) -> Iterator[can.Message]:
+        """ASC, CSV, TRC through python-can's readers, restarted after a line they fail on.
+
+        A reader's generator ends with its first exception, so a new reader goes on after
+        the bad line; it first reads the lines before the first frame again, to learn the
+        file's settings (number base, columns, start time) as the first one did.  A file
+        of which no line can be read (a bad header) is a TraceError, as before.
+        """
+        cls = _PYCAN_READERS[self.format]
+        try:
+            lines = _ReplayableLines(self._open_text())
+        except OSError as exc:
+            raise TraceError(self.path, f"read failed: {exc}") from exc
+        records = in_a_row = failed_at = 0
+        first_failure = ""
+        try:
+            while True:
+                try:
+                    # python-can annotates only paths, but its file readers accept file objects
+                    for msg in cls(lines):  # type: ignore[arg-type]
+                        lines.frame_read()
+                        records += 1
+                        in_a_row = 0
+                        reason = _invalid(msg)
+                        if reason is not None:
+                            self._problem(lines.lineno, reason, lines.current, "line")
+                            continue
+                        self.frames += 1
+                        yield msg
+                    break
+                except (OSError, EOFError, zlib.error) as exc:
+                    raise TraceError(self.path, f"read failed: {exc}") from exc
+                except Exception as exc:  # python-can raises many types for a malformed line
+                    if lines.lineno == failed_at:
+                        break  # failed again before reading a new line: at the end of the file
+                    failed_at = lines.lineno
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self._problem(lines.lineno, f"{cls.__name__}: {reason}", lines.current, "line")
+                    failure = f"{cls.__name__} failed after record {records} on line {lines.lineno}: {reason}"
+                    first_failure = first_failure or failure
+                    in_a_row += 1
+                    if in_a_row >= _BAD_IN_A_ROW:
+                        raise TraceError(self.path, f"{failure} ({in_a_row} lines in a row)") from exc
+                    lines.restart()
+        finally:
+            lines.close()
+        if first_failure and not records:
+            raise TraceError(self.path, first_failure)
+
+
+def _numbered_lines(f: IO[str]) -> Iterator[tuple[int, str]]:
+    """Non-empty stripped lines with their 1-based numbers; NUL runs end lines too."""
+    for lineno, raw in enumerate(f, 1):
+        # a NUL block (a text log on an SD card after a power loss) is no part of the lines around it
+        for piece in raw.split("\x00") if "\x00" in raw else (raw,):
+            line = piece.strip()
+            if line:
+                yield lineno, line
+
+
+class _ReplayableLines:
+    """A text file as a python-can reader's line source: numbered, the lines before the
+    first frame (or first bad line) kept, so a new reader can be started after a bad line."""
+
+    def __init__(self, f: IO[str]) -> None:
+        self._f = f
+        self._lines = ((n, piece + "\n") for n, piece in _numbered_lines(f))
+        self.lineno = 0
+        self.current = ""
+        self._head: list[str] | None = None  # fixed at the first frame or the first bad line
+        self._seen: list[str] = []
+        self._replay: list[str] = []
+
+    def __iter__(self) -> _ReplayableLines:
+        return self
+
+    def __next__(self) -> str:
+        if self._replay:
+            return self._replay.pop(0)
+        self.lineno, self.current = next(self._lines)
+        if self._head is None and len(self._seen) <= _HEADER_LINES:
+            self._seen.append(self.current)
+        return self.current
+
+    def frame_read(self) -> None:
+        """The reader yielded a frame from the current line: what came before is the header."""
+        if self._head is None:
+            self._head = self._seen[:-1]
+
+    def restart(self) -> None:
+        """The current line failed: hand the header to the next reader, then the lines after it."""
+        self.frame_read()
+        assert self._head is not None
+        self._replay = list(self._head)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _CountingFile:
+    """A binary file that counts what is read from it and notices a short read (a cut file)."""
+
+    def __init__(self, f: IO[bytes] | gzip.GzipFile) -> None:
+        self._f = f
+        self.pos = 0
+        self.short = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.pos += len(data)
+        # an empty read is the normal end between objects; a partial one is a cut
+        self.short = self.short or 0 < len(data) < n
+        return data
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def _normalise_format(fmt: str, path: Path) -> str:
@@ -479,8 +625,11 @@ def _detect(path: Path, head: bytes) -> str:
     if b"\x00" in head:
         if hint in _PYCAN_BINARY:
             return hint
-        raise TraceError(path, "binary file of unknown format (pass fmt= to force one)")
-    lines = head.decode("utf-8", errors="replace").splitlines()
+        # NUL blocks in a text log (an SD card after a power loss) do not make it binary
+        if not _text_around_nuls(head):
+            raise TraceError(path, "binary file of unknown format (force one with --format)")
+        head = head.replace(b"\x00", b"\n")
+    lines = head.decode("utf-8-sig", errors="replace").splitlines()
     if len(head) == _SNIFF_BYTES and lines:
         lines.pop()  # probably cut mid-line
     first = ""
@@ -505,6 +654,15 @@ def _detect(path: Path, head: bytes) -> str:
     )
 
 
+def _text_around_nuls(head: bytes) -> bool:
+    """Whether the NULs come in a few blocks between printable text (a lost SD card block), rather than
+    everywhere (binary data, UTF-16 text)."""
+    if len(re.findall(rb"\x00+", head)) * 16 > len(head):
+        return False
+    text = head.decode("utf-8-sig", errors="replace")
+    return all(piece.isprintable() for piece in re.split(r"[\x00\r\n\t]+", text))
+
+
 def read_trace(
     path: str | Path, fmt: str | None = None, *, max_errors: int = 1000
 ) -> Trace:
@@ -521,5 +679,5 @@ def read_trace(
     if name in _PYCAN_READERS:
         # Fail now rather than mid-replay on what the reader checks up front
         # (BLF header, MF4 needing asammdf).
-        trace._open_reader().stop()
+        trace._open_reader()[0].stop()
     return trace

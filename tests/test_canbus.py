@@ -141,3 +141,134 @@ def test_a_sink_that_always_raises_is_counted_but_logged_rarely(caplog: pytest.L
     assert alive and a.stats.sink_errors == 200
     logged = [r for r in caplog.records if r.name == "drivers.canbus" and r.levelno == logging.ERROR]
     assert len(logged) == 1, [r.getMessage() for r in logged]  # well within one log interval
+
+
+class _RecordedWaits(threading.Event):
+    """The adapter's stop event, recording the backoff delays instead of sleeping them; stops it after ``n``."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.delays: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.delays.append(float(timeout or 0.0))
+        if len(self.delays) >= self.n:
+            self.set()
+        return self.is_set()
+
+
+class _ScriptedBus:
+    """A bus that opens fine and then plays ``script`` on recv: a Message, an exception to raise, or None."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+
+    def recv(self, timeout: float | None = None) -> can.Message | None:
+        item = self.script.pop(0) if self.script else can.CanOperationError("Network is down")
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _scripted_adapter(script: list[Any], waits: _RecordedWaits, sink: Any = None, max_opens: int = 20,
+                      ) -> tuple[CanAdapter, list[int]]:
+    opens: list[int] = []
+
+    def open_bus(**kw: Any) -> _ScriptedBus:
+        opens.append(1)
+        if len(opens) > max_opens:  # without backoff the adapter would spin here: end the test instead
+            waits.set()
+        return _ScriptedBus(script)
+
+    a = CanAdapter(AdapterSettings("t", "socketcan", "can9", reconnect_min_s=0.5, reconnect_max_s=4.0),
+                   sink or (lambda m: None), open_bus=open_bus)  # type: ignore[arg-type]
+    a._stop = waits
+    return a, opens
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    ([], [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]),  # opens, fails on the first recv: the delay doubles up to the maximum
+    ([can.Message(arbitration_id=0x100)], [0.5] * 6),  # delivered a frame each time: a healthy session, start over
+], ids=["fails-at-once", "delivers-then-fails"])
+def test_a_bus_that_fails_after_opening_is_reopened_after_the_backoff_delay(script: list[Any],
+                                                                          expected: list[float]) -> None:
+    waits = _RecordedWaits(len(expected))
+    a, opens = _scripted_adapter(script, waits)
+    a.start()
+    wait_for(lambda: not a.alive, what="the adapter to stop after the recorded delays")
+    a.stop()
+    assert len(waits.delays) == len(expected), f"{len(opens)} opens but only {len(waits.delays)} waits"
+    for got, want in zip(waits.delays, expected, strict=True):
+        assert 0.8 * want <= got <= 1.2 * want, waits.delays  # jittered
+    assert len(opens) == a.stats.opens == a.stats.failures == len(expected)
+    assert "Network is down" in a.stats.last_error
+
+
+def test_malformed_frames_from_the_adapter_are_counted_and_skipped() -> None:
+    """python-can's slcan raises ValueError/IndexError on one garbled line; that must not cost the connection."""
+    got: list[int] = []
+    script = [can.Message(arbitration_id=1), ValueError("invalid literal for int() with base 16: '10G'"),
+              can.Message(arbitration_id=2), IndexError("string index out of range"),
+              UnicodeDecodeError("ascii", b"\xff", 0, 1, "ordinal not in range"), None, can.Message(arbitration_id=3)]
+    waits = _RecordedWaits(1)
+    a, opens = _scripted_adapter(script, waits, lambda m: got.append(m.arbitration_id))
+    a.start()
+    wait_for(lambda: not a.alive, what="the scripted session to end")
+    a.stop()
+    assert got == [1, 2, 3]
+    assert a.stats.bad_frames == 3 and a.stats.frames == 3
+    assert len(opens) == a.stats.opens == 1 and a.stats.failures == 1  # the one failure: the script's end
+
+
+def test_a_stream_of_malformed_frames_reopens_the_adapter() -> None:
+    """An adapter whose stream is out of step (every line garbled) is reopened, with backoff."""
+    waits = _RecordedWaits(2)
+    a, opens = _scripted_adapter([ValueError("garbled")] * 250, waits)
+    a.start()
+    wait_for(lambda: not a.alive, what="two reopen delays")
+    a.stop()
+    assert a.stats.bad_frames == 200 and a.stats.failures == 2 and len(opens) == 2
+    assert "100 bad frames in a row" in a.stats.last_error
+
+
+def test_a_garbled_slcan_line_costs_one_frame_not_the_connection() -> None:
+    """The real python-can slcan interface over loopback TCP: 1 good frame, 1 bad ID digit, 20 good frames."""
+    import socket
+
+    burst = b"t1008" + b"00" * 8 + b"\r" + b"t10G8" + b"00" * 8 + b"\r" + (b"t1008" + b"11" * 8 + b"\r") * 20
+    conns: list[socket.socket] = []
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            buf = b""
+            while b"O\r" not in buf:  # acknowledge the set-up commands up to "open"
+                d = c.recv(100)
+                if not d:
+                    break
+                buf += d
+                c.sendall(b"\r" * d.count(b"\r"))
+            if len(conns) == 1:
+                c.sendall(burst)
+
+    threading.Thread(target=serve, daemon=True).start()
+    got: list[can.Message] = []
+    a = CanAdapter(AdapterSettings("t", "slcan", f"socket://127.0.0.1:{srv.getsockname()[1]}",
+                                   options={"sleep_after_open": 0}), got.append)
+    a.start()
+    wait_for(lambda: len(got) >= 21 or a.stats.failures, what="21 frames")
+    a.stop()
+    srv.close()
+    for c in conns:
+        c.close()
+    assert len(got) == 21 and a.stats.bad_frames == 1
+    assert (a.stats.failures, a.stats.opens, len(conns)) == (0, 1, 1)

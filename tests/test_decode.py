@@ -554,3 +554,34 @@ def test_scaled_multiplexer_selects_the_page_cantools_selects() -> None:
     # raw 0 -> cantools: Sel = 1 (page OnOne); raw 1 -> Sel = 3 (page OnThree); raw 2, 3 -> no page
     for raw_selector in range(4):
         assert_same_as_cantools(case, db.messages[0], bytes([raw_selector, 7, 0, 0, 0, 0, 0, 0]))
+
+
+# A float multiplexer (SIG_VALTYPE_ 1): inf and NaN select no page. int(inf) raised OverflowError,
+# which frame_record (replay, candump --decode) did not catch.
+FLOAT_MUX_DBC = '''VERSION ""
+
+BU_: N
+
+BO_ 291 FM: 8 N
+ SG_ Mux M : 0|32@1- (1,0) [0|0] "" N
+ SG_ A m0 : 32|16@1+ (1,0) [0|65535] "" N
+ SG_ B m1 : 32|16@1+ (1,0) [0|65535] "" N
+
+SIG_VALTYPE_ 291 Mux : 1;
+'''
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 1e30, 2.0])
+def test_a_float_multiplexer_value_without_a_page_is_a_mux_error(value: float) -> None:
+    import can
+
+    from gateway.decode import frame_record
+
+    db = load_dbc_string(FLOAT_MUX_DBC)
+    dec = Decoder(db.messages)
+    data = struct.pack("<f", value) + bytes(4)
+    with pytest.raises(MuxError, match="multiplexer Mux = .* selects no page"):
+        dec.decode(291, data)
+    rec = frame_record(can.Message(arbitration_id=291, is_extended_id=False, data=data), "b", dec)
+    assert "signals" not in rec and "selects no page" in rec["decode_error"]
+    assert dec.decode(291, struct.pack("<f", 1.0) + bytes([7, 0, 0, 0])) == {"Mux": 1.0, "B": 7}

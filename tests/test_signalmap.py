@@ -222,11 +222,12 @@ message = 'MMU(?P<m>\d+)_Temperatures'
 signal = 'Board_Temperature'
 to = 'board[{m}].temperature'
 
-# 1: arithmetic over named groups, unit conversion, validity by raw value
+# 1: arithmetic over named groups, a linear conversion, validity by raw value
+# (V -> mV: only into a name whose last word is no quantity with an image unit)
 [[signal]]
 message = 'MMU(?P<m>0[01])_CellVoltages'
 signal = 'Cell(?P<c>\d+)_Voltage'
-to = 'cell[{m*14 + c}].voltage'
+to = 'cell[{m*14 + c}].voltage_mv'
 scale = 1000.0
 offset = -1.5
 valid = { signal = 'Cell{c}_Invalid', when = [0] }
@@ -255,8 +256,8 @@ def test_pattern_features(tmp_path: Path, pack_db: Database) -> None:
     # {group}: the text, zero padding included
     assert [t for t in targets if t.startswith("board")] == [f"board[{m}].temperature" for m in range(16)]
     # arithmetic
-    assert indices(sm, "cell.voltage") == [(i,) for i in range(28)]
-    b = by_target["cell[19].voltage"]
+    assert indices(sm, "cell.voltage_mv") == [(i,) for i in range(28)]
+    b = by_target["cell[19].voltage_mv"]
     assert (b.message.name, b.signal.name, b.factor, b.add) == ("MMU01_CellVoltages", "Cell05_Voltage", 1000.0, -1.5)
     assert b.valid is not None and b.valid[0].name == "Cell05_Invalid" and b.valid[1] == frozenset({0})
     # mux
@@ -278,9 +279,9 @@ def test_pattern_features(tmp_path: Path, pack_db: Database) -> None:
     ingest.on_frame(frame(cv, {"Page": 1, "Cell04_Voltage": 3.5, "Cell05_Voltage": 3.25, "Cell06_Voltage": 3.0,
                                "Cell07_Voltage": 2.75, "Cell04_Invalid": 0, "Cell05_Invalid": 1,
                                "Cell06_Invalid": 0, "Cell07_Invalid": 0}))
-    assert image.read("cell[19].voltage", now=NOW).value == pytest.approx(3.25 * 1000 - 1.5)
-    assert image.read("cell[19].voltage", now=NOW).quality is Quality.INVALID
-    assert image.read("cell[18].voltage", now=NOW).quality is Quality.GOOD
+    assert image.read("cell[19].voltage_mv", now=NOW).value == pytest.approx(3.25 * 1000 - 1.5)
+    assert image.read("cell[19].voltage_mv", now=NOW).quality is Quality.INVALID
+    assert image.read("cell[18].voltage_mv", now=NOW).quality is Quality.GOOD
     st = pack_db.get_message_by_name("MMU15_Status")
     ingest.on_frame(frame(st, {"BalancingActive": 0b1, "ModuleVoltage": 50, "MmuState": 1, "MmuFault": 0,
                                "AliveCounter": 0}))

@@ -469,9 +469,10 @@ def test_python_can_invalid_records_are_skipped(tmp_path: Path) -> None:
     )
     trace = read_trace(path)
     assert [m.arbitration_id for m in trace] == [0x123, 0x125]
+    # a text format names the file line (a binary one the record)
     assert [(p.unit, p.location) for p in trace.errors] == [
-        ("record", 2),
-        ("record", 3),
+        ("line", 3),
+        ("line", 4),
     ]
     assert "out of range" in trace.errors[0].reason
 
