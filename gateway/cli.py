@@ -23,6 +23,17 @@ from gateway.schema import ConfigError
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
+def _interval(text: str) -> float:
+    """An --interval: seconds, 0.05..3600."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} s: must be 0.05..3600 s")
+    return value
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -44,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from gateway.config import load_config, shipped_config
+    from gateway.control import ControlError
     from gateway.daemon import Gateway
     from gateway.logsetup import setup_logging
 
@@ -56,6 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in loaded.warnings:
         logging.getLogger("bmsgw").warning("%s", w)
     gw = Gateway(loaded, simulate=args.sim)
+    try:
+        gw.claim()  # before P0 opens any bus: a second gateway must not touch the first one's contactors
+    except (ControlError, OSError) as exc:
+        print(f"bmsgw run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     gw.start_p0()  # fork before this process starts any thread or event loop
     try:
         import uvloop  # noqa: F401
@@ -118,6 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cv, t = p["cell_voltage"], p["temperature"]
     lines = [
         f"bmsgw {st['version']}  gateway {st['gateway']}  up {st['uptime_s']:.0f} s",
+        *([] if st["healthy"] else [f"UNHEALTHY: {st['health_problem']}"]),
         f"pack     {_fmt(p.get('voltage_v'), '.2f')} V ({p.get('voltage_quality', 'n/a')})   "
         f"{_fmt(p.get('current_a'), '.2f')} A ({p.get('current_quality', 'n/a')})   {_fmt(p.get('power_w'), '.0f')} W",
         f"cell V   min {_fmt(cv['min'])} V (cell {cv['min_index']})   max {_fmt(cv['max'])} V (cell {cv['max_index']})"
@@ -645,12 +663,12 @@ def parser() -> argparse.ArgumentParser:
     p = add("balance", cmd_balance, "request or cancel cell balancing, and see its progress", daemon=True)
     p.add_argument("action", nargs="?", choices=["start", "stop"])
     p.add_argument("--follow", action="store_true", help="print the progress until the run ends")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between progress lines")
+    p.add_argument("--interval", type=_interval, default=2.0, help="seconds between progress lines")
     p = add("doctor", cmd_doctor, "check config, CAN interfaces, daemon, disk and clock, and say what to fix")
     p.add_argument("--config", help="config file (default /etc/bmsgw/bmsgw.toml, else the shipped sim config)")
     p = add("top", cmd_top, "live full-screen view (plain snapshots without a terminal)", daemon=True,
             json_flag=False)
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes")
     p.add_argument("--count", type=int, default=0, help="stop after N screens")
     add("logs", cmd_logs, "where the logs are and how to read them")
     p = add("replay", cmd_replay, "decode a recorded trace (candump -L, ASC, BLF, CSV, TRC, printed python-can)")
@@ -684,7 +702,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--f-start", type=float, metavar="HZ", help="first (highest) frequency (default: the config's)")
             p.add_argument("--f-stop", type=float, metavar="HZ", help="last (lowest) frequency")
             p.add_argument("--points-per-decade", type=int, metavar="N")
-            p.add_argument("--interval", type=float, default=0.5, help="seconds between progress updates")
+            p.add_argument("--interval", type=_interval, default=0.5, help="seconds between progress updates")
         else:
             which.add_argument("--all", action="store_true", help="one line per target measured so far")
             p.add_argument("--png", metavar="FILE", help="also write the Nyquist plot as a PNG file")
@@ -706,7 +724,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bmsgw` command."""
-    from gateway.control import ControlError, NotRunning
+    from gateway.control import ConnectionLost, ControlError, NotRunning
     from gateway.tracefile import TraceError
 
     args = parser().parse_args(argv)
@@ -724,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"bmsgw: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except ConnectionLost as exc:
+        print(f"bmsgw: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     except BrokenPipeError:
         # our reader went away (`bmsgw replay ... | head`): not an error; silence the final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -95,11 +95,13 @@ class LatchFile:
         if self._unsaved is not None:
             return self._unsaved
         try:
-            data: dict[str, Any] = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:  # unreadable: stay safe, treat as latched
             return {"note": f"latch file unreadable: {exc}"}
+        if not isinstance(data, dict):  # not a record we wrote (null included): latched as well
+            return {"note": f"latch file holds {type(data).__name__}, not a record"}
         return data
 
     def set(self, record: dict[str, Any]) -> None:
@@ -176,7 +178,9 @@ class ContactorMachine:
         if latched is not None:
             self._enter(State.ERROR, self.clock(), f"deep discharge latched (cell {latched.get('cell')})")
         elif before is not None:
-            self.error_causes = list(before.get("causes") or ["unknown (latch file unreadable)"])
+            causes = before.get("causes")
+            self.error_causes = [str(c) for c in causes] if isinstance(causes, list) and causes else \
+                [f"unknown ({before.get('note', 'no causes recorded')})"]
             self._enter(State.ERROR, self.clock(), f"ERROR before the restart: {'; '.join(self.error_causes)}")
 
     # -- outputs ---------------------------------------------------------------------

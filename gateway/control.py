@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 StreamHandler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 64  # at once; the socket is for a few technicians and scripts, not a crowd
+REQUEST_TIMEOUT_S = 5.0  # a client that connects and does not send its request in time is dropped
+SEND_TIMEOUT_S = 10.0  # ... and one that stops reading its replies
+ACCEPT_RETRY_S = 0.5  # accept failed (out of file descriptors): try again after this
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 class ControlError(Exception):
@@ -34,17 +39,30 @@ class NotRunning(Exception):
     """No daemon answers at the socket path."""
 
 
-def _claim(path: Path) -> None:
-    """Remove a stale socket file, refuse to start when a daemon answers on it."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            path.unlink()
+class ConnectionLost(Exception):
+    """The daemon went away before it finished answering."""
+
+
+def claim(path: Path) -> None:
+    """Make ``path`` ready to listen on: its folder exists, a stale socket file is removed.
+
+    ControlError (with the reason) when the path cannot be a socket or a daemon answers on it.
+    """
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ControlError(f"control socket path {path} is too long for a Unix socket "
+                           f"(at most {SOCKET_PATH_MAX} bytes): choose a shorter gateway.control_socket")
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                path.unlink()
+                return
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
     raise ControlError(f"another gateway is already listening on {path}")
 
 
@@ -57,23 +75,45 @@ class ControlServer:
         self.streams = streams
         self.requests = 0
         self.rejected = 0
+        self.errors = 0  # requests that failed inside the daemon (a bug: logged with its traceback)
+        self.clients = 0
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        _claim(self.path)
+        claim(self.path)
         listener = await anyio.create_unix_listener(self.path)
         os.chmod(self.path, 0o660)
         task_status.started()
         try:
-            await listener.serve(self._client)
+            async with anyio.create_task_group() as tg:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except anyio.BrokenResourceError as exc:  # EMFILE and the like: the listener itself is fine
+                        log.warning("control socket: accept failed (%s): retrying", exc.__cause__ or exc)
+                        await anyio.sleep(ACCEPT_RETRY_S)
+                        continue
+                    if self.clients >= MAX_CLIENTS:
+                        self.rejected += 1
+                        await stream.aclose()
+                        continue
+                    self.clients += 1
+                    tg.start_soon(self._client, stream)
         finally:
             self.path.unlink(missing_ok=True)
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 
     async def _client(self, stream: SocketStream) -> None:
+        try:
+            await self._serve_client(stream)
+        finally:
+            self.clients -= 1
+
+    async def _serve_client(self, stream: SocketStream) -> None:
         async with stream:
             try:
-                line = await _read_line(stream)
+                with anyio.fail_after(REQUEST_TIMEOUT_S):
+                    line = await _read_line(stream)
                 req = json.loads(line)
                 if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                     raise ControlError("request must be a JSON object with a 'cmd' string")
@@ -91,12 +131,20 @@ class ControlServer:
                 await _send(stream, {"ok": True, "result": await self.handlers[cmd](args)})
             except (ControlError, ValueError, KeyError, TypeError) as exc:
                 self.rejected += 1
-                try:
-                    await _send(stream, {"ok": False, "error": str(exc)})
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
-                pass  # the client left; nothing to answer
+                await _answer_error(stream, str(exc))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, TimeoutError):
+                pass  # the client left, or stopped talking or reading: nothing to answer
+            except Exception as exc:  # one request must never end the daemon
+                self.errors += 1
+                log.exception("control request failed")
+                await _answer_error(stream, f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _answer_error(stream: SocketStream, message: str) -> None:
+    try:
+        await _send(stream, {"ok": False, "error": message})
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError):
+        pass
 
 
 async def _read_line(stream: SocketStream) -> bytes:
@@ -110,7 +158,8 @@ async def _read_line(stream: SocketStream) -> bytes:
 
 
 async def _send(stream: SocketStream, obj: Any) -> None:
-    await stream.send(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
+    with anyio.fail_after(SEND_TIMEOUT_S):
+        await stream.send(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:
@@ -118,38 +167,51 @@ def _connect(path: Path, timeout: float) -> socket.socket:
     s.settimeout(timeout)
     try:
         s.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        s.close()
-        raise NotRunning(f"the gateway is not running (nothing listens on {path}); "
-                         "start it with 'bmsgw run' or 'systemctl start bmsgw'") from None
     except PermissionError:
         s.close()
         raise NotRunning(f"no permission to use {path}: run as the gateway's user or join its group") from None
+    except TimeoutError:
+        s.close()
+        raise ConnectionLost(f"the gateway at {path} did not accept the connection within {timeout:g} s") from None
+    except OSError as exc:  # not there, refused, not a directory, path too long ...
+        s.close()
+        raise NotRunning(f"the gateway is not running (nothing listens on {path}: {exc.strerror or exc}); "
+                         "start it with 'bmsgw run' or 'systemctl start bmsgw'") from None
     return s
 
 
+def _replies(path: Path, cmd: str, args: dict[str, Any] | None,
+             timeout: float | None) -> Generator[dict[str, Any], None, None]:
+    """The daemon's reply lines to one request; ConnectionLost when it goes away or times out mid-way."""
+    with _connect(path, 5.0) as s:
+        try:
+            s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+            s.settimeout(timeout)
+            with s.makefile("rb") as f:
+                for line in f:
+                    yield json.loads(line)
+        except TimeoutError:
+            raise ConnectionLost(f"the gateway did not answer '{cmd}' within {timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"the connection to the gateway broke: {exc.strerror or exc}") from None
+    raise ConnectionLost("the gateway closed the connection before it finished answering (did it stop?)")
+
+
 def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-    """Send one request and return its result (ControlError when refused)."""
-    with _connect(path, timeout) as s:
-        s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
-        with s.makefile("rb") as f:
-            line = f.readline()
-    if not line:
-        raise ControlError("the gateway closed the connection without answering")
-    reply = json.loads(line)
+    """Send one request and return its result (ControlError when refused, ConnectionLost when not answered)."""
+    replies = _replies(path, cmd, args, timeout)
+    try:
+        reply = next(replies)
+    finally:
+        replies.close()
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "refused"))
     return reply["result"]
 
 
 def stream(path: Path, cmd: str, args: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Yield the items of a streaming command until the daemon stops sending."""
-    with _connect(path, 5.0) as s:
-        s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
-        s.settimeout(None)
-        with s.makefile("rb") as f:
-            for line in f:
-                reply = json.loads(line)
-                if not reply.get("ok"):
-                    raise ControlError(reply.get("error", "refused"))
-                yield reply["item"]
+    """Yield the items of a streaming command until the caller stops (ConnectionLost when the daemon goes away)."""
+    for reply in _replies(path, cmd, args, None):
+        if not reply.get("ok"):
+            raise ControlError(reply.get("error", "refused"))
+        yield reply["item"]

@@ -7,9 +7,11 @@ process reads the process image from shared memory and talks to P0 over pipes.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import math
+import os
 import signal
 import subprocess
 import time
@@ -25,7 +27,7 @@ from drivers.eis_driver import load_eis_dbc
 from gateway import __version__
 from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine
-from gateway.control import ControlError, ControlServer
+from gateway.control import ControlError, ControlServer, claim
 from gateway.decode import Decoder, frame_record
 from gateway.estimation import Estimation
 from gateway.events import Recorder
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RATE_PERIOD_S = 1.0
+# P0 answers a status every RATE_PERIOD_S; one older than this means P0 does not answer: the gateway is
+# unhealthy (no watchdog ping, well within WatchdogSec = 5) and OPC UA shows the states from it Uncertain
+P0_STATUS_MAX_AGE_S = 2.5
 
 
 class Gateway:
@@ -84,6 +89,7 @@ class Gateway:
         self._bleeding = False
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
+        self._p0_status_mono = -math.inf  # monotonic time of the last status P0 answered
         self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop: the metrics thread reads this
         self.limits = cfg.limit_table()  # the table in force in P0 (remote changes update it)
         # created after the fork (start_northbound): the P0 process never carries asyncua or MQTT
@@ -160,6 +166,8 @@ class Gateway:
         if state:
             out["pack.contactor_state"] = str(state)
             out["pack.bms_state"] = "error" if state == "ERROR" else "derate" if self._derate() else "normal"
+            if time.monotonic() - self._p0_status_mono > P0_STATUS_MAX_AGE_S:  # P0 hangs: the last known states
+                out["stale"] = {"pack.contactor_state", "pack.bms_state"}
         e = self.estimation
         if e is not None and e.initialised:
             pack = e.ekf.pack()
@@ -284,6 +292,23 @@ class Gateway:
         active = bool(prot.get("active_alarms")) or (prot.get("contactors") or {}).get("state") == "ERROR"
         await self.eis.step(active)
 
+    def claim(self) -> None:
+        """Refuse to run beside another gateway with the same state directory or control socket.
+
+        Called before P0 opens any bus. The lock file stays locked while this process or P0 lives
+        (P0 inherits it), so a gateway whose P0 still drives the contactors is never joined.
+        """
+        folder = state_dir(self.loaded.config)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / "bmsgw.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ControlError(f"another gateway is running with the state directory {folder}") from None
+        self._lock_fd = fd
+        claim(self.control.path)
+
     def start_p0(self) -> P0Process:
         """Fork the P0 process: before any thread or event loop of this process exists."""
         self.p0 = P0Process(self.loaded, self.simulate, self.recorder)
@@ -361,6 +386,7 @@ class Gateway:
             self._p0_status = {**self._p0_status, "healthy": False}
             return
         now = time.monotonic()
+        self._p0_status_mono = now
         for b in st["buses"]:
             then, frames = self._last_frames.get(b["name"], (now - RATE_PERIOD_S, b["frames"]))
             if now - then >= RATE_PERIOD_S / 2:  # status requests in between do not shorten the window
@@ -429,16 +455,30 @@ class Gateway:
         prot = self._p0_status.get("protection")
         return bool(prot and prot.get("derate"))
 
+    def health_problem(self) -> str:
+        """Why the gateway is unhealthy ("" when it is not): P0 gone, silent (a hung P0 leaves its last
+        status behind), an adapter down or a late protection lane."""
+        if self.p0 is None or self.p0.exit_code is not None:
+            return "the CAN/protection process (P0) is not running"
+        age = time.monotonic() - self._p0_status_mono
+        if age > P0_STATUS_MAX_AGE_S:
+            return ("the CAN/protection process (P0) does not answer"
+                    + (f": what is shown is {age:.0f} s old" if math.isfinite(age) else ""))
+        if not self._p0_status.get("healthy"):
+            return "a CAN adapter is down or the protection lane misses its deadline"
+        return ""
+
     @property
     def healthy(self) -> bool:
-        """What the watchdog is fed on: P0 answers and its protection lane keeps its deadline."""
-        return bool(self._p0_status.get("healthy")) and self.p0 is not None and self.p0.exit_code is None
+        """What the watchdog is fed on."""
+        return not self.health_problem()
 
     def _status_line(self) -> str:
         prot = self._p0_status.get("protection")
         state = prot["contactors"]["state"] if prot else "protection off"
         rate = sum(self.rates.values())
-        return f"contactors {state}, {rate:.0f} frames/s" + ("" if self.healthy else ", PROTECTION LANE UNHEALTHY")
+        problem = self.health_problem()
+        return f"contactors {state}, {rate:.0f} frames/s" + (f", UNHEALTHY: {problem}" if problem else "")
 
     async def _feed_watchdog(self) -> None:
         # a stalled lane gets no WATCHDOG=1, so systemd restarts the gateway (the PCU has opened
@@ -471,6 +511,7 @@ class Gateway:
             "buses": [{"frames_per_s": self.rates.get(b["name"], 0.0), **b} for b in st.get("buses", [])],
             "loops": st.get("loops", []) + [s.summary() for s in self.loops],
             "healthy": self.healthy,
+            "health_problem": self.health_problem(),
             "protection": st.get("protection"),
             "simulator": st.get("simulator"),
             "estimates": None if self.estimation is None else self.estimation.snapshot(),

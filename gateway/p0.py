@@ -370,6 +370,7 @@ def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) 
                 return
 
     code = 0
+    core: P0Core | None = None
     try:
         sys.setswitchinterval(loaded.config.protection.switch_interval_ms / 1000.0)
         ok, how = enter_realtime(loaded.config.protection.realtime_priority)
@@ -379,35 +380,48 @@ def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) 
         gc.freeze()  # start-up objects are never garbage: keep them out of every collection
         threading.Thread(target=forward, name="p0-events", daemon=True).start()
         core.start()
-        parent = os.getppid()
-        while not stopping.is_set():
-            if os.getppid() != parent:
-                log.error("the gateway's main process is gone: stopping the CAN side")
-                break
-            if not rpc.poll(0.2):
-                continue
-            try:
-                req_id, cmd, args = rpc.recv()
-            except (EOFError, OSError):
-                break
-            if cmd == "stop":
-                rpc.send((req_id, True, None))
-                break
-            try:
-                rpc.send((req_id, True, core.handle(cmd, args)))
-            except (P0Error, ConfigError) as exc:
-                rpc.send((req_id, False, str(exc)))
-            except Exception as exc:  # a bug in one request must not take protection down
-                log.exception("P0 request %s failed", cmd)
-                rpc.send((req_id, False, f"internal error: {exc}"))
-        core.stop()
+        _serve_requests(core, rpc, stopping)
     except Exception:
         log.exception("P0 process failed")
         code = 1
     finally:
+        # whatever ended the loop (stop, main process gone, a failure), the contactors open
+        if core is not None:
+            try:
+                core.stop()
+            except Exception:
+                log.exception("P0 stop failed")
+                code = 1
         for h in logging.getLogger().handlers:
             h.flush()
         os._exit(code)
+
+
+def _serve_requests(core: P0Core, rpc: Connection, stopping: threading.Event) -> None:
+    """Answer the main process until it says stop or goes away (an answer it cannot take: gone)."""
+    parent = os.getppid()
+    while not stopping.is_set():
+        if os.getppid() != parent:
+            log.error("the gateway's main process is gone: stopping the CAN side")
+            return
+        try:
+            if not rpc.poll(0.2):
+                continue
+            req_id, cmd, args = rpc.recv()
+            if cmd == "stop":
+                rpc.send((req_id, True, None))
+                return
+            try:
+                reply = (req_id, True, core.handle(cmd, args))
+            except (P0Error, ConfigError) as exc:
+                reply = (req_id, False, str(exc))
+            except Exception as exc:  # a bug in one request must not take protection down
+                log.exception("P0 request %s failed", cmd)
+                reply = (req_id, False, f"internal error: {exc}")
+            rpc.send(reply)
+        except (EOFError, OSError):
+            log.error("the gateway's main process is gone (its pipe closed): stopping the CAN side")
+            return
 
 
 class P0Process:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import stat
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,17 +90,52 @@ def test_sim_fault_silent_module_goes_stale_then_recovers(sim_daemon: Daemon) ->
     assert bad.returncode == 4 and "out of range" in bad.stderr
 
 
-def test_cli_without_daemon_says_so(tmp_path: Path) -> None:
-    import subprocess
+def test_a_second_gateway_is_refused_before_it_touches_the_bus(sim_daemon: Daemon) -> None:
+    before = sim_daemon.json("contactors")
+    second = subprocess.run(bmsgw_cmd("run", "--sim"), env=sim_daemon.env, capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert second.returncode == 2, second.stderr
+    assert "another gateway is running" in second.stderr and "Traceback" not in second.stderr
+    after = sim_daemon.json("contactors")
+    assert (after["state"], after["trips"]) == (before["state"], before["trips"])
 
+
+def test_cli_arguments_and_a_daemon_that_goes_away(tmp_path: Path) -> None:
+    """P0 opens the contactors even when the main process dies while P0 answers it; clients are told."""
+    d = Daemon(tmp_path, "--sim")
+    try:
+        bad = d.cli("top", "--interval", "-1")
+        assert bad.returncode == 2 and "0.05..3600" in bad.stderr
+        wait_for(lambda: d.json("contactors")["state"] == "NORMAL", 30, "contactors NORMAL")
+        p0 = int(Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children").read_text().split()[0])
+        dump = subprocess.Popen(bmsgw_cmd("candump"), env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        assert dump.stdout is not None and dump.stdout.readline()
+        os.kill(p0, signal.SIGSTOP)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(d.socket))
+            s.sendall(b'{"cmd": "contactors"}\n')  # handed to P0, which answers once it runs again
+            time.sleep(0.1)
+            d.proc.kill()
+            d.proc.wait()
+        os.kill(p0, signal.SIGCONT)
+        wait_for(lambda: not Path(f"/proc/{p0}").exists() or Path(f"/proc/{p0}/stat").read_text().split()[2] == "Z",
+                 10, "P0 gone")
+        _, err = dump.communicate(timeout=10)
+        assert dump.returncode == 1 and "closed the connection" in err
+    finally:
+        d.stop()
+    log = d.output()
+    assert "stopping the CAN side" in log and "P0 process failed" not in log
+
+
+def test_cli_without_daemon_says_so(tmp_path: Path) -> None:
     r = subprocess.run(bmsgw_cmd("status", "--socket", str(tmp_path / "none.sock")), capture_output=True, text=True)
     assert r.returncode == 3
     assert "not running" in r.stderr
 
 
 def test_bad_config_stops_startup_with_exit_2(tmp_path: Path) -> None:
-    import subprocess
-
     bad = tmp_path / "bad.toml"
     bad.write_text((ROOT / "gateway/configs/sim.toml").read_text().replace('interface = "virtual"', 'interfase = "virtual"'))
     r = subprocess.run(bmsgw_cmd("run", "--config", str(bad)), capture_output=True, text=True, timeout=60)

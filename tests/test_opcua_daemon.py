@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -112,3 +115,33 @@ def test_operator_starts_an_eis_sweep_and_a_bad_target_is_refused_with_a_reason(
 
     r0, sd = wait_for(fitted, 30, "EIS.Fit")
     assert 0.0002 < r0 < 0.005 and len(sd) == 9 and all(0.0 < x < 1.0 for x in sd), sd
+
+
+# -- keep this test LAST in the module: it stops the P0 process for a while (the module's daemon is shared) --
+
+
+def test_contactor_and_bms_state_go_uncertain_while_p0_hangs(site: tuple[Daemon, int, int]) -> None:
+    """P0 stops answering (alive, hung): the states taken from its status keep their last value, Uncertain."""
+    d, port, _ = site
+    paths = ("Pack.ContactorState", "Pack.BmsState")
+
+    async def read() -> list[ua.DataValue]:
+        async with connect(f"opc.tcp://127.0.0.1:{port}/bmsgw", policy=None) as client:
+            ns = await ns_of(client)
+            return [await node(client, ns, p).read_data_value(raise_on_bad_status=False) for p in paths]
+
+    def statuses(want: int) -> list[ua.DataValue] | None:
+        dvs = asyncio.run(read())
+        return dvs if all(dv.StatusCode.value == want for dv in dvs) else None
+
+    before = wait_for(lambda: statuses(ua.StatusCodes.Good), 30, "Good states")
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(d.proc.pid), "--sort=start_time"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    p0 = int(children[0])  # the first child: P0 is forked before anything else starts
+    os.kill(p0, signal.SIGSTOP)
+    try:
+        stale = wait_for(lambda: statuses(ua.StatusCodes.UncertainLastUsableValue), 30, "Uncertain states")
+    finally:
+        os.kill(p0, signal.SIGCONT)
+    assert [dv.Value.Value for dv in stale] == [dv.Value.Value for dv in before]
+    wait_for(lambda: statuses(ua.StatusCodes.Good), 30, "Good states again")

@@ -276,6 +276,26 @@ def test_error_latch_survives_a_restart(tmp_path: Path) -> None:
     assert Rig(tmp_path, WIDE_SPREAD).state is State.INIT  # the accepted reset removed the latch
 
 
+@pytest.mark.parametrize(("name", "content", "cause"), [
+    ("deep_discharge.json", "null", "deep discharge latched"),
+    ("deep_discharge.json", "[1, 2]", "deep discharge latched"),
+    ("error.json", "[1, 2]", "unknown (latch file holds list, not a record)"),
+    ("error.json", '{"causes": "weld"}', "unknown (no causes recorded)"),
+])
+def test_a_latch_file_that_is_not_a_record_counts_as_latched(tmp_path: Path, name: str, content: str,
+                                                              cause: str) -> None:
+    """A damaged latch must never close the contactors, nor crash P0 on start-up."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / name).write_text(content)
+    rig = Rig(tmp_path)
+    assert rig.state is State.ERROR
+    rig.run(3.0)
+    assert rig.state is State.ERROR and not rig.sim.contactors["main_positive"].closed
+    causes = list(rig.lane.machine.error_causes)
+    ok, reason = rig.lane.machine.reset()
+    assert cause in (reason if name == "deep_discharge.json" else causes[0])
+
+
 def test_the_machine_never_asks_protection_while_holding_its_lock(tmp_path: Path) -> None:
     """A trip takes protection's lock, then the machine's: the other order (reset, tick) would deadlock."""
     rig = Rig(tmp_path, WIDE_SPREAD)

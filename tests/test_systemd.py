@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.control import request
+from gateway.daemon import P0_STATUS_MAX_AGE_S
 from tests.procs import ROOT, Daemon
 
 pytestmark = pytest.mark.slow
@@ -78,6 +83,42 @@ def test_ready_watchdog_and_no_watchdog_while_the_lane_is_stalled(tmp_path: Path
         assert d.stop() == 0
     notify.collect(0.5)
     assert "STOPPING" in notify.messages[-1][1]
+
+
+def test_no_watchdog_while_p0_hangs_even_with_clients_asking(tmp_path: Path, notify: NotifySocket) -> None:
+    """A hung P0 leaves its last status behind: that status must not keep the watchdog fed."""
+    d = Daemon(tmp_path, "--sim", env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"})
+    p0 = int(Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children").read_text().split()[0])
+    done = threading.Event()
+
+    def ask() -> None:
+        while not done.is_set():
+            with contextlib.suppress(Exception):
+                request(d.socket, "status", timeout=5.0)
+
+    try:
+        notify.wait_for("READY", 30)
+        notify.wait_for("WATCHDOG", 5)
+        os.kill(p0, signal.SIGSTOP)
+        notify.collect(P0_STATUS_MAX_AGE_S + 0.5)
+        text = d.cli("status")
+        assert text.returncode == 0 and "UNHEALTHY: the CAN/protection process (P0) does not answer" in text.stdout
+        askers = [threading.Thread(target=ask) for _ in range(8)]
+        for t in askers:
+            t.start()
+        window = notify.collect(3.0)
+        assert not [m for m in window if "WATCHDOG" in m], window
+        assert any("does not answer" in m.get("STATUS", "") for m in window)
+        done.set()
+        os.kill(p0, signal.SIGCONT)
+        for t in askers:
+            t.join(10)
+        notify.wait_for("WATCHDOG", 10)
+    finally:
+        done.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p0, signal.SIGCONT)
+        assert d.stop() == 0
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
