@@ -253,10 +253,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"{s['name']:<32} {_fmt(s['value'], '.4g'):>10}  {s['quality']}")
     print(f"{result['frames']} frames: {result['decoded']} decoded, {result['unknown_id_frames']} unknown ID, "
           f"{result['decode_error_frames']} not decodable, {result['error_frames']} error frames, "
-          f"{result['bad_lines']} unreadable lines")
+          f"{result['remote_frames']} remote frames, {result['bad_lines']} unreadable lines")
     for k in ("unknown_ids", "decode_errors"):
         if result[k]:
             print(f"  {k.replace('_', ' ')}: " + ", ".join(f"{i} x{n}" for i, n in result[k].items()))
+    for problem in result["trace_problems"][:5]:  # where the file is damaged (a truncated BLF, bad lines)
+        print(f"  {problem}")
     return EXIT_OK
 
 

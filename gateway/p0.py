@@ -168,6 +168,7 @@ class P0Core:
         out: dict[str, Any] = {
             "buses": [{"name": n, "interface": a.settings.interface, "channel": a.settings.channel, "alive": a.alive,
                        **asdict(a.stats), "decode_errors": self.loaded.ingests[n].counters.total(),
+                       "remote_frames": sum(self.loaded.ingests[n].counters.remote.values()),
                        "unknown_ids": {f"0x{k & 0x1FFFFFFF:X}": v for k, v in
                                        sorted(self.loaded.ingests[n].counters.unknown.items())[:50]}}
                       for n, a in self.adapters.items()],

@@ -48,6 +48,7 @@ def test_status_shows_the_live_pack(sim_daemon: Daemon) -> None:
     bus = st["buses"][0]
     assert bus["state"] == "up" and 850 < bus["frames_per_s"] < 1000
     assert bus["decode_errors"] == {"unknown": 0, "bad_length": 0, "bad_mux": 0, "failed": 0}
+    assert bus["remote_frames"] == 0 and bus["bad_frames"] == 0
     assert st["loops"][0]["runs"] >= 1
     text = sim_daemon.cli("status")
     assert text.returncode == 0
