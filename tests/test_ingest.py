@@ -9,29 +9,16 @@ import can
 import cantools
 from cantools.database.can import Database
 
-from gateway.ingest import BAD_MUX, UNKNOWN_ID
+from gateway.ingest import BAD_MUX, REMOTE, UNKNOWN_ID
 from gateway.pipeline import BusSource, build, covering_families
 from gateway.signalmap import resolve
+from tests.test_decode import FLOAT_MUX_DBC
 
 REPO = Path(__file__).resolve().parents[1]
-
-FLOAT_MUX_DBC = '''VERSION ""
-
-BU_: N
-
-BO_ 291 FM: 8 N
- SG_ Mux M : 0|32@1- (1,0) [0|0] "" N
- SG_ A m0 : 32|16@1+ (1,0) [0|65535] "" N
- SG_ B m1 : 32|16@1+ (1,0) [0|65535] "" N
-
-SIG_VALTYPE_ 291 Mux : 1;
-'''
 
 
 def test_remote_frames_are_counted_apart_from_decode_errors() -> None:
     """An RTR frame asks for data and carries none: not a bad length, and no refresh of the message."""
-    from gateway.ingest import REMOTE
-
     db = cantools.database.load_file(str(REPO / "dbc/bmsgw_pack.dbc"), database_format="dbc")
     assert isinstance(db, Database)
     sm = resolve(REPO / "dbc/maps/bmsgw_pack.toml", db.messages)
