@@ -163,6 +163,14 @@ async def alarm_type(client: Any, ns: int) -> Any:
         ["0:ConditionType", "0:AcknowledgeableConditionType", "0:AlarmConditionType", f"{ns}:BmsAlarmType"])
 
 
+async def alarm_events(client: Any, ns: int) -> tuple[Collector, Any]:
+    """A subscription to the server's BMS alarm events: what it received, and the subscription."""
+    got = Collector()
+    sub = await client.create_subscription(50, got)
+    await sub.subscribe_events(client.nodes.server, await alarm_type(client, ns), queuesize=100)
+    return got, sub
+
+
 def last(got: Collector, check: str) -> Any:
     return next((e for e in reversed(got.events) if getattr(e, "Check", None) == check), None)
 
@@ -171,9 +179,7 @@ def test_protection_events_become_conditions_that_operators_acknowledge(h: Harne
     async def body() -> None:
         async with connect(h.url, "otto") as c, connect(h.url, "vera") as viewer:
             ns = await ns_of(c)
-            got = Collector()
-            sub = await c.create_subscription(50, got)
-            await sub.subscribe_events(c.nodes.server, await alarm_type(c, ns), queuesize=100)
+            got, sub = await alarm_events(c, ns)
             raised = Event(Kind.LIMIT, "cell_voltage_high", Level.RSL, True, index=3, value=4.19, limit=4.18,
                            message="cell_voltage_high at 3 RSL exceeded: 4.19 V (limit 4.18)")
             await anyio.to_thread.run_sync(h.recorder, raised)  # protection publishes from its own threads
@@ -233,9 +239,7 @@ def test_trips_are_events_and_condition_refresh_replays_retained_alarms(h: Harne
             e = next(e for e in got.events if e.Kind == "trip")
             assert e.Severity == 1000 and e.Element == 17 and e.Message.Text == "trip: stale data"
             # a client that connects later asks for the alarms that are still retained
-            later = Collector()
-            sub2 = await c.create_subscription(50, later)
-            await sub2.subscribe_events(c.nodes.server, await alarm_type(c, ns), queuesize=100)
+            later, sub2 = await alarm_events(c, ns)
             await anyio.sleep(0.2)
             assert last(later, "stale_data") is None
             await c.get_node(ua.ObjectIds.ConditionType).call_method(
@@ -278,9 +282,7 @@ def test_acknowledge_takes_exactly_two_arguments_and_checks_the_role_first(h: Ha
     async def body() -> None:
         async with connect(h.url, "otto") as c, connect(h.url, "vera") as viewer:
             ns = await ns_of(c)
-            got = Collector()
-            sub = await c.create_subscription(50, got)
-            await sub.subscribe_events(c.nodes.server, await alarm_type(c, ns), queuesize=100)
+            got, sub = await alarm_events(c, ns)
             await anyio.to_thread.run_sync(h.recorder, Event(Kind.LIMIT, "cell_voltage_low", Level.MOL, True, index=2,
                                                              value=3.0, limit=3.1))
             await wait_for(lambda: last(got, "cell_voltage_low") is not None)
@@ -309,9 +311,7 @@ def test_condition_refresh_only_for_the_callers_subscriptions_and_typed(h: Harne
     async def body() -> None:
         async with connect(h.url, "erin") as victim, connect(h.url, "vera", cert=make_cert("client2")) as other:
             ns = await ns_of(victim)
-            got = Collector()
-            sub = await victim.create_subscription(50, got)
-            await sub.subscribe_events(victim.nodes.server, await alarm_type(victim, ns), queuesize=100)
+            got, sub = await alarm_events(victim, ns)
             condition_type = other.get_node(ua.ObjectIds.ConditionType)
             with pytest.raises(ua.uaerrors.BadSubscriptionIdInvalid):
                 await condition_type.call_method(refresh, ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
