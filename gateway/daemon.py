@@ -166,7 +166,7 @@ class Gateway:
         if state:
             out["pack.contactor_state"] = str(state)
             out["pack.bms_state"] = "error" if state == "ERROR" else "derate" if self._derate() else "normal"
-            if time.monotonic() - self._p0_status_mono > P0_STATUS_MAX_AGE_S:  # P0 hangs: the last known states
+            if self._p0_status_age() > P0_STATUS_MAX_AGE_S:  # P0 hangs: the last known states
                 out["stale"] = {"pack.contactor_state", "pack.bms_state"}
         e = self.estimation
         if e is not None and e.initialised:
@@ -455,12 +455,16 @@ class Gateway:
         prot = self._p0_status.get("protection")
         return bool(prot and prot.get("derate"))
 
+    def _p0_status_age(self) -> float:
+        """Seconds since P0 last answered a status (inf before the first)."""
+        return time.monotonic() - self._p0_status_mono
+
     def health_problem(self) -> str:
         """Why the gateway is unhealthy ("" when it is not): P0 gone, silent (a hung P0 leaves its last
         status behind), an adapter down or a late protection lane."""
         if self.p0 is None or self.p0.exit_code is not None:
             return "the CAN/protection process (P0) is not running"
-        age = time.monotonic() - self._p0_status_mono
+        age = self._p0_status_age()
         if age > P0_STATUS_MAX_AGE_S:
             return ("the CAN/protection process (P0) does not answer"
                     + (f": what is shown is {age:.0f} s old" if math.isfinite(age) else ""))
