@@ -112,8 +112,9 @@ class ControlServer:
     async def _serve_client(self, stream: SocketStream) -> None:
         async with stream:
             try:
-                with anyio.fail_after(REQUEST_TIMEOUT_S):
-                    line = await _read_line(stream)
+                line = await _read_line(stream)
+                if line is None:
+                    return  # connected and sent nothing in time: dropped
                 req = json.loads(line)
                 if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                     raise ControlError("request must be a JSON object with a 'cmd' string")
@@ -132,8 +133,8 @@ class ControlServer:
             except (ControlError, ValueError, KeyError, TypeError) as exc:
                 self.rejected += 1
                 await _answer_error(stream, str(exc))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, TimeoutError):
-                pass  # the client left, or stopped talking or reading: nothing to answer
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
+                pass  # the client left or stopped reading: nothing to answer
             except Exception as exc:  # one request must never end the daemon
                 self.errors += 1
                 log.exception("control request failed")
@@ -143,23 +144,29 @@ class ControlServer:
 async def _answer_error(stream: SocketStream, message: str) -> None:
     try:
         await _send(stream, {"ok": False, "error": message})
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError):
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass
 
 
-async def _read_line(stream: SocketStream) -> bytes:
+async def _read_line(stream: SocketStream) -> bytes | None:
+    """The request line; None when the client sends none within REQUEST_TIMEOUT_S."""
     buf = b""
-    while b"\n" not in buf:
-        chunk = await stream.receive(4096)
-        buf += chunk
-        if len(buf) > MAX_REQUEST:
-            raise ControlError("request too long")
-    return buf.split(b"\n", 1)[0]
+    with anyio.move_on_after(REQUEST_TIMEOUT_S):
+        while b"\n" not in buf:
+            buf += await stream.receive(4096)
+            if len(buf) > MAX_REQUEST:
+                raise ControlError("request too long")
+        return buf.split(b"\n", 1)[0]
+    return None
 
 
 async def _send(stream: SocketStream, obj: Any) -> None:
-    with anyio.fail_after(SEND_TIMEOUT_S):
-        await stream.send(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
+    """One reply line; a client that does not take it within SEND_TIMEOUT_S counts as gone."""
+    try:
+        with anyio.fail_after(SEND_TIMEOUT_S):
+            await stream.send(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
+    except TimeoutError:
+        raise anyio.BrokenResourceError("the client stopped reading") from None
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:
