@@ -78,6 +78,15 @@ def _setup(link: Link) -> None:
     link.sim.set_conditions(0, 5, SimConditions(temperature_c=24.0, soc=0.5))
 
 
+def _running_sweep(link: Link, steps: int = 60) -> None:
+    """cell[5] being measured by a slowed module (still running when the test interferes)."""
+    _setup(link)
+    link.sim.speed = 50.0
+    link.drv.request_sweep("cell[5]")
+    link.run(steps)
+    assert link.drv.phase is Phase.RUNNING
+
+
 def test_classic_sweep_three_frames_per_point() -> None:
     link = Link()
     _setup(link)
@@ -160,11 +169,7 @@ def test_module_that_comes_back_completes_on_retry() -> None:
 
 def test_lost_status_mid_sweep_aborts_and_retries() -> None:
     link = Link(status_timeout_s=0.3)
-    _setup(link)
-    link.sim.speed = 50.0  # a slower sweep, so it is still running when the module goes quiet
-    link.drv.request_sweep("cell[5]")
-    link.run(100)
-    assert link.drv.phase is Phase.RUNNING
+    _running_sweep(link, 100)
     link.sim.silent = True
     link.run(60)
     assert link.drv.stats.status_timeouts == 1
@@ -197,11 +202,7 @@ def test_permanent_error_is_not_retried() -> None:
 
 def test_protection_event_aborts_first_and_retries_when_clear() -> None:
     link = Link()
-    _setup(link)
-    link.sim.speed = 50.0
-    link.drv.request_sweep("cell[5]")
-    link.run(60)
-    assert link.drv.phase is Phase.RUNNING
+    _running_sweep(link)
     t_trip = link.sim.now
     out = link.drv.tick(t_trip, 0.0, True)
     assert out and out[0].arbitration_id == 0x300
@@ -336,11 +337,7 @@ def test_a_lost_protection_abort_is_repeated_until_the_module_stops() -> None:
     """An abort that never reached the module (bus or P0 refused it) must not leave the module
     exciting the cell: it goes out again, once per Status that still says Measuring."""
     link = Link()
-    _setup(link)
-    link.sim.speed = 50.0
-    link.drv.request_sweep("cell[5]")
-    link.run(60)
-    assert link.drv.phase is Phase.RUNNING
+    _running_sweep(link)
     link.lost_out = lambda m: m.arbitration_id == 0x300  # every abort lost for a while
     seen = len(link.received)
     link.run(10, protection=lambda t: True)
