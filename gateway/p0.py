@@ -425,6 +425,50 @@ def _serve_requests(core: P0Core, rpc: Connection, stopping: threading.Event) ->
             return
 
 
+class RpcClient:
+    """Requests over a pipe, one at a time, each bounded by its timeout (the wait for its turn included).
+
+    Without the bound, callers queue behind a P0 that hangs and each waits for all
+    those before it: a status request would take the sum of their timeouts.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def call(self, cmd: str, args: dict[str, Any] | None, timeout: float) -> Any:
+        """Send one request and wait for its reply; P0Error when refused, late or gone."""
+        end = time.monotonic() + timeout
+        late = P0Error(f"the P0 process did not answer '{cmd}' within {timeout} s")
+        if not self._lock.acquire(timeout=timeout):
+            raise late
+        try:
+            req_id = next(self._ids)
+            try:
+                self._conn.send((req_id, cmd, args or {}))
+            except (OSError, ValueError) as exc:
+                raise P0Error(f"the P0 process is gone ({exc})") from None
+            while True:
+                left = end - time.monotonic()
+                try:
+                    if left <= 0 or not self._conn.poll(left):
+                        raise late
+                    got_id, ok, result = self._conn.recv()
+                except (EOFError, OSError) as exc:
+                    raise P0Error(f"the P0 process is gone ({exc or 'pipe closed'})") from None
+                if got_id == req_id:
+                    break  # older replies (after a timeout) are dropped
+        finally:
+            self._lock.release()
+        if not ok:
+            raise P0Error(result)
+        return result
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class P0Process:
     """The main process's handle on the P0 process: fork, requests, events, liveness."""
 
@@ -441,10 +485,8 @@ class P0Process:
         # on a 2-core box everything competes for the CPU: the scheduler should prefer P0
         # (raising P0's priority needs privileges; lowering our own does not)
         os.nice(loaded.config.protection.main_process_nice)
-        self._rpc = rpc_here
+        self._rpc = RpcClient(rpc_here)
         self._events = ev_here
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self.recorder = recorder
         self.on_eis_frame: Callable[[can.Message], None] | None = None  # the EIS coordinator's, once it exists
         self.exit_code: int | None = None
@@ -479,26 +521,7 @@ class P0Process:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> Any:
         """A request to the P0 process; P0Error when refused or when it does not answer in time."""
-        with self._lock:
-            req_id = next(self._ids)
-            try:
-                self._rpc.send((req_id, cmd, args or {}))
-            except (OSError, ValueError) as exc:
-                raise P0Error(f"the P0 process is gone ({exc})") from None
-            end = time.monotonic() + timeout
-            while True:
-                left = end - time.monotonic()
-                try:
-                    if left <= 0 or not self._rpc.poll(left):
-                        raise P0Error(f"the P0 process did not answer '{cmd}' within {timeout} s")
-                    got_id, ok, result = self._rpc.recv()
-                except (EOFError, OSError) as exc:
-                    raise P0Error(f"the P0 process is gone ({exc or 'pipe closed'})") from None
-                if got_id == req_id:
-                    break  # older replies (after a timeout) are dropped
-        if not ok:
-            raise P0Error(result)
-        return result
+        return self._rpc.call(cmd, args, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the P0 process to open the contactors and stop; kill it if it does not."""
