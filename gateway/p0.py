@@ -408,11 +408,13 @@ def _serve_requests(core: P0Core, rpc: Connection, stopping: threading.Event) ->
         try:
             if not rpc.poll(0.2):
                 continue
-            req_id, cmd, args = rpc.recv()
+            req_id, cmd, args, deadline = rpc.recv()
             if cmd == "stop":
                 rpc.send((req_id, True, None))
                 return
             try:
+                if time.monotonic() > deadline:  # its caller gave up: a late open/close or limit change is not wanted
+                    raise P0Error(f"'{cmd}' withdrawn: it waited beyond its caller's timeout")
                 reply = (req_id, True, core.handle(cmd, args))
             except (P0Error, ConfigError) as exc:
                 reply = (req_id, False, str(exc))
@@ -429,7 +431,9 @@ class RpcClient:
     """Requests over a pipe, one at a time, each bounded by its timeout (the wait for its turn included).
 
     Without the bound, callers queue behind a P0 that hangs and each waits for all
-    those before it: a status request would take the sum of their timeouts.
+    those before it: a status request would take the sum of their timeouts. Each
+    request carries its deadline, and P0 drops the ones it reads too late, so a
+    timeout means "not done", never "done later".
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -446,7 +450,7 @@ class RpcClient:
         try:
             req_id = next(self._ids)
             try:
-                self._conn.send((req_id, cmd, args or {}))
+                self._conn.send((req_id, cmd, args or {}, end))  # one CLOCK_MONOTONIC for both processes
             except (OSError, ValueError) as exc:
                 raise P0Error(f"the P0 process is gone ({exc})") from None
             while True:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.p0 import P0Error, RpcClient
+from gateway.p0 import P0Error, RpcClient, _serve_requests
 
 
 def test_a_caller_behind_a_hung_request_gives_up_within_its_own_timeout() -> None:
@@ -18,7 +18,7 @@ def test_a_caller_behind_a_hung_request_gives_up_within_its_own_timeout() -> Non
     hung = threading.Thread(target=lambda: first.update(result=rpc.call("alarms", None, 60.0)))
     hung.start()
     assert there.poll(10)  # the first request is out and nobody answers it
-    first_id, _, _ = there.recv()
+    first_id, *_ = there.recv()
 
     with pytest.raises(P0Error, match="did not answer 'status' within 0.2 s"):
         rpc.call("status", None, 0.2)
@@ -34,11 +34,11 @@ def test_late_replies_are_dropped_and_refusals_raise() -> None:
     rpc = RpcClient(here)
     with pytest.raises(P0Error, match="within 0.05 s"):
         rpc.call("status", None, 0.05)
-    late_id, _, _ = there.recv()
+    late_id, *_ = there.recv()
     there.send((late_id, True, "late"))  # the answer to the request given up on
 
     def answer(ok: bool, result: object) -> None:
-        req_id, _, _ = there.recv()
+        req_id, *_ = there.recv()
         there.send((req_id, ok, result))
 
     replier = threading.Thread(target=answer, args=(True, "fresh"))
@@ -55,3 +55,28 @@ def test_late_replies_are_dropped_and_refusals_raise() -> None:
     there.close()
     with pytest.raises(P0Error, match="gone"):
         rpc.call("status", None, 10.0)
+
+
+class _Core:
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+
+    def handle(self, cmd: str, args: dict[str, Any]) -> str:
+        self.handled.append(cmd)
+        return f"{cmd} done"
+
+
+def test_a_request_its_caller_gave_up_on_is_not_carried_out_later() -> None:
+    """A P0 that resumes after a hang must not open the contactors for a request that was answered 'no answer'."""
+    here, there = Pipe(duplex=True)
+    rpc, core, stopping = RpcClient(here), _Core(), threading.Event()
+    with pytest.raises(P0Error, match="did not answer 'contactors'"):
+        rpc.call("contactors", {"action": "open"}, 0.05)  # P0 is not reading yet: it hangs
+    server = threading.Thread(target=_serve_requests, args=(core, there, stopping))
+    server.start()
+    try:
+        assert rpc.call("status", None, 10.0) == "status done"
+        assert core.handled == ["status"]
+    finally:
+        stopping.set()
+        server.join(10)
