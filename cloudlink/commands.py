@@ -15,7 +15,7 @@ the snapshot when applying or the health check fails.
 
 The effects are the daemon's: ``handlers`` maps a command name to a callable
 ``handler(args) -> (ok, reason)`` (sync or async), or for config changes to an
-object with ``snapshot()``, ``apply(args)``, ``health()`` and ``restore(snapshot)``.
+object with ``snapshot()``, ``apply(args)``, ``health()`` and ``restore(snapshot)`` (each sync or async).
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ class Staged(Protocol):
 
     def snapshot(self) -> Any: ...
 
-    def apply(self, args: dict[str, Any]) -> Result: ...
+    def apply(self, args: dict[str, Any]) -> Result | Awaitable[Result]: ...
 
-    def health(self) -> Result: ...
+    def health(self) -> Result | Awaitable[Result]: ...
 
-    def restore(self, snapshot: Any) -> None: ...
+    def restore(self, snapshot: Any) -> None | Awaitable[None]: ...
 
 
 class CommandLog(Protocol):

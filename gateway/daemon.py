@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -92,6 +93,8 @@ class Gateway:
         self._p0_status_mono = -math.inf  # monotonic time of the last status P0 answered
         self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop: the metrics thread reads this
         self.limits = cfg.limit_table()  # the table in force in P0 (remote changes update it)
+        # OPC UA writes and cloud changes run in worker threads: one read-modify-write at a time
+        self.limits_lock = threading.Lock()
         # created after the fork (start_northbound): the P0 process never carries asyncua or MQTT
         self.cloud: CloudLink | None = None
         self.opcua: OpcuaServer | None = None
@@ -128,6 +131,10 @@ class Gateway:
 
     def _opcua_write_setting(self, name: str, value: Any) -> tuple[bool, str]:
         """An engineer's write of Limits.<Check>.<LEVEL> or Limits.DeepDischargeVoltage: never beyond the hardware."""
+        with self.limits_lock:
+            return self._write_limit(name, value)
+
+    def _write_limit(self, name: str, value: Any) -> tuple[bool, str]:
         parts = name.split(".")
         check = next((c for c in self.limits.as_dict() if len(parts) > 1 and c.replace("_", "").lower() == parts[1].lower()),
                      None)
@@ -645,27 +652,32 @@ class LimitsStage:
     def snapshot(self) -> LimitTable:
         return self.gw.limits
 
-    def apply(self, args: dict[str, Any]) -> tuple[bool, str]:
-        assert self.gw.p0 is not None
-        try:
-            reason = self.gw.p0.call("set_limits", {"table": args["table"]})
-        except P0Error as exc:
-            return False, str(exc)
-        self.gw.limits = args["table"]
-        return True, str(reason)
+    async def apply(self, args: dict[str, Any]) -> tuple[bool, str]:
+        return await anyio.to_thread.run_sync(self._set, args["table"])
 
-    def health(self) -> tuple[bool, str]:
+    async def health(self) -> tuple[bool, str]:
         assert self.gw.p0 is not None
         try:
-            st = self.gw.p0.call("status")
+            st = await anyio.to_thread.run_sync(self.gw.p0.call, "status")
         except P0Error as exc:
             return False, str(exc)
         return bool(st["healthy"]), "protection lane healthy" if st["healthy"] else "protection lane unhealthy"
 
-    def restore(self, snapshot: LimitTable) -> None:
+    async def restore(self, snapshot: LimitTable) -> None:
+        ok, reason = await anyio.to_thread.run_sync(self._set, snapshot)
+        if not ok:
+            raise P0Error(f"restoring the limits failed: {reason}")
+
+    def _set(self, table: LimitTable) -> tuple[bool, str]:
+        """P0 calls block: these run in a worker thread, never in the event loop."""
         assert self.gw.p0 is not None
-        self.gw.p0.call("set_limits", {"table": snapshot})
-        self.gw.limits = snapshot
+        with self.gw.limits_lock:
+            try:
+                reason = self.gw.p0.call("set_limits", {"table": table})
+            except P0Error as exc:
+                return False, str(exc)
+            self.gw.limits = table
+            return True, str(reason)
 
 
 class EcmStage:
