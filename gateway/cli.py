@@ -169,6 +169,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"contactors {c['state']}  active alarms {prot['active_alarms']}  trips {c['trips']}  "
                      f"missed deadlines {prot['missed_deadlines']}" +
                      (f"  causes: {_first(c['error_causes'])}" if c["error_causes"] else ""))
+    if st.get("events_dropped"):
+        lost = ", ".join(f"{n} {kind}" for kind, n in sorted(st["events_dropped"].items()))
+        lines.append(f"events   LOST {lost}: P0 could not hand them to the main process in time")
     eis = st.get("eis")
     if eis:
         running = f" {eis['target']} {eis['points_received']}/{eis['points_total']}" if eis["target"] else ""

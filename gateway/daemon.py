@@ -91,7 +91,7 @@ class Gateway:
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
         self._p0_status_mono = -math.inf  # monotonic time of the last status P0 answered
-        self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop: the metrics thread reads this
+        self._cloud_status: dict[str, Any] | None = None  # refreshed on the loop
         self.limits = cfg.limit_table()  # the table in force in P0 (remote changes update it)
         # OPC UA writes and cloud changes run in worker threads: one read-modify-write at a time
         self.limits_lock = threading.Lock()
@@ -327,13 +327,12 @@ class Gateway:
         self.start_northbound()
         gc.collect()
         gc.freeze()  # the start-up heap (asyncua's address space included) stays out of every collection
-        metrics = None
         try:
             await self._refresh()
             async with anyio.create_task_group() as tg:
                 await tg.start(self.control.serve)
                 if self.loaded.config.metrics.enabled:
-                    metrics = serve_metrics(self.loaded.config.metrics, self.status_snapshot)
+                    await tg.start(serve_metrics, self.loaded.config.metrics, self.status_snapshot)
                 tg.start_soon(run_periodic, self.loops[0], self._refresh)
                 tg.start_soon(run_periodic, self.loops[1], self._feed_watchdog)
                 if self.estimation is not None:
@@ -358,8 +357,6 @@ class Gateway:
             self.notifier.send(STOPPING=1)
             if self.estimation is not None:
                 self.estimation.persist()
-            if metrics is not None:
-                metrics.shutdown()
             await anyio.to_thread.run_sync(p0.stop)
         if p0.exit_code not in (0, None):
             raise SystemExit(f"the P0 process failed (exit code {p0.exit_code})")
@@ -523,6 +520,8 @@ class Gateway:
             "loops": st.get("loops", []) + [s.summary() for s in self.loops],
             "healthy": self.healthy,
             "health_problem": self.health_problem(),
+            "p0_answering": self._p0_status_age() <= P0_STATUS_MAX_AGE_S,
+            "events_dropped": st.get("events_dropped", {}),
             "protection": st.get("protection"),
             "simulator": st.get("simulator"),
             "estimates": None if self.estimation is None else self.estimation.snapshot(),

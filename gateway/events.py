@@ -107,5 +107,6 @@ class Recorder:
             sub(record)
 
     def recent(self, n: int = 100) -> list[Event]:
+        """The last ``n`` events, oldest first (none for ``n`` <= 0)."""
         with self._lock:
-            return list(self.events)[-n:]
+            return list(self.events)[-n:] if n > 0 else []

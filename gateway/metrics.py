@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.abc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,27 @@ class GatewayCollector(Collector):
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.snapshot = snapshot
+        self.refused: dict[str, int] = {}  # scrapes the endpoint refused, by reason
 
     def collect(self) -> Iterator[Metric]:
         st = self.snapshot()
         yield GaugeMetricFamily("bmsgw_uptime_seconds", "Seconds since the daemon started", value=st["uptime_s"])
+        yield GaugeMetricFamily("bmsgw_healthy", "1 while the gateway is healthy (bmsgw status says why not)",
+                                value=int(st["healthy"]))
+        yield GaugeMetricFamily("bmsgw_p0_answering", "1 while the CAN/protection process (P0) answers",
+                                value=int(st["p0_answering"]))
         yield from _loops(st["loops"])
+        refused = CounterMetricFamily("bmsgw_metrics_refused", "Requests to this endpoint refused", labels=["reason"])
+        for reason, n in self.refused.items():
+            refused.add_metric([reason], n)
+        yield refused
+        dropped = CounterMetricFamily("bmsgw_p0_events_dropped", "Events, flight records and EIS frames P0 could "
+                                      "not hand to a busy main process", labels=["kind"])
+        for kind, n in st["events_dropped"].items():
+            dropped.add_metric([kind], n)
+        yield dropped
+        if not st["p0_answering"]:
+            return  # the bus and protection series would be P0's last answer, shown as if current
         yield from _buses(st["buses"])
         prot = st.get("protection")
         if prot:
@@ -96,15 +115,101 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
     yield from (frames, rate, up, errs, dec, lost)
 
 
-def serve(section: MetricsSection, snapshot: Callable[[], dict[str, Any]]) -> Any:
-    """Start the HTTP endpoint in its own thread; None (and a warning) when it cannot bind."""
-    from prometheus_client import start_http_server
+MAX_CLIENTS = 16
+REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_BYTES = 8192
+ACCEPT_RETRY_S = 0.5
 
+
+async def serve(section: MetricsSection, snapshot: Callable[[], dict[str, Any]], *,
+                timeout_s: float = REQUEST_TIMEOUT_S,
+                task_status: anyio.abc.TaskStatus[int | None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``GET /metrics`` in the event loop until cancelled; started with the bound port (None: not bound).
+
+    prometheus_client's own server gives every connection a thread and never times
+    one out: idle connections from any local user piled up threads for ever. Here a
+    connection is a task, gets ``timeout_s`` for its whole exchange, and at most
+    ``MAX_CLIENTS`` are served at once (the others are closed at once).
+    """
     registry = CollectorRegistry()
-    registry.register(GatewayCollector(snapshot))
+    collector = GatewayCollector(snapshot)
+    registry.register(collector)
     try:
-        server, _thread = start_http_server(section.port, section.host, registry=registry)
+        listener = await anyio.create_tcp_listener(local_host=section.host, local_port=section.port)
     except OSError as exc:
         log.warning("metrics endpoint %s:%d not started: %s", section.host, section.port, exc)
-        return None
-    return server
+        task_status.started(None)
+        return
+    clients = 0
+
+    def refuse(reason: str) -> None:
+        collector.refused[reason] = collector.refused.get(reason, 0) + 1
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        nonlocal clients
+        async with stream:
+            if clients >= MAX_CLIENTS:
+                return refuse("busy")
+            clients += 1
+            try:
+                with anyio.move_on_after(timeout_s) as scope:
+                    code, answer = _answer(await _read_head(stream), registry)
+                    if code != 200:
+                        refuse("bad_request")
+                    await stream.send(answer)
+                if scope.cancelled_caught:
+                    refuse("timeout")
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # the scraper left: nobody to answer
+            finally:
+                clients -= 1
+
+    async with listener, anyio.create_task_group() as tg:
+        for one in listener.listeners:  # "localhost" may be both 127.0.0.1 and ::1
+            assert isinstance(one, anyio.abc.SocketListener)
+            tg.start_soon(_accept, one, handle, tg)
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+
+
+async def _accept(listener: anyio.abc.SocketListener,
+                  handle: Callable[[anyio.abc.SocketStream], Coroutine[Any, Any, None]], tg: anyio.abc.TaskGroup) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except anyio.BrokenResourceError as exc:  # EMFILE and the like: the listener itself is fine
+            log.warning("metrics endpoint: accept failed (%s): retrying", exc.__cause__ or exc)
+            await anyio.sleep(ACCEPT_RETRY_S)
+            continue
+        tg.start_soon(handle, stream)
+
+
+async def _read_head(stream: anyio.abc.ByteStream) -> bytes | None:
+    """The request line and headers; None when they exceed MAX_REQUEST_BYTES."""
+    buf = b""
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+        if len(buf) > MAX_REQUEST_BYTES:
+            return None
+        buf += await stream.receive(4096)
+    return buf
+
+
+def _answer(head: bytes | None, registry: CollectorRegistry) -> tuple[int, bytes]:
+    if head is None:
+        return 431, _response(431, "Request Header Fields Too Large", b"request too large\n")
+    parts = head.split(b"\n", 1)[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return 400, _response(400, "Bad Request", b"not an HTTP request\n")
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method not in (b"GET", b"HEAD"):
+        return 405, _response(405, "Method Not Allowed", b"GET /metrics only\n")
+    if target not in (b"/", b"/metrics"):
+        return 404, _response(404, "Not Found", b"GET /metrics only\n")
+    body = generate_latest(registry)
+    return 200, _response(200, "OK", body if method == b"GET" else b"", CONTENT_TYPE_LATEST, len(body))
+
+
+def _response(code: int, reason: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
+              length: int | None = None) -> bytes:
+    head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body

@@ -41,7 +41,7 @@ from drivers.sim_eis import SimConditions, SimEis
 from drivers.sim_pack import SimPack, SimRunner, virtual_bus_sim
 from gateway.config import Config, Loaded
 from gateway.eis import module_frame_ids
-from gateway.events import Event, FlightRecord, Recorder
+from gateway.events import Event, FlightRecord, Kind, Recorder
 from gateway.lane import ProtectionLane
 from gateway.limits import LimitTable, validate
 from gateway.schema import ConfigError
@@ -54,6 +54,47 @@ EVENT_QUEUE = 100_000
 
 class P0Error(Exception):
     """The P0 process refused a request (the reason is for the user) or does not answer."""
+
+
+class Outbox:
+    """P0's one-way stream of events, flight records and EIS frames to the main process.
+
+    Bounded, so the lane never waits for a busy main process; what does not fit is
+    counted by kind (P0 status and metrics), and once the stream catches up the
+    main process's recorder gets one event saying how much was lost.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(size)
+        self.dropped: dict[str, int] = {}
+        self._reported = 0
+
+    def publish(self, kind: str, item: Any) -> None:
+        try:
+            self._queue.put_nowait((kind, item))
+        except queue.Full:
+            self.dropped[kind] = self.dropped.get(kind, 0) + 1
+
+    def forward(self, conn: Connection) -> None:
+        """Send until the main process goes away (run in a thread of its own)."""
+        while True:
+            item = self._queue.get()
+            try:
+                conn.send(item)
+                if self._queue.empty():
+                    self._report_loss(conn)
+            except (OSError, EOFError):
+                return
+
+    def _report_loss(self, conn: Connection) -> None:
+        total = sum(self.dropped.values())
+        if total == self._reported:
+            return
+        lost = ", ".join(f"{n} {kind}" for kind, n in sorted(self.dropped.items()))
+        log.warning("the main process did not keep up with P0's events: %d lost so far (%s)", total, lost)
+        conn.send(("event", Event(Kind.INFO, "p0_events_dropped", value=float(total),
+                                  message=f"P0 dropped what the main process could not take in time: {lost}")))
+        self._reported = total
 
 
 class FrameTap:
@@ -75,10 +116,12 @@ class FrameTap:
 class P0Core:
     """Everything of the CAN side: adapters, the protection lane, the simulated pack, taps."""
 
-    def __init__(self, loaded: Loaded, simulate: bool, publish: Callable[[str, Any], None]) -> None:
+    def __init__(self, loaded: Loaded, simulate: bool, outbox: Outbox) -> None:
         from gateway.daemon import make_lane
 
         self.loaded = loaded
+        self.outbox = outbox
+        publish = outbox.publish
         cfg = loaded.config
         self.recorder = Recorder()
         self.recorder.subscribers.append(lambda e: publish("event", e))
@@ -173,7 +216,7 @@ class P0Core:
                                        sorted(self.loaded.ingests[n].counters.unknown.items())[:50]}}
                       for n, a in self.adapters.items()],
             "protection": None, "loops": [], "healthy": all(a.alive for a in self.adapters.values()),
-            "simulator": None,
+            "simulator": None, "events_dropped": dict(self.outbox.dropped),
         }
         if self.lane is not None:
             out["protection"] = {**self.lane.status(), "contactors": self.lane.machine.status(),
@@ -353,33 +396,17 @@ def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    outbox: queue.Queue[tuple[str, Any]] = queue.Queue(EVENT_QUEUE)
-    dropped = [0]
-
-    def publish(kind: str, item: Any) -> None:
-        try:
-            outbox.put_nowait((kind, item))
-        except queue.Full:  # counted; the lane never waits for the main process
-            dropped[0] += 1
-
-    def forward() -> None:
-        while True:
-            item = outbox.get()
-            try:
-                events.send(item)
-            except (OSError, EOFError):
-                return
-
+    outbox = Outbox(EVENT_QUEUE)
     code = 0
     core: P0Core | None = None
     try:
         sys.setswitchinterval(loaded.config.protection.switch_interval_ms / 1000.0)
         ok, how = enter_realtime(loaded.config.protection.realtime_priority)
         log.log(logging.INFO if ok else logging.WARNING, "%s", how)
-        core = P0Core(loaded, simulate, publish)
+        core = P0Core(loaded, simulate, outbox)
         gc.collect()
         gc.freeze()  # start-up objects are never garbage: keep them out of every collection
-        threading.Thread(target=forward, name="p0-events", daemon=True).start()
+        threading.Thread(target=outbox.forward, args=(events,), name="p0-events", daemon=True).start()
         core.start()
         _serve_requests(core, rpc, stopping)
     except Exception:

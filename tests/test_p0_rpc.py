@@ -1,4 +1,4 @@
-"""The main process's request pipe to P0: a P0 that hangs must not make callers queue behind each other."""
+"""The pipes between the main process and P0: requests that give up cleanly, events whose loss is told."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.p0 import P0Error, RpcClient, _serve_requests
+from gateway.events import Event, Kind, Recorder
+from gateway.p0 import Outbox, P0Error, RpcClient, _serve_requests
 
 
 def test_a_caller_behind_a_hung_request_gives_up_within_its_own_timeout() -> None:
@@ -80,3 +81,27 @@ def test_a_request_its_caller_gave_up_on_is_not_carried_out_later() -> None:
     finally:
         stopping.set()
         server.join(10)
+
+
+def test_events_p0_cannot_hand_over_are_counted_and_the_main_process_is_told() -> None:
+    outbox = Outbox(2)
+    for i in range(5):  # the main process is busy: nobody forwards yet
+        outbox.publish("event", Event(Kind.LIMIT, "cell_voltage_high", index=i))
+    assert outbox.dropped == {"event": 3}
+    here, there = Pipe(duplex=False)
+    threading.Thread(target=outbox.forward, args=(there,), daemon=True).start()
+    got = [here.recv() for _ in range(3)]
+    assert [e.index for _, e in got[:2]] == [0, 1]
+    kind, loss = got[2]
+    assert kind == "event" and loss.name == "p0_events_dropped" and loss.value == 3 and "3 event" in loss.message
+    outbox.publish("event", Event(Kind.LIMIT, "cell_voltage_high", index=9))
+    assert here.recv()[1].index == 9 and not here.poll(0.2)  # no new loss: no second report
+    here.close()
+
+
+def test_recent_zero_or_less_is_no_events() -> None:
+    rec = Recorder()
+    for i in range(5):
+        rec(Event(Kind.INFO, "x", index=i))
+    assert [e.index for e in rec.recent(2)] == [3, 4] and rec.recent(0) == [] and rec.recent(-3) == []
+    assert len(rec.recent(100)) == 5
