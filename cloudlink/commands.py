@@ -158,7 +158,8 @@ def check_ecm(args: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
 
 
 def check_estimator(args: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
-    """Estimator settings: names and plain values (the estimator's handler checks its own names)."""
+    """Estimator settings: names and plain values (the estimator's handler checks its own names and bounds,
+    the current ceilings against the hardware limits, and refuses before changing anything)."""
     _keys(args, {"settings"})
     s = args.get("settings")
     if not isinstance(s, dict) or not s or len(s) > 64:

@@ -2,7 +2,8 @@
 
 Each current limit is the minimum of look-up-table limiters (piecewise linear,
 clamped at the ends) over the extreme cell voltage, the extreme cell temperatures
-and the extreme cell SoC, capped by the configured maximum. The voltage limits are
+(every value given: pass each sensor, never a mean) and the extreme cell SoC,
+capped by the configured maximum. The voltage limits are
 the pack voltages at which the highest (lowest) cell would reach its own limit if
 every cell moved alike. Missing inputs (NaN) give zero current (fail safe).
 
@@ -207,9 +208,16 @@ class SofLimiter:
         return SofLimits(chg[chg_by], dis[dis_by], cvl, dvl, chg_by, dis_by)
 
     def step(self, dt_s: float, cell_v: ArrayLike, cell_temp_c: ArrayLike, cell_soc: ArrayLike,
-             pack_v: float | None = None) -> SofLimits:
-        """This cycle's limits with anti-flapping applied."""
+             pack_v: float | None = None, derate: float = 1.0) -> SofLimits:
+        """This cycle's limits with anti-flapping applied.
+
+        ``derate`` (< 1: a warning condition) scales the current targets before the governors,
+        so a condition that comes and goes holds the lower limit instead of toggling it.
+        """
         t = self.targets(cell_v, cell_temp_c, cell_soc, pack_v)
+        if derate < 1.0:
+            t = SofLimits(t.charge_current_a * derate, t.discharge_current_a * derate, t.charge_voltage_v,
+                          t.discharge_voltage_v, "derate", "derate")
         g = self._gov
         return SofLimits(
             g["chg_i"].step(t.charge_current_a, dt_s),

@@ -35,8 +35,10 @@ _KEYS = {"cell", "voltage_v", "temperature_c", "r0_ohm"} | {f"r{k}_ohm" for k in
 class UpdateLimits:
     """Plausibility bounds of an update (defaults suit cells of ~2-200 Ah).
 
-    ``max_change_factor``: refuse an R0 more than this factor away from the present
-    value (0 disables), a guard against a fit to the wrong cell or unit mix-ups.
+    ``max_change_factor``: refuse an R0, R_k, C_k or total RC resistance more than this
+    factor away from the present value (0 disables), a guard against a fit to the wrong
+    cell or unit mix-ups. Branches are compared in time-constant order, and only when the
+    update has as many as the cell has now (else the total RC resistance alone).
     """
 
     r0_min_ohm: float = 1e-5
@@ -137,6 +139,26 @@ def _check(u: EcmUpdate, params: EcmParams, cell: CellType, lim: UpdateLimits) -
     return None
 
 
+def _too_far(r0: float, pairs: list[tuple[int, float, float]], params: EcmParams, cell: int,
+             k: float) -> str | None:
+    """Which value (at reference) is more than a factor ``k`` from the cell's present one, or None."""
+    if k <= 0.0:
+        return None
+    used = params.r_ohm[cell] > 0.0
+    old_r, old_c = params.r_ohm[cell][used], params.c_f[cell][used]
+    order = np.argsort(old_r * old_c)
+    checks = [("R0", r0, float(params.r0_ohm[cell]), "ohm")]
+    if len(pairs) == order.size:
+        for (n, r, c), j in zip(pairs, order, strict=True):
+            checks += [(f"R{n}", r, float(old_r[j]), "ohm"), (f"C{n}", c, float(old_c[j]), "F")]
+    if old_r.size:
+        checks.append(("total RC resistance", sum(p[1] for p in pairs), float(old_r.sum()), "ohm"))
+    for name, new, old, unit in checks:
+        if not old / k <= new <= old * k:
+            return f"{name} {new:g} {unit} (at reference) differs from the present {old:g} {unit} by more than a factor {k:g}"
+    return None
+
+
 def apply_ecm_update(params: EcmParams, update: Mapping[str, Any] | EcmUpdate, cell: CellType,
                      limits: UpdateLimits | None = None) -> UpdateResult:
     """Validate one cell's update and return new parameters with it applied (see module doc)."""
@@ -153,19 +175,19 @@ def apply_ecm_update(params: EcmParams, update: Mapping[str, Any] | EcmUpdate, c
     f0t, frt = cell.temp_factors(u.temperature_c)
     r0_ref = u.r0_ohm / float(f0s * f0t)
     old = float(params.r0_ohm[u.cell])
-    k = lim.max_change_factor
-    if k > 0.0 and not old / k <= r0_ref <= old * k:
-        return UpdateResult(False, f"R0 {r0_ref:g} ohm (at reference) differs from the present {old:g} ohm "
-                                   f"by more than a factor {k:g}", update=u)
-    pairs = sorted(((r, c) for r, c in zip(u.r_ohm, u.c_f, strict=True) if r > 0.0), key=lambda p: p[0] * p[1])
+    rc_scale = float(frs * frt)
+    # (sender's branch number, R at reference, C): C stays as measured, the model keeps capacitances fixed and scales R
+    pairs = sorted(((k, r / rc_scale, c) for k, (r, c) in enumerate(zip(u.r_ohm, u.c_f, strict=True), start=1)
+                    if r > 0.0), key=lambda p: p[1] * p[2])
+    reason = _too_far(r0_ref, pairs, params, u.cell, lim.max_change_factor)
+    if reason is not None:
+        return UpdateResult(False, reason, update=u)
     n_rc = max(params.n_rc, len(pairs))
     new = params.with_n_rc(n_rc) if n_rc != params.n_rc else params.copy()
-    rc_scale = float(frs * frt)
     row_r = np.zeros(n_rc)
     row_c = np.ones(n_rc)
-    for j, (r, c) in enumerate(pairs):
-        # C stays as measured: the model keeps capacitances fixed and scales R.
-        row_r[j] = r / rc_scale
+    for j, (_, r, c) in enumerate(pairs):
+        row_r[j] = r
         row_c[j] = c
     new.r0_ohm[u.cell] = r0_ref
     new.r_ohm[u.cell] = row_r

@@ -8,6 +8,11 @@ above the charge temperature window, deep-discharge events (a cell below
 capacity estimate from two rested OCV points, and per-cell internal resistance
 from current steps (dV/dI between two consecutive samples).
 
+With ``strings`` parallel strings the current is the pack's: the throughput counters
+count it whole, full equivalent cycles divide by the pack's capacity, and the per-cell
+capacity and resistance take each cell's share (the strings split the current evenly).
+Temperatures may be given per cell or per cell and sensor (each sensor counts).
+
 Counters only ever grow: a non-finite or negative time step, or one longer than
 ``max_gap_s`` (a gap in the data), integrates nothing and is counted as a gap.
 The state exports to plain data and imports back (validated).
@@ -36,9 +41,10 @@ _EXTREMES = ("cell_v_min", "cell_v_max", "temp_min_c", "temp_max_c", "charge_a_m
 
 @dataclass(frozen=True)
 class PassportConfig:
-    """Parameters of :class:`PassportCounters` (A, Ah, V, degC, s)."""
+    """Parameters of :class:`PassportCounters` (A, Ah, V, degC, s); ``rated_capacity_ah`` is a cell's."""
 
     rated_capacity_ah: float
+    strings: int = 1
     temp_edges_c: tuple[float, ...] = (-20.0, -10.0, 0.0, 10.0, 25.0, 35.0, 45.0, 55.0)
     charge_min_c: float = 0.0
     charge_max_c: float = 45.0
@@ -57,8 +63,8 @@ class PassportConfig:
     resistance_weight: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.rated_capacity_ah <= 0.0:
-            raise ValueError("rated_capacity_ah must be > 0")
+        if self.rated_capacity_ah <= 0.0 or self.strings < 1:
+            raise ValueError("rated_capacity_ah must be > 0 and strings >= 1")
         if any(b <= a for a, b in zip(self.temp_edges_c, self.temp_edges_c[1:], strict=False)):
             raise ValueError("temp_edges_c must rise strictly")
         if not self.deep_discharge_v < self.deep_release_v:
@@ -119,8 +125,8 @@ class PassportCounters:
 
     @property
     def full_equivalent_cycles(self) -> float:
-        """Discharged Ah over the rated capacity."""
-        return self.discharge_ah / self.config.rated_capacity_ah
+        """Discharged Ah over the pack's rated capacity."""
+        return self.discharge_ah / (self.config.rated_capacity_ah * self.config.strings)
 
     @property
     def round_trip_efficiency(self) -> float:
@@ -129,7 +135,8 @@ class PassportCounters:
 
     def update(self, dt_s: float, current_a: float, pack_voltage_v: float, cell_v: ArrayLike,
                cell_temp_c: ArrayLike) -> None:
-        """Integrate one sample interval ending now (``current_a`` > 0 charging)."""
+        """Integrate one sample interval ending now (``current_a``: the pack's, > 0 charging;
+        ``cell_temp_c``: per cell, or per cell and sensor)."""
         c = self.config
         dt = float(dt_s)
         v = np.asarray(cell_v, dtype=np.float64)
@@ -195,7 +202,7 @@ class PassportCounters:
         self._prev_i, self._prev_v = i, v.copy()
         if prev_v is None or not math.isfinite(prev_i) or dt > c.step_max_dt_s or v.shape != prev_v.shape:
             return
-        di = i - prev_i
+        di = (i - prev_i) / c.strings
         if abs(di) < c.step_min_a:
             return
         r = (v - prev_v) / di
@@ -218,6 +225,8 @@ class PassportCounters:
         if self._rest_taken or self._rest_s < c.rest_time_s or not np.all(np.isfinite(v)):
             return
         self._rest_taken = True
+        if temps.ndim == 2:  # per cell and sensor: the OCV wants one temperature per cell
+            temps = temps.mean(axis=1)
         t = temps if temps.shape == v.shape else np.full(v.shape, float(np.nanmean(temps)) if temps.size else 25.0)
         soc = self.ocv.soc_at(v, np.where(np.isfinite(t), t, 25.0))
         informative = self.ocv.slope(soc) >= c.capacity_min_slope_v
@@ -227,7 +236,7 @@ class PassportCounters:
         if prev is None:
             return
         d_soc = here.soc - prev.soc
-        d_ah = here.net_ah - prev.net_ah
+        d_ah = (here.net_ah - prev.net_ah) / c.strings
         lo, hi = c.capacity_bounds
         with np.errstate(divide="ignore", invalid="ignore"):
             cap = d_ah / d_soc

@@ -11,7 +11,8 @@ loop over cells.
 What it handles:
 
 * wrong initial SoC: large initial covariance; :meth:`SocEkf.init_from_ocv` starts
-  from the OCV when the pack has rested, with a variance from the local OCV slope;
+  from the OCV when the pack rests, with a variance from the local OCV slope (under
+  load the voltage is no OCV: it keeps the large initial variance);
   while the innovations stay far larger than expected, the SoC variance widens again
   and the RC voltages are not corrected (they would soak up the SoC error);
 * solid diffusion (``CellType.diffusion_tau_s`` > 0): the OCV is read at the surface
@@ -29,7 +30,9 @@ What it handles:
   for ``rest_time_s``, the rest-averaged voltage is used as an OCV measurement with
   the (smaller) ``rest_voltage_noise_v``;
 * outliers: innovations beyond ``gate_sigma`` standard deviations are de-weighted;
-* invalid samples: cells whose voltage is flagged invalid are predicted only.
+* invalid samples: cells whose voltage is flagged invalid are predicted only;
+* parallel strings: the current may be given per cell (each cell its string's);
+* data gaps: :meth:`SocEkf.gap` widens the SoC variance for time the filter did not see.
 
 The whole filter state exports to plain lists (:meth:`SocEkf.export_state`) so the
 daemon can persist it and restore it after a restart.
@@ -227,7 +230,7 @@ class SocEkf:
             p0[self._b] = cfg.bias_init_std_a**2
         self.P = np.tile(np.diag(p0), (n, 1, 1))
         self.diffusion = np.zeros((n, self._diff_tau.size))
-        self._i_prev = float("nan")
+        self._i_prev = np.full(n, np.nan)
         self._rest_s = 0.0
         self._rest_v = np.zeros(n)
         self._rest_recalibrated = False
@@ -238,27 +241,52 @@ class SocEkf:
         self.nis = np.full(n, 10.0 * self.config.bias_learn_max_nis)
         self._dt = 1.0
 
-    def init_from_ocv(self, voltage_v: ArrayLike, temp_c: ArrayLike = 25.0, mask: ArrayLike | None = None) -> None:
+    def init_from_ocv(self, voltage_v: ArrayLike, temp_c: ArrayLike = 25.0, mask: ArrayLike | None = None,
+                      current_a: ArrayLike = 0.0) -> None:
         """Set SoC from rested cell voltages (cells in ``mask``, default all valid ones).
 
         The SoC variance follows from ``ocv_init_voltage_std_v`` and the local OCV slope,
-        so a flat plateau (LFP) leaves it wide and the filter keeps listening.
+        so a flat plateau (LFP) leaves it wide and the filter keeps listening. A cell whose
+        ``current_a`` is beyond ``rest_current_a`` starts from its voltage less the R0 drop,
+        with the initial covariance (``init_soc_std``, ``init_rc_std_v``).
         """
+        cfg = self.config
         v = np.broadcast_to(np.asarray(voltage_v, dtype=np.float64), (self.n_cells,))
         sel = np.isfinite(v) if mask is None else np.asarray(mask, dtype=np.bool_) & np.isfinite(v)
-        soc = self.cell.ocv.soc_at(v, temp_c)
+        i = self._per_cell(current_a)
+        # under load the R0 and RC drops (0.1-0.2 V at 1C) are in the voltage: tens of slope-sigmas of SoC,
+        # and the RC voltages are unknown too
+        load = np.abs(i) > cfg.rest_current_a
+        r0, _ = self._resistances(self.cell.ocv.soc_at(v, temp_c), temp_c)
+        soc = self.cell.ocv.soc_at(np.where(load, v - r0 * i, v), temp_c)
         slope = np.maximum(self.cell.ocv.slope(soc), 1e-3)
-        std = np.clip(self.config.ocv_init_voltage_std_v / slope, 0.005, self.config.init_soc_std)
+        std = np.where(load, cfg.init_soc_std, np.clip(cfg.ocv_init_voltage_std_v / slope, 0.005, cfg.init_soc_std))
         fresh = np.zeros((int(sel.sum()), self.m, self.m))
         fresh[:, 0, 0] = std[sel] ** 2
         rc_idx = np.arange(1, 1 + self.n_rc)
-        fresh[:, rc_idx, rc_idx] = (0.1 * self.config.init_rc_std_v) ** 2
-        if self.config.bias:  # what was learnt about the sensor offset stays
+        fresh[:, rc_idx, rc_idx] = (np.where(load[sel], 1.0, 0.1) * cfg.init_rc_std_v)[:, None] ** 2
+        if cfg.bias:  # what was learnt about the sensor offset stays
             fresh[:, self._b, self._b] = self.P[sel, self._b, self._b]
         self.x[sel, 0] = soc[sel]
         self.x[sel, self._rc] = 0.0
         self.diffusion[sel] = 0.0
         self.P[sel] = fresh
+
+    def gap(self, dt_s: float, current_bound_a: ArrayLike) -> None:
+        """``dt_s`` passed unseen (no current, or a stalled loop): instead of predicting, widen the
+        SoC variance by the charge ``current_bound_a`` could have moved, at most to ``init_soc_std``."""
+        cfg = self.config
+        moved = np.abs(self._per_cell(current_bound_a)) * max(0.0, float(dt_s)) / (3600.0 * self.params.capacity_ah)
+        var = self.P[:, 0, 0]
+        self.P[:, 0, 0] = np.maximum(var, np.minimum(var + moved**2, cfg.init_soc_std**2))
+        # the current before the gap says nothing about the next step, nor was the pack seen at rest
+        self._i_prev = np.full(self.n_cells, np.nan)
+        self._rest_s = 0.0
+        self._rest_recalibrated = False
+        self._rest_clear()
+
+    def _per_cell(self, a: ArrayLike) -> FloatArray:
+        return np.broadcast_to(np.asarray(a, dtype=np.float64), (self.n_cells,))
 
     # ------------------------------------------------------------------ model
 
@@ -277,26 +305,27 @@ class SocEkf:
         r = self.params.r_ohm * (frs * frt)[:, None]
         return r0, r
 
-    def step(self, dt_s: float, current_a: float, voltage_v: ArrayLike, temp_c: ArrayLike = 25.0, *,
-             mean_current_a: float | None = None, valid: ArrayLike | None = None) -> None:
+    def step(self, dt_s: float, current_a: ArrayLike, voltage_v: ArrayLike, temp_c: ArrayLike = 25.0, *,
+             mean_current_a: ArrayLike | None = None, valid: ArrayLike | None = None) -> None:
         """Advance by ``dt_s`` and fuse the cell voltages measured now.
 
-        ``current_a``: measured pack current now (> 0 charging); ``mean_current_a``: its
-        mean over the step (default: mean of the previous and this sample);
+        ``current_a``: measured current now (> 0 charging), the string's (scalar) or per cell
+        (parallel strings); ``mean_current_a``: its mean over the step (default: mean of the
+        previous and this sample);
         ``voltage_v``: per-cell voltages now; ``temp_c``: scalar or per cell;
         ``valid``: per-cell mask of usable voltages (NaN counts as invalid too).
         """
         dt = float(dt_s)
-        i_now = float(current_a)
-        if not np.isfinite(i_now):
+        i_now = self._per_cell(current_a)
+        if not np.all(np.isfinite(i_now)):
             raise ValueError("current must be finite (treat a bad current as a gap: skip the step)")
         if mean_current_a is not None:
-            i_mean = float(mean_current_a)
-        elif np.isfinite(self._i_prev):
+            i_mean = self._per_cell(mean_current_a)
+        elif np.all(np.isfinite(self._i_prev)):
             i_mean = 0.5 * (self._i_prev + i_now)
         else:
             i_mean = i_now
-        self._i_prev = i_now
+        self._i_prev = i_now.copy()
         v = np.asarray(voltage_v, dtype=np.float64)
         ok = np.isfinite(v)
         if valid is not None:
@@ -305,14 +334,15 @@ class SocEkf:
             self._dt = dt
             self._predict(dt, i_mean, temp_c)
         cfg = self.config
-        if cfg.bias and cfg.rest_zero_current_std_a > 0.0 and max(abs(i_now), abs(i_mean)) <= cfg.rest_current_a:
+        if cfg.bias and cfg.rest_zero_current_std_a > 0.0 and \
+                max(np.max(np.abs(i_now)), np.max(np.abs(i_mean))) <= cfg.rest_current_a:
             # Judged on the raw reading: an offset estimate still unsure must not decide.
             self._zero_current_update(i_now, cfg.rest_zero_current_std_a)
         self._update(v, ok, i_now, temp_c, self.config.voltage_noise_v)
         self._track_rest(dt, i_now, v, ok, temp_c)
         self.steps += 1
 
-    def _predict(self, dt: float, i_mean: float, temp_c: ArrayLike) -> None:
+    def _predict(self, dt: float, i_mean: FloatArray, temp_c: ArrayLike) -> None:
         cfg = self.config
         x, P = self.x, self.P
         soc = x[:, 0]
@@ -324,7 +354,7 @@ class SocEkf:
         # integral carries it in the Jacobian: through R0 and the RC branches it is worth
         # a few mV, and that path would let a large initial SoC error leak into the
         # offset state (yet on a flat OCV those mV must not be left in the prediction).
-        i_soc = i_mean - x[:, self._b] if cfg.bias else np.full(self.n_cells, i_mean)
+        i_soc = i_mean - x[:, self._b] if cfg.bias else i_mean
         k_soc = dt / (3600.0 * self.params.capacity_ah)
         eta = np.where(i_soc > 0.0, self.cell.coulombic_efficiency, 1.0)
         x[:, 0] = np.clip(soc + k_soc * eta * i_soc, *cfg.soc_bounds)
@@ -352,10 +382,10 @@ class SocEkf:
             P[:, :, 0] += col
             P[:, 0, :] += col
             P[:, 0, 0] += c * c * p_bb
-        sig_i = cfg.current_noise_rel * abs(i_mean) + cfg.current_noise_a
+        sig_i = cfg.current_noise_rel * np.abs(i_mean) + cfg.current_noise_a
         q_soc = (k_soc * sig_i) ** 2 + cfg.soc_walk_per_sqrt_s**2 * dt
         P[:, 0, 0] += q_soc
-        P[:, rc_idx, rc_idx] += (gain * sig_i) ** 2 + cfg.rc_walk_v_per_sqrt_s**2 * dt
+        P[:, rc_idx, rc_idx] += (gain * sig_i[:, None]) ** 2 + cfg.rc_walk_v_per_sqrt_s**2 * dt
         if cfg.bias:
             P[:, self._b, self._b] += cfg.bias_walk_a_per_sqrt_s**2 * dt
         if cfg.inflate_nis > 0.0:
@@ -367,7 +397,7 @@ class SocEkf:
             P[:, 0, :] *= grow[:, None]
             P[:, :, 0] *= grow[:, None]
 
-    def _zero_current_update(self, i_now: float, std_a: float) -> None:
+    def _zero_current_update(self, i_now: FloatArray, std_a: float) -> None:
         """At rest the true current is zero: the reading is the sensor offset."""
         b = self._b
         sel = self.P[:, b, b] > self.config.offset_calibrated_std_a**2
@@ -377,12 +407,12 @@ class SocEkf:
         ph = P[:, :, b].copy()
         S = ph[:, b] + std_a**2
         K = ph / S[:, None]
-        x += K * (i_now - x[:, b])[:, None]
+        x += K * (i_now[sel] - x[:, b])[:, None]
         P -= K[:, :, None] * ph[:, None, :]
         self.x[sel] = x
         self.P[sel] = 0.5 * (P + P.transpose(0, 2, 1))
 
-    def _update(self, v: FloatArray, ok: BoolArray, i_now: float, temp_c: ArrayLike, noise_v: float,
+    def _update(self, v: FloatArray, ok: BoolArray, i_now: FloatArray | float, temp_c: ArrayLike, noise_v: float,
                 rest: bool = False) -> None:
         cfg = self.config
         x, P = self.x, self.P
@@ -438,10 +468,10 @@ class SocEkf:
         P[:, d, d] = np.maximum(P[:, d, d], 1e-12)
         np.clip(x[:, 0], *cfg.soc_bounds, out=x[:, 0])
 
-    def _track_rest(self, dt: float, i_now: float, v: FloatArray, ok: BoolArray, temp_c: ArrayLike) -> None:
+    def _track_rest(self, dt: float, i_now: FloatArray, v: FloatArray, ok: BoolArray, temp_c: ArrayLike) -> None:
         cfg = self.config
         offset = float(np.mean(self.x[:, self._b])) if cfg.bias else 0.0
-        if abs(i_now - offset) > cfg.rest_current_a:
+        if np.max(np.abs(i_now - offset)) > cfg.rest_current_a:
             self._rest_s = 0.0
             self._rest_recalibrated = False
             self._rest_clear()
@@ -578,7 +608,7 @@ class SocEkf:
             "params": self.params.to_dict(),
             "nis": self.nis.tolist(),
             "diffusion": self.diffusion.tolist(),
-            "i_prev": self._i_prev if np.isfinite(self._i_prev) else None,
+            "i_prev": self._i_prev.tolist() if np.all(np.isfinite(self._i_prev)) else None,
             "rest_s": self._rest_s,
             "rest_v": [None if not np.isfinite(v) else float(v) for v in self._rest_v],
             "rest_recalibrated": self._rest_recalibrated,
@@ -610,6 +640,10 @@ class SocEkf:
             raise ValueError("state holds non-finite values")
         if np.any(np.diagonal(P, axis1=1, axis2=2) < 0.0):
             raise ValueError("state covariance has negative variances")
+        i_prev = state.get("i_prev")
+        prev = np.full(self.n_cells, np.nan) if i_prev is None else np.asarray(i_prev, dtype=np.float64)
+        if prev.shape not in ((), (self.n_cells,)):  # one value: saved before currents were per cell
+            raise ValueError("state arrays have the wrong shape")
         nis = np.asarray(state.get("nis", self.nis), dtype=np.float64)
         rest_v = np.asarray([np.nan if v is None else v for v in state.get("rest_v", [None] * self.n_cells)],
                             dtype=np.float64)
@@ -630,8 +664,7 @@ class SocEkf:
         self.diffusion = diffusion * np.exp(-offline / np.maximum(self._diff_tau, 1e-9))  # relaxed meanwhile
         # Continue exactly where the snapshot stopped, unless time has passed since.
         fresh = offline == 0.0
-        i_prev = state.get("i_prev")
-        self._i_prev = float(i_prev) if fresh and i_prev is not None else float("nan")
+        self._i_prev = self._per_cell(prev if fresh else np.nan).copy()
         self._rest_s = float(state.get("rest_s", 0.0)) if fresh else 0.0
         self._rest_v = rest_v
         self._rest_recalibrated = bool(state.get("rest_recalibrated", False)) and fresh

@@ -199,6 +199,11 @@ class Config:
             self.hardware().check()
         except ValueError as exc:
             raise ValueError(f"hardware_limits.{exc}") from None
+        if self.estimators.enabled:
+            try:
+                self.estimators.check(self.hardware(), self.site.strings)
+            except ValueError as exc:
+                raise ValueError(f"estimators.{exc}") from None
         for problem in validate(table, self.hardware()):
             key = problem.split(":", 1)[0]
             prefix = "protection." if key == "deep_discharge_v" else "protection.limits."

@@ -80,7 +80,7 @@ class Gateway:
         self.safety: SafetyIndicators | None = None
         if est.enabled:
             self.estimation = Estimation(est, cfg.site.chemistry, self.image, cfg.site.cells_per_module,
-                                         state_dir(cfg), cfg.limit_table().deep_discharge_v)
+                                         state_dir(cfg), cfg.limit_table().deep_discharge_v, cfg.hardware())
             self.loops += [LoopStats("limits", est.limits_period_ms / 1000.0, "P1"),
                            LoopStats("soc", est.soc_period_ms / 1000.0, "P2"),
                            LoopStats("persist", est.persist_s, "P3"),

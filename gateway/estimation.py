@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from estimators.balancing import BalanceConfig, BalanceDecision, Balancer
-from estimators.ecm import EcmParams, get_cell_type
+from estimators.ecm import T_REF_C, EcmParams, get_cell_type
 from estimators.limits import SofLimiter, SofLimits, sof_preset
 from estimators.model_update import apply_ecm_update
 from estimators.passport import PassportConfig, PassportCounters
 from estimators.soc_ekf import SocEkf
 from gateway.image import ProcessImage, Quality
+from gateway.limits import HardwareLimits
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class EstimatorSection:
     soc_period_ms: float = 100.0  # P2: the EKF follows the 10 Hz cell voltages
     limits_period_ms: float = 100.0  # P1: current and voltage limits for the inverter
     persist_s: float = 60.0
-    max_charge_c: float = 0.5
+    max_charge_c: float = 0.5  # current ceilings in C of the pack's capacity (capacity_ah x parallel strings)
     max_discharge_c: float = 1.0
     rsl_derate: float = 0.5  # factor on the current limits while protection reports an RSL condition
     balancing_start_spread_v: float = 0.100  # a requested run starts only above this cell spread...
@@ -47,7 +48,9 @@ class EstimatorSection:
     balancing_settle_s: float = 60.0  # rest needed before bleeding (voltages must reflect SoC)
     balancing_budget_s: float = 4 * 3600.0
 
-    def check(self) -> None:
+    def check(self, hardware: HardwareLimits | None = None, strings: int = 1) -> None:
+        """ValueError "key: reason"; with ``hardware``, the current ceilings of ``strings`` parallel
+        strings must stay within its pack current limits."""
         if self.capacity_ah <= 0:
             raise ValueError("capacity_ah: must be > 0")
         for name in ("soc_period_ms", "limits_period_ms"):
@@ -55,30 +58,49 @@ class EstimatorSection:
                 raise ValueError(f"{name}: must be 10..10000")
         if not 0 <= self.rsl_derate <= 1:
             raise ValueError("rsl_derate: must be 0..1")
+        for name, hw_name in (("max_charge_c", "pack_current_charge_max"),
+                              ("max_discharge_c", "pack_current_discharge_max")):
+            c, pack_ah = getattr(self, name), self.capacity_ah * strings
+            if not c > 0:
+                raise ValueError(f"{name}: must be > 0")
+            top = math.inf if hardware is None else getattr(hardware, hw_name)
+            if c * pack_ah > top:
+                raise ValueError(f"{name}: {c:g} C is {c * pack_ah:g} A, above hardware_limits.{hw_name} {top:g} A "
+                                 f"(at most {top / pack_ah:g} C)")
 
 
 Inputs = tuple[np.ndarray, np.ndarray, np.ndarray, float, float]
 
 
 class Estimation:
-    """SoC EKF, SoF limiter and passport counters over the process image."""
+    """SoC EKF, SoF limiter and passport counters over the process image.
+
+    Parallel strings (``site.strings``) are the image's ``string.current`` family; cells run string
+    after string. ``hardware`` (the site's ``[hardware_limits]``) bounds the current limits.
+    """
 
     def __init__(self, section: EstimatorSection, chemistry: str, image: ProcessImage, cells_per_module: int,
-                 state_dir: Path, deep_discharge_v: float) -> None:
-        self.section = section
+                 state_dir: Path, deep_discharge_v: float, hardware: HardwareLimits) -> None:
+        section.check()
         self.image = image
         self.cell = get_cell_type(chemistry)
         n = image.families["cell.voltage"].size
         self.n_cells = n
+        self.strings = image.families["string.current"].size if "string.current" in image.families else 1
+        if n % self.strings:
+            raise ValueError(f"{n} cells do not make {self.strings} equal parallel strings")
+        self.cells_per_string = n // self.strings
+        self.hardware = hardware
+        # what a cell could have carried through a gap in the data: the hardware's largest current, its string's share
+        self._gap_current_a = max(self.hardware.pack_current_charge_max,
+                                  self.hardware.pack_current_discharge_max) / self.strings
         self.cells = image.span("cell.voltage")
         self.cells_per_module = cells_per_module
         self.params = EcmParams.uniform(self.cell, n, capacity_ah=section.capacity_ah)
         self.ekf = SocEkf(self.cell, self.params)
-        self.limiter = SofLimiter(sof_preset(chemistry, section.capacity_ah, n, section.max_charge_c,
-                                             section.max_discharge_c))
-        if section.max_charge_c <= 0 or section.max_discharge_c <= 0:
-            raise ValueError("max_charge_c and max_discharge_c must be > 0")
-        self.passport = PassportCounters(n, PassportConfig(rated_capacity_ah=section.capacity_ah,
+        self.section = section
+        self.limiter = self._limiter(section)
+        self.passport = PassportCounters(n, PassportConfig(rated_capacity_ah=section.capacity_ah, strings=self.strings,
                                                            deep_discharge_v=deep_discharge_v,
                                                            deep_release_v=deep_discharge_v + 0.3),
                                          ocv=self.cell.ocv)
@@ -106,7 +128,10 @@ class Estimation:
     # -- inputs --------------------------------------------------------------------------
 
     def inputs(self, now: float) -> Inputs | None:
-        """Cell voltages, their validity, per-cell temperatures, current and pack voltage; None when unusable.
+        """Cell voltages, their validity, temperatures, pack current and pack voltage; None when unusable.
+
+        The temperatures are, per cell, its module's coldest and hottest good sensor (cells x 2), NaN
+        where the module has none: unknown is unknown, which gives zero current and blocks balancing.
 
         The SoC, limits, balancing and safety loops all ask, mostly within the same millisecond: the
         image is read once and the answer reused (as copies) until one of its sources brings a new
@@ -141,35 +166,52 @@ class Estimation:
             return None
         temps = img.array("module.temperature")
         tq = img.family_quality("module.temperature", now) == Quality.GOOD
-        # a cell takes its module's mean good sensor temperature; the pack mean where a module has none
-        pack_t = float(temps[tq].mean()) if tq.any() else 25.0
-        n_good = tq.sum(axis=1)
-        per_module = np.where(n_good > 0, np.where(tq, temps, 0.0).sum(axis=1) / np.maximum(n_good, 1), pack_t)
-        cell_t = np.repeat(per_module, self.cells_per_module)[: self.n_cells]
+        # the limiter and the balancer judge the extremes: a module's mean would hide a hot sensor
+        lo = np.where(tq, temps, np.inf).min(axis=1, initial=np.inf)
+        hi = np.where(tq, temps, -np.inf).max(axis=1, initial=-np.inf)
+        per_module = np.where(tq.any(axis=1)[:, None], np.stack([lo, hi], axis=1), np.nan)
+        cell_t = np.repeat(per_module, self.cells_per_module, axis=0)[: self.n_cells]
         pv = img.read("pack.voltage", now) if "pack.voltage" in img.scalars else None
-        pack_v = pv.value if pv is not None and pv.quality == Quality.GOOD else float(np.sum(v[good]))
+        # without a pack voltage: the cells' sum, one string's worth with parallel strings
+        pack_v = pv.value if pv is not None and pv.quality == Quality.GOOD else float(np.sum(v[good])) / self.strings
         return v, good, cell_t, current.value, pack_v
+
+    def _cell_current(self, now: float, pack_current: float) -> float | np.ndarray:
+        """Each cell's current: its string's measurement where good, else its string's share of the pack's."""
+        if self.strings == 1:
+            return pack_current
+        img = self.image
+        ok = img.family_quality("string.current", now) == Quality.GOOD
+        # parallel strings of like cells split the pack current about evenly: the best guess without a measurement
+        per_string = np.where(ok, img.array("string.current"), pack_current / self.strings)
+        return np.repeat(per_string, self.cells_per_string)
 
     # -- loops -----------------------------------------------------------------------------
 
     def step_soc(self, now: float | None = None) -> None:
         """P2: one EKF step over every cell, and the passport counters."""
         now = time.monotonic() if now is None else now
-        dt = now - self._last_soc if self._last_soc else self.section.soc_period_ms / 1000.0
-        self._last_soc = now
         got = self.inputs(now)
         if got is None:
             self.skipped += 1
             return
+        # only good steps advance the clock: time without data shows up in the next good step's dt
+        dt = now - self._last_soc if self._last_soc else self.section.soc_period_ms / 1000.0
+        self._last_soc = now
         v, good, cell_t, current, pack_v = got
+        cell_i = self._cell_current(now, current)
+        # the ECM needs a number: an unknown temperature only scales its resistances (the limits see the NaN)
+        model_t = np.nan_to_num(cell_t.mean(axis=1), nan=T_REF_C)
         if not self.initialised:
-            # first good data: start from the OCV (the pack has rested while the gateway was down, or not:
-            # the large initial covariance lets the filter correct a wrong start)
-            self.ekf.init_from_ocv(np.where(good, v, np.nan), cell_t, good)
+            # first good data: start from the OCV if the pack rests now, else with the large initial covariance
+            self.ekf.init_from_ocv(np.where(good, v, np.nan), model_t, good, cell_i)
             self.initialised = True
             return
-        self.ekf.step(min(dt, 5.0), current, v, cell_t, valid=good)
-        self.passport.update(min(dt, 5.0), current, pack_v, np.where(good, v, np.nan), cell_t)
+        gap = dt > self.passport.config.max_gap_s
+        if gap:  # nothing to predict from: what moved meanwhile is unknown (the passport counts the gap)
+            self.ekf.gap(dt, self._gap_current_a)
+        self.ekf.step(0.0 if gap else dt, cell_i, v, model_t, valid=good)
+        self.passport.update(dt, current, pack_v, np.where(good, v, np.nan), cell_t)
         self.steps += 1
 
     def step_limits(self, derate: bool, now: float | None = None) -> None:
@@ -184,12 +226,7 @@ class Estimation:
         else:
             v, good, cell_t, _current, pack_v = got
             v = np.where(good, v, np.nan)
-        lim = self.limiter.step(dt, v, cell_t, self.ekf.soc, pack_v)
-        if derate:
-            f = self.section.rsl_derate
-            lim = SofLimits(lim.charge_current_a * f, lim.discharge_current_a * f, lim.charge_voltage_v,
-                            lim.discharge_voltage_v, "protection RSL", "protection RSL")
-        self.limits = lim
+        self.limits = self.limiter.step(dt, v, cell_t, self.ekf.soc, pack_v, self.section.rsl_derate if derate else 1.0)
 
     def step_balancing(self, alarm: bool, now: float | None = None) -> BalanceDecision:
         """P1, once a second: which cells bleed (only at rest, cool, without alarms; see estimators.balancing)."""
@@ -232,16 +269,23 @@ class Estimation:
             return False, f"{unknown[0]}: not a tunable estimator setting (tunable: {', '.join(self.TUNABLE)})"
         try:
             new = replace(self.section, **{k: float(v) for k, v in settings.items()})  # type: ignore[arg-type]
-            new.check()
+            new.check(self.hardware, self.strings)
+            self._use(new)
         except (TypeError, ValueError) as exc:
             return False, str(exc)
-        self._use(new)
         return True, f"estimator settings applied: {', '.join(sorted(settings))}"
 
     def _use(self, section: EstimatorSection) -> None:
-        self.section = section
-        self.limiter = SofLimiter(sof_preset(self.cell.name, section.capacity_ah, self.n_cells,
-                                             section.max_charge_c, section.max_discharge_c))
+        limiter = self._limiter(section)  # first: should it fail, the settings in force stay
+        self.section, self.limiter = section, limiter
+
+    def _limiter(self, section: EstimatorSection) -> SofLimiter:
+        """The limits of one string's cells in series, the currents of all strings, never above the hardware's."""
+        c = sof_preset(self.cell.name, section.capacity_ah * self.strings, self.cells_per_string,
+                       section.max_charge_c, section.max_discharge_c)
+        hw = self.hardware  # the settings were checked against it; this holds whatever got past that
+        return SofLimiter(replace(c, max_charge_a=min(c.max_charge_a, hw.pack_current_charge_max),
+                                  max_discharge_a=min(c.max_discharge_a, hw.pack_current_discharge_max)))
 
     # -- persistence ------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """State-of-safety inputs in the process image: the plating indicator and each cell's safety level.
 
 Once a second (P2) the daemon combines, per cell (estimators/sos.py): the protection's active
-conditions, how close voltage and temperature are to their MSL, the lithium-plating flag
+conditions, how close voltage and temperature (its module's sensor nearest a limit; unknown
+counts as missing data) are to their MSL, the lithium-plating flag
 of the last post-charge rest, and the EIS temperature (SoT) where a recent sweep measured
 one. The results are image signals like any other: ``cell[N].safety_level`` (0 ok,
 1 attention, 2 warning, 3 critical), ``cell[N].safety_reason`` (bits of
@@ -69,6 +70,14 @@ def protection_levels(alarms: Sequence[dict[str, Any]], layout: Layout) -> np.nd
     return out
 
 
+def _nearest_limit(cell_t: np.ndarray, n: int, config: SafetyConfig) -> np.ndarray:
+    """Per cell, of its sensor temperatures (one or more per cell) the one nearest a limit; NaN if any is unknown."""
+    t = np.asarray(cell_t, dtype=np.float64).reshape(n, -1)
+    lo, hi = t.min(axis=1), t.max(axis=1)  # a NaN makes both NaN: missing data
+    mid = 0.5 * (config.t_min_c + config.t_max_c)
+    return np.where(hi - mid >= mid - lo, hi, lo)
+
+
 class SafetyIndicators:
     """The P2 safety step: reads the estimators' inputs, writes the safety signals into the image."""
 
@@ -101,8 +110,9 @@ class SafetyIndicators:
             if result is not None:
                 self.image.value[self._score] = result.score_mv_per_min
         flagged = self.plating.last.flagged if self.plating.last is not None else None
-        level, reason = safety_levels(np.where(good, v, np.nan), cell_t, protection_levels(alarms, self.layout),
-                                      flagged, self._sot_now(now), self._config(limits))
+        config = self._config(limits)
+        level, reason = safety_levels(np.where(good, v, np.nan), _nearest_limit(cell_t, v.size, config),
+                                      protection_levels(alarms, self.layout), flagged, self._sot_now(now), config)
         img = self.image
         img.value[self._level] = level
         img.value[self._reason] = reason

@@ -7,6 +7,7 @@ import hmac
 import json
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,7 +15,9 @@ import pytest
 
 from cloudlink.commands import COMMANDS, CommandProcessor, Context, MemoryLog, make_command, sign
 from cloudlink.config import CommandSettings
+from gateway.daemon import SettingsStage
 from gateway.limits import HARDWARE_DEFAULTS, PRESETS, LimitTable
+from tests.test_estimation import site
 
 SECRET = b"0123456789abcdef-secret"
 GW = "gw-1"
@@ -229,6 +232,21 @@ def test_staged_change_applied_when_healthy() -> None:
     a = run(processor({"set_estimator_settings": st}), "set_estimator_settings",
             cmd("set_estimator_settings", {"settings": {"gain": 2.5}}))
     assert a["status"] == "accepted" and st.value == {"gain": 2.5} and st.restored == 0
+
+
+def test_estimator_settings_beyond_the_hardware_are_refused_by_the_estimator(tmp_path: Path) -> None:
+    est, _img = site(tmp_path)
+    before = est.section
+    p = processor({"set_estimator_settings": SettingsStage(est)})
+    a = run(p, "set_estimator_settings", cmd("set_estimator_settings", {"settings": {"max_charge_c": 20.0}}))
+    assert a["status"] == "rejected" and "max_charge_c" in a["reason"] and "pack_current_charge_max" in a["reason"]
+    a = run(p, "set_estimator_settings", cmd("set_estimator_settings", {"settings": {"max_discharge_c": -1.0}},
+                                             cmd_id="c-2"))
+    assert a["status"] == "rejected" and a["reason"].startswith("max_discharge_c: must be > 0")
+    assert est.section == before and est.limiter.config.max_charge_a == 30.0
+    a = run(p, "set_estimator_settings", cmd("set_estimator_settings", {"settings": {"max_charge_c": 1.0}},
+                                             cmd_id="c-3"))
+    assert a["status"] == "accepted" and est.limiter.config.max_charge_a == 60.0
 
 
 def test_tls_acl_mode_accepts_unsigned_commands() -> None:

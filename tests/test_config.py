@@ -180,6 +180,22 @@ def test_error_line_is_the_line_of_the_key(tmp_path: Path, sim_text: str, old: s
     assert_points(config_error(path), path, key, line_of(path, new))
 
 
+@pytest.mark.parametrize("value, key, reason", [
+    ("max_charge_c = 3.0", "estimators.max_charge_c", "pack_current_charge_max"),  # 180 A against 120 A
+    ("max_discharge_c = 2.6", "estimators.max_discharge_c", "pack_current_discharge_max"),  # 156 A against 150 A
+    ("max_discharge_c = -1.0", "estimators.max_discharge_c", "must be > 0"),
+], ids=["charge", "discharge", "negative"])
+def test_estimator_current_ceilings_stay_within_the_hardware(tmp_path: Path, sim_text: str, value: str, key: str,
+                                                             reason: str) -> None:
+    path = variant(tmp_path, sim_text, append=f"\n[estimators]\n{value}\n")
+    err = config_error(path)
+    assert_points(err, path, key, line_of(path, value))
+    assert reason in err.reason
+    proc = cli(path)
+    assert proc.returncode == 2 and key in proc.stderr
+    assert load_config(variant(tmp_path, sim_text, append="\n[estimators]\nmax_discharge_c = 2.5\n"))  # 150 A
+
+
 def test_missing_dbc_file(tmp_path: Path, sim_text: str) -> None:
     path = variant(tmp_path, sim_text, ('dbc = ["bmsgw_pack.dbc"]', 'dbc = ["bmsgw_pack.dbc", "pack_v2.dbc"]'))
     err = config_error(path)

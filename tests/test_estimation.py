@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from estimators.limits import sof_preset
 from gateway.estimation import Estimation, EstimatorSection
+from gateway.image import ProcessImage
+from gateway.limits import HARDWARE_DEFAULTS, HardwareLimits
+from gateway.pipeline import Layout
+from gateway.safety import safety_families, safety_slots
 from tests.test_protection import Rig
 
 
 def make(rig: Rig, tmp: Path) -> Estimation:
     cfg = rig.loaded.config
     return Estimation(EstimatorSection(), cfg.site.chemistry, rig.image, cfg.site.cells_per_module, tmp / "est",
-                      cfg.limit_table().deep_discharge_v)
+                      cfg.limit_table().deep_discharge_v, cfg.hardware())
 
 
 def test_soc_follows_the_simulated_pack_and_limits_come_up(tmp_path: Path) -> None:
@@ -108,3 +118,204 @@ def test_inputs_are_read_once_per_image_change_and_equal_a_fresh_read(tmp_path: 
             if dt == 0.025 and step < 50:  # the loops asking within a few ms (nothing going stale): one read
                 assert reads["n"] == before + 1
     assert not est.inputs(rig.t)[1][4 * 14:5 * 14].any()  # the silent module's cells are not good
+
+
+# -- a small site written directly into a process image (each input has its own source) ---------------
+
+SMALL = Layout(strings=1, modules_per_string=2, cells_per_module=14, sensors_per_module=2)
+PERIODS = {"cell.voltage": 0.1, "module.temperature": 1.0, "string.current": 0.01, "pack.current": 0.01,
+           "pack.voltage": 0.01}
+
+
+def site(tmp: Path, layout: Layout = SMALL, section: EstimatorSection | None = None,
+         hardware: HardwareLimits = HARDWARE_DEFAULTS["NMC"]) -> tuple[Estimation, ProcessImage]:
+    """An Estimation over an image of ``layout`` with the safety signals; inputs come through :func:`feed`."""
+    img = ProcessImage(layout.families() | safety_families(layout), ["pack.current", "pack.voltage",
+                                                                     "pack.safety_level"])
+    for name, period in PERIODS.items():
+        slot = img.add_slot(name, period)
+        for k in _indices(img, name):
+            img.bind(k, slot)
+    for name, (period, signals) in safety_slots(layout).items():
+        slot = img.add_slot(name, period)
+        for signal in signals:
+            img.bind(img.index(signal), slot)
+    img.freeze()
+    est = Estimation(section or EstimatorSection(), "NMC", img, layout.cells_per_module, tmp / "est", 2.5, hardware)
+    return est, img
+
+
+def _indices(img: ProcessImage, name: str) -> range:
+    if name in img.families:
+        span = img.span(name)
+        return range(span.start, span.stop)
+    return range(img.index(name), img.index(name) + 1)
+
+
+def put(img: ProcessImage, name: str, values: Any, now: float) -> None:
+    """Write a family (or scalar) and mark its source as received at ``now``."""
+    idx = _indices(img, name)
+    img.value[idx.start:idx.stop] = np.ravel(np.asarray(values, dtype=np.float64))
+    slot = int(img.slot_of[idx.start])
+    img.rx_mono[slot] = now
+    img.seq[slot] += 1
+
+
+def feed(img: ProcessImage, now: float, cell_v: Any = 3.7, temps: Any = 25.0, current: float | None = 0.0,
+         strings: Any = None) -> None:
+    """One frame of each source (None: that source sends nothing); the pack voltage is one string's."""
+    n = img.families["cell.voltage"].size
+    v = np.broadcast_to(np.asarray(cell_v, dtype=np.float64), (n,))
+    put(img, "cell.voltage", v, now)
+    put(img, "pack.voltage", float(v.sum()) / img.families["string.current"].size, now)
+    if temps is not None:
+        put(img, "module.temperature", np.broadcast_to(temps, img.families["module.temperature"].shape), now)
+    if current is not None:
+        put(img, "pack.current", current, now)
+    if strings is not None:
+        put(img, "string.current", strings, now)
+
+
+def test_unknown_temperatures_mean_zero_current_and_no_balancing(tmp_path: Path) -> None:
+    """Missing data is a fault: no temperature is made up (the limiter's NaN gives zero current)."""
+    est, img = site(tmp_path)
+    v = np.full(28, 3.7)
+    v[3] += 0.15
+    est.balancer.request()
+    t = 100.0
+    for _ in range(80):  # the temperatures are never received; the pack rests long enough to balance
+        t += 1.0
+        feed(img, t, cell_v=v, temps=None)
+        est.step_soc(t)
+        est.step_limits(False, t)
+        d = est.step_balancing(False, t)
+    assert np.isnan(est.inputs(t)[2]).all()
+    assert est.limits is not None and est.limits.charge_current_a == 0.0 and est.limits.discharge_current_a == 0.0
+    assert d.bleeding == 0 and "temperature" in d.reason
+    assert est.initialised and np.isfinite(est.ekf.soc).all()  # the SoC keeps going all the same
+    # a module whose sensors both report invalid values does not borrow the other module's temperature
+    est, img = site(tmp_path / "one")
+    feed(img, t, temps=[[math.nan, math.nan], [20.0, 20.0]])
+    cell_t = est.inputs(t)[2]
+    assert np.isnan(cell_t[:14]).all() and (cell_t[14:] == 20.0).all()
+    est.step_limits(False, t)
+    assert est.limits is not None and est.limits.charge_current_a == 0.0 and est.limits.discharge_current_a == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-30.0, 70.0), min_size=4, max_size=4))
+def test_limits_and_balancing_see_every_sensor_not_a_module_mean(tmp_path_factory: pytest.TempPathFactory,
+                                                                 temps: list[float]) -> None:
+    est, img = site(tmp_path_factory.mktemp("est"))
+    feed(img, 100.0, temps=np.reshape(temps, (2, 2)))
+    est.step_soc(100.0)
+    est.step_limits(False, 100.0)
+    sof = sof_preset("NMC", 60.0, 28)
+    assert est.limits is not None
+    assert est.limits.charge_current_a <= min(sof.charge_vs_temp(x) for x in temps) + 1e-9
+    assert est.limits.discharge_current_a <= min(sof.discharge_vs_temp(x) for x in temps) + 1e-9
+    assert float(np.max(est.inputs(100.0)[2])) == max(temps)  # what the balancer compares with its limit
+
+
+def test_current_ceilings_stay_within_the_hardware(tmp_path: Path) -> None:
+    est, img = site(tmp_path)
+    section, limiter = est.section, est.limiter
+    ok, reason = est.apply_settings({"max_charge_c": 20.0, "max_discharge_c": 50.0})  # 1200 A against 120 A
+    assert not ok and "max_charge_c" in reason and "pack_current_charge_max" in reason
+    ok, reason = est.apply_settings({"max_discharge_c": -1.0})
+    assert not ok and reason.startswith("max_discharge_c:")
+    ok, reason = est.apply_settings({"max_charge_c": 0.0})
+    assert not ok and reason.startswith("max_charge_c:")
+    assert est.section is section and est.limiter is limiter  # a refused change changes nothing
+    ok, reason = est.apply_settings({"max_discharge_c": 2.5})  # 150 A: exactly the hardware's
+    assert ok, reason
+    # the hardware limits hold whatever the settings (a second line of defence)
+    hw = replace(HARDWARE_DEFAULTS["NMC"], pack_current_charge_max=20.0, pack_current_discharge_max=40.0)
+    est, img = site(tmp_path / "hw", hardware=hw)
+    ok, reason = est.apply_settings({"max_charge_c": 0.5})  # 30 A
+    assert not ok and "pack_current_charge_max" in reason
+    for k in range(3):
+        feed(img, 100.0 + k)
+        est.step_soc(100.0 + k)
+        est.step_limits(False, 100.0 + k)
+    assert est.limits is not None and est.limits.charge_current_a == 20.0 and est.limits.discharge_current_a == 40.0
+
+
+def test_parallel_strings_split_the_current_and_keep_the_string_voltage(tmp_path: Path) -> None:
+    layout = Layout(strings=2, modules_per_string=1, cells_per_module=14, sensors_per_module=2)
+    est, img = site(tmp_path, layout)
+    feed(img, 100.0)  # 3.7 V cells: the pack (either string) is at 14 x 3.7 V
+    est.step_soc(100.0)
+    est.step_limits(False, 100.0)
+    c, lim = est.limiter.config, est.limits
+    assert c.n_series == 14
+    assert c.max_charge_a == 2 * 0.5 * 60.0 and c.max_discharge_a == 2 * 1.0 * 60.0  # two strings carry twice
+    assert lim is not None and lim.charge_voltage_v == pytest.approx(14 * c.cell_charge_v)
+    assert lim.discharge_voltage_v == pytest.approx(14 * c.cell_discharge_v)
+    assert lim.charge_current_a == 60.0 and lim.discharge_current_a == 120.0
+    est, img = site(tmp_path / "soc", layout)
+    cells = img.span("cell.voltage")
+    img.valid[cells.start + 1:cells.stop] = 0  # voltages say nothing: these cells count charge only
+    t = 100.0
+    for _ in range(900):  # 120 A out of the pack for 15 min; string 0 measures its 90 A, string 1 sends nothing
+        t += 1.0
+        feed(img, t, current=-120.0, strings=[-90.0, math.nan])
+        est.step_soc(t)
+    soc = est.ekf.soc  # counted from the first frame (the start) on
+    np.testing.assert_allclose(soc[1:14], 0.5 - 90.0 * 899 / 3600 / 60, atol=1e-9)  # its own string's current
+    np.testing.assert_allclose(soc[14:], 0.5 - 60.0 * 899 / 3600 / 60, atol=1e-9)  # half the pack's
+
+
+def test_data_gaps_and_stalls_are_counted_and_widen_the_soc(tmp_path: Path) -> None:
+    est, img = site(tmp_path)
+    t = 100.0
+    for _ in range(60):
+        t += 1.0
+        feed(img, t)
+        est.step_soc(t)
+    std = float(est.ekf.soc_std.max())
+    for _ in range(600):  # the current frames stop for 10 min
+        t += 1.0
+        feed(img, t, current=None)
+        est.step_soc(t)
+    assert est.skipped == 600
+    t += 1.0
+    feed(img, t, current=-60.0)
+    est.step_soc(t)
+    assert est.passport.gap_s == pytest.approx(601.0)
+    assert est.ekf.soc_std.min() > 3.0 * std  # what moved meanwhile is unknown
+    # the loop stalls for 30 s at 1C: a gap, not 5 s of counted charge
+    ah, seen = est.passport.discharge_ah, est.passport.observed_s
+    t += 30.0
+    feed(img, t, current=-60.0)
+    est.step_soc(t)
+    assert est.passport.gap_s == pytest.approx(631.0)
+    assert est.passport.discharge_ah == ah and est.passport.observed_s == seen
+
+
+@pytest.mark.parametrize("current, wide", [(-60.0, True), (0.2, False)])
+def test_first_start_under_load_does_not_trust_the_voltage(tmp_path: Path, current: float, wide: bool) -> None:
+    est, img = site(tmp_path)
+    feed(img, 100.0, cell_v=3.62, current=current)
+    est.step_soc(100.0)
+    assert est.initialised
+    init_std = est.ekf.config.init_soc_std
+    if wide:
+        assert est.ekf.soc_std.min() == pytest.approx(init_std)
+    else:
+        assert est.ekf.soc_std.max() < 0.1 * init_std
+
+
+def test_rsl_derate_goes_through_the_anti_flapping(tmp_path: Path) -> None:
+    est, img = site(tmp_path)
+    out = []
+    t = 100.0
+    for k in range(12):
+        t += 0.1
+        feed(img, t)
+        if k == 0:
+            est.step_soc(t)
+        est.step_limits(derate=k % 2 == 1, now=t)
+        assert est.limits is not None
+        out.append(est.limits.charge_current_a)
+    assert out[0] == 30.0 and out[1:] == [15.0] * 11  # restricted at once, relaxed only after the delay

@@ -71,6 +71,10 @@ def test_four_pairs_grow_the_model_and_the_filter() -> None:
     (good_update(c2_f=None), "give both"),
     (good_update(colour="red"), "unknown keys"),
     (good_update(r0_ohm=0.05), "factor"),
+    (good_update(r1_ohm=0.6, c1_f=16.0), "R1"),  # 0.6 mohm sent as ohm (the time constant still plausible)
+    (good_update(r2_ohm=0.9e-6), "R2"),  # a thousand times too small
+    (good_update(c1_f=150000.0), "C1"),
+    (good_update(r1_ohm=0.02, c1_f=500.0, r2_ohm=None, c2_f=None), "total RC resistance"),  # one branch for two
     (good_update(temperature_c=200.0), "temperature"),
     ({"cell": 1}, "missing"),
     ([1, 2, 3], "mapping"),
@@ -93,6 +97,21 @@ def test_update_never_raises_and_never_accepts_nonsense(upd: dict[str, Any]) -> 
         assert res.params is not None
         assert np.all(np.isfinite(res.params.r0_ohm)) and np.all(res.params.r0_ohm > 0.0)
         assert np.all(res.params.r_ohm >= 0.0) and np.all(res.params.c_f > 0.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.floats(1e-5, 0.9), st.floats(1e-3, 1e7), st.floats(1e-5, 0.9), st.floats(1e-3, 1e7))
+def test_an_accepted_update_moves_no_rc_value_beyond_the_change_factor(r1: float, c1: float, r2: float,
+                                                                        c2: float) -> None:
+    params = EcmParams.uniform(NMC, 4)
+    res = apply_ecm_update(params, good_update(r1_ohm=r1, c1_f=c1, r2_ohm=r2, c2_f=c2), NMC)
+    if res.accepted:
+        assert res.params is not None
+        k = UpdateLimits().max_change_factor
+        for new, old in ((res.params.r_ohm[3], params.r_ohm[3]), (res.params.c_f[3], params.c_f[3]),
+                         (res.params.r_ohm[3].sum(), params.r_ohm[3].sum())):
+            ratio = np.asarray(new) / np.asarray(old)
+            assert np.all(ratio <= k * (1 + 1e-9)) and np.all(ratio >= 1 / k * (1 - 1e-9))
 
 
 # ---------------------------------------------------------------------- limits

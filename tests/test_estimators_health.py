@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -182,6 +183,38 @@ def test_resistance_from_current_steps() -> None:
         i = 20.0 if (k // 20) % 2 else 0.0
         q.update(1.0, i, 400.0, 3.7 + r * i, np.full(2, 25.0))
     assert q.resistance_updates == 0 and np.all(np.isnan(q.resistance_ohm))
+
+
+def test_parallel_strings_share_the_pack_current() -> None:
+    """Two strings in parallel: each cell carries half the pack current, the pack twice a cell's capacity."""
+    p = make(n=2, strings=2, step_min_a=5.0, step_max_dt_s=0.2, rest_time_s=600.0)
+    r = np.array([1.0e-3, 2.0e-3])
+    for k in range(200):
+        i = 40.0 if (k // 20) % 2 else 0.0  # 20 A per string
+        p.update(0.1, i, 400.0, 3.7 + r * i / 2, np.full(2, 25.0))
+    np.testing.assert_allclose(p.resistance_ohm, r, rtol=1e-6)
+    q = make(n=1, strings=2, rest_time_s=600.0)
+    soc = 0.9
+    for current, seconds in ((0.0, 700), (-50.0, 3600), (0.0, 700)):  # 50 Ah out of the pack: 25 Ah per string
+        for _ in range(seconds):
+            soc += current / 2 / 3600.0 / 50.0
+            q.update(1.0, current, 400.0, NMC.ocv.ocv(np.array([soc])), np.full(1, 25.0))
+    assert q.full_equivalent_cycles == pytest.approx(50.0 / 100.0)
+    np.testing.assert_allclose(q.capacity_ah, [50.0], rtol=0.01)
+
+
+def test_per_sensor_temperatures_count_their_extremes() -> None:
+    """Each cell's coldest and hottest sensor (NaN: unknown) are what the bins and extremes see."""
+    p = make(n=2, rest_time_s=1.0)
+    for _ in range(10):
+        p.update(1.0, 10.0, 400.0, np.full(2, 3.8), np.array([[20.0, 56.0], [np.nan, np.nan]]))
+    edges = p.config.temp_edges_c
+    assert p.time_by_max_temp_s[int(np.searchsorted(edges, 56.0, side="right"))] == 10.0
+    assert p.temp_max_c == 56.0 and p.temp_min_c == 20.0 and p.charging_hot_s == 10.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rest with every temperature unknown: the capacity point reads 25 degC
+        for _ in range(5):
+            p.update(1.0, 0.0, 400.0, np.full(2, 3.8), np.full((2, 2), np.nan))
 
 
 def test_state_round_trip_and_validation() -> None:

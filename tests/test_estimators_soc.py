@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from estimators.ecm import LFP, NMC, CellType, EcmParams
 from estimators.soc_ekf import EkfConfig, SocEkf, pack_soc
@@ -162,6 +164,72 @@ def test_invalid_cells_are_predicted_only() -> None:
     assert ekf.soc[1] == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError):
         ekf.step(1.0, float("nan"), v)
+
+
+def test_each_cell_counts_its_own_current() -> None:
+    """Parallel strings: every cell carries its string's current, the charge counted per cell."""
+    params = EcmParams.uniform(NMC, 4)
+    ekf = SocEkf(NMC, params, soc0=0.8)
+    for _ in range(900):
+        ekf.step(1.0, np.array([-60.0, -60.0, -30.0, -30.0]), np.full(4, np.nan))
+    np.testing.assert_allclose(ekf.soc, [0.55, 0.55, 0.675, 0.675], atol=1e-9)
+    state = json.loads(json.dumps(ekf.export_state()))
+    again = SocEkf(NMC, params)
+    again.import_state(state)
+    for f in (ekf, again):
+        f.step(1.0, np.array([-60.0, -60.0, -30.0, -30.0]), np.full(4, np.nan))
+    np.testing.assert_array_equal(ekf.x, again.x)
+    again.import_state({**state, "i_prev": -45.0})  # saved when the current was one number
+    with pytest.raises(ValueError):
+        again.import_state({**state, "i_prev": [1.0, 2.0]})
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-150.0, 150.0), min_size=1, max_size=40))
+def test_one_current_for_all_cells_or_the_same_per_cell_is_the_same_filter(currents: list[float]) -> None:
+    params = EcmParams.uniform(NMC, 3)
+    a, b = SocEkf(NMC, params, soc0=0.4), SocEkf(NMC, params, soc0=0.4)
+    for k, i in enumerate(currents):
+        v = NMC.ocv.ocv(np.full(3, 0.5)) + 0.001 * k
+        a.step(1.0, i, v)
+        b.step(1.0, np.full(3, i), v)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.P, b.P)
+
+
+@pytest.mark.parametrize("cell", [NMC, LFP], ids=["NMC", "LFP"])
+def test_a_start_under_load_keeps_the_wide_initial_covariance(cell: CellType) -> None:
+    """Under load the voltage is not the OCV (R0 and RC drops): the start must not claim to know the SoC."""
+    params = EcmParams.uniform(cell, 2, capacity_ah=60.0)
+    pack = EcmPack(cell, params, np.full(2, 0.6))
+    for _ in range(600):  # the pack has been discharging at 1C for 10 min when the gateway starts
+        v = pack.step(1.0, -60.0)
+    ekf = SocEkf(cell, params, soc0=0.5)
+    ekf.init_from_ocv(v, 25.0, current_a=-60.0)
+    assert ekf.soc_std == pytest.approx(ekf.config.init_soc_std)
+    assert np.all(np.abs(ekf.soc - pack.soc) < ekf.soc_std)
+    for _ in range(1200):
+        ekf.step(1.0, -60.0, pack.step(1.0, -60.0))
+        assert np.all(np.abs(ekf.soc - pack.soc) < 5.0 * ekf.soc_std)  # never over-confident on the way
+    assert np.all(np.abs(ekf.soc - pack.soc) < 0.01)
+    rested = SocEkf(cell, params, soc0=0.5)
+    rested.init_from_ocv(cell.ocv.ocv(np.full(2, 0.2)), 25.0, current_a=0.1)  # at rest: the OCV start
+    assert np.all(rested.soc_std < 0.1 * rested.config.init_soc_std)
+
+
+def test_a_gap_widens_the_soc_variance_instead_of_predicting() -> None:
+    params = EcmParams.uniform(NMC, 2, capacity_ah=60.0)
+    ekf = SocEkf(NMC, params, soc0=0.5)
+    v = NMC.ocv.ocv(np.full(2, 0.5))
+    for _ in range(600):
+        ekf.step(1.0, 0.0, v)
+    x, var = ekf.x.copy(), ekf.P[:, 0, 0].copy()
+    ekf.gap(30.0, 120.0)  # up to 120 A for 30 s: 1 Ah of 60 unseen
+    np.testing.assert_array_equal(ekf.x, x)
+    np.testing.assert_allclose(ekf.P[:, 0, 0], var + (1.0 / 60.0) ** 2)
+    assert ekf.rest_s == 0.0  # a rest across a gap is no known rest
+    ekf.gap(86400.0, 120.0)  # never wider than knowing nothing
+    np.testing.assert_allclose(ekf.soc_std, ekf.config.init_soc_std)
 
 
 def test_surface_soc_follows_the_current() -> None:

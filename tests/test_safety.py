@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -10,6 +12,7 @@ from estimators.sos import SafetyReason
 from gateway.config import load_config, shipped_config
 from gateway.image import Quality
 from gateway.safety import SafetyIndicators, protection_levels
+from tests.test_estimation import SMALL, feed, site
 
 
 def test_protection_conditions_land_on_the_cells_they_concern() -> None:
@@ -54,3 +57,24 @@ def test_levels_reasons_and_pack_level_are_image_signals_that_go_stale() -> None
     img.rx_mono[slot] = now - 4000
     safety.step(limits, [], now + 1)
     assert not int(img.array("cell.safety_reason")[20]) & SafetyReason.EIS_SENSOR_MISMATCH
+
+
+def test_sensor_temperatures_reach_the_levels_unaveraged_and_unknown_ones_as_missing(tmp_path: Path) -> None:
+    """The estimators' inputs as they are: each module's coldest and hottest sensor, NaN where none is good."""
+    est, img = site(tmp_path)
+    limits = load_config(shipped_config()).config.limit_table()
+    safety = SafetyIndicators(img, SMALL, est.inputs)
+    hot = max(limits.cell_temperature_high_charge.msl, limits.cell_temperature_high_discharge.msl) - 1.0
+    cold = min(limits.cell_temperature_low_charge.msl, limits.cell_temperature_low_discharge.msl) + 1.0
+    feed(img, 100.0, temps=[[hot, 20.0], [cold, 20.0]])  # module means far from any limit
+    safety.step(limits, [], 100.0)
+    reason = img.array("cell.safety_reason").astype(int)
+    assert (img.array("cell.safety_level") == 2).all() and (reason & SafetyReason.TEMPERATURE_NEAR_LIMIT).all()
+    feed(img, 110.0, temps=None)  # no temperature frame for 10 s: every sensor stale
+    safety.step(limits, [], 110.0)
+    reason = img.array("cell.safety_reason").astype(int)
+    assert (img.array("cell.safety_level") == 2).all() and (reason & SafetyReason.DATA_MISSING).all()
+    feed(img, 111.0, temps=[[math.nan, math.nan], [20.0, 21.0]])  # module 0's sensors invalid
+    safety.step(limits, [], 111.0)
+    reason = img.array("cell.safety_reason").astype(int)
+    assert (reason[:14] & SafetyReason.DATA_MISSING).all() and not (reason[14:] & SafetyReason.DATA_MISSING).any()
