@@ -33,6 +33,9 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "CHEMISTRIES",
     "LFP",
+    "MAX_CURRENT_OFFSET_A",
+    "MAX_DRIFT_MV_PER_S",
+    "MAX_MODULE_HEAT_W",
     "NMC",
     "Chemistry",
     "PackMeasurement",
@@ -52,6 +55,12 @@ _SECONDS_PER_DAY = 86400.0
 # Draws beyond 3 sigma would be outliers no incoming inspection lets through
 # (and a Gaussian tail could otherwise give a negative capacity).
 _SPREAD_CLIP_SIGMA = 3.0
+# Physical ranges of the injectable faults: beyond them the model leaves physics
+# (a negative heat source cools a module towards absolute zero) and non-finite
+# values make every later step fail.
+MAX_DRIFT_MV_PER_S = 10_000.0  # the reported voltage saturates within a second anyway
+MAX_MODULE_HEAT_W = 2_000.0  # settles ~500 K above ambient: beyond a thermal runaway
+MAX_CURRENT_OFFSET_A = 1_000.0  # the current sensor's range is +-8388 A
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +267,13 @@ class PackMeasurement:
 def _decimals(resolution: float) -> int:
     # One guard digit so that e.g. 0.25 keeps its two places.
     return max(0, math.ceil(-math.log10(resolution))) + 1
+
+
+def _checked(what: str, value: float, lo: float, hi: float, unit: str) -> float:
+    """``value`` if finite and within ``lo..hi``, else a ValueError naming ``what`` and the range."""
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"{what} {value:g} {unit}; allowed: a finite value in {lo:g}..{hi:g} {unit}")
+    return value
 
 
 def _quantise(value: FloatArray, resolution: float) -> FloatArray:
@@ -615,6 +631,7 @@ class SimBatteryPack:
         """Make ``cell``'s reported voltage drift by ``rate_mv_per_s`` mV/s from now on
         (a measurement offset growing with time; the cell itself is unchanged)."""
         k = self._check_cell(cell)
+        _checked(f"cell {k} voltage drift", rate_mv_per_s, -MAX_DRIFT_MV_PER_S, MAX_DRIFT_MV_PER_S, "mV/s")
         f = self._faults
         f.drift_rate_v_per_s[k] = rate_mv_per_s * 1e-3
         f.drift_start_s[k] = self.time_s
@@ -624,12 +641,16 @@ class SimBatteryPack:
         """Put an extra ``power_w`` W of heat into ``module`` (adds to earlier injections)."""
         if not 0 <= module < self.modules:
             raise IndexError(f"module {module} out of range 0..{self.modules - 1}")
-        self._faults.module_heat_w[module] += power_w
+        total = self._faults.module_heat_w[module] + power_w
+        _checked(f"module {module} extra heat would total", total, 0.0, MAX_MODULE_HEAT_W, "W")
+        self._faults.module_heat_w[module] = total
         self._faults.descriptions.append(f"module {module} extra heat {power_w:g} W")
 
     def inject_current_offset(self, offset_a: float) -> None:
         """Add ``offset_a`` A to the reported pack current (sensor offset fault)."""
-        self._faults.current_offset_a += offset_a
+        total = self._faults.current_offset_a + offset_a
+        _checked("current sensor offset would total", total, -MAX_CURRENT_OFFSET_A, MAX_CURRENT_OFFSET_A, "A")
+        self._faults.current_offset_a = total
         self._faults.descriptions.append(f"current sensor offset {offset_a:+g} A")
 
     def inject_stuck_cell(self, cell: int) -> None:
@@ -648,8 +669,16 @@ class SimBatteryPack:
         self._faults.descriptions.append(f"cell {k} voltage stuck at {value:.3f} V")
 
     def clear_faults(self) -> None:
-        """Remove every injected fault; module temperatures then relax naturally."""
+        """Remove every injected fault; module temperatures then relax naturally.
+
+        A non-finite temperature or RC voltage (a bad value that got past the
+        checks, e.g. a NaN ``ambient_c``) is reset to ambient / rest, so that
+        clearing always brings the pack back.
+        """
         self._faults = self._no_faults()
+        for state, rest in ((self._t_mod, self.ambient_c), (self._v1, 0.0), (self._v2, 0.0)):
+            state[~np.isfinite(state)] = rest
+        self._r0, _, _ = self._resistances()
 
     @property
     def active_faults(self) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.01
 PRECHARGE_TAU_S = 0.25  # DC-link RC through the precharge resistor
 CONTACTOR_DELAY_S = 0.03
-BALANCING_CURRENT_A = 0.15
+BALANCING_CURRENT_A = 0.15  # bleed current of a balanced cell (magnitude: bleeding discharges it)
 BALANCING_TIMEOUT_S = 3.0
 COMMAND_TIMEOUT_S = 0.3  # the PCU opens everything when the gateway's commands stop (its heartbeat)
 
@@ -78,6 +78,7 @@ class Contactor:
 
 
 FAULTS = ("cell_drift", "heating", "current_offset", "stuck", "silent", "welded", "precharge_open", "clear")
+CONTACTORS = ("main_positive", "main_negative", "precharge")  # the targets of the welded fault, in order
 
 
 class SimPack:
@@ -102,8 +103,7 @@ class SimPack:
                                    initial_soc=initial_soc, ambient_c=ambient_c, seed=seed)
         self.profile = StorageDayProfile(charge_peak_a=peak_charge_a, discharge_peak_a=peak_discharge_a)
         self.sim_time_s = start_hour * 3600.0
-        self.contactors = {k: Contactor(closed=contactors_closed, requested=contactors_closed)
-                           for k in ("main_positive", "main_negative", "precharge")}
+        self.contactors = {k: Contactor(closed=contactors_closed, requested=contactors_closed) for k in CONTACTORS}
         self.contactors["precharge"] = Contactor()
         self.silent_modules: set[int] = set()
         self.last_command: float | None = None
@@ -112,6 +112,7 @@ class SimPack:
         self.balancing_mask = np.zeros((modules, cells_per_module), dtype=bool)
         self._balancing_until = np.zeros(modules)
         self.tick_count = 0
+        self.tick_errors = 0  # ticks that raised (counted, and the node's clock still advanced)
         self.frames_sent = 0
         self.frames_received = 0
         self._alive: dict[str, int] = {}
@@ -147,7 +148,17 @@ class SimPack:
         return cast(dict[str, float], self._msg[name].decode(bytes(msg.data), decode_choices=False))
 
     def inject(self, fault: str, target: int = 0, value: float = 0.0) -> str:
-        """Inject a fault by name (see FAULTS); returns a description."""
+        """Inject a fault by name (see FAULTS); returns a description.
+
+        :raises ValueError: for an unknown fault or a value outside physics,
+        :raises IndexError: for a target out of range (both name the fault).
+        """
+        try:
+            return self._inject(fault, target, value)
+        except (IndexError, ValueError) as exc:
+            raise type(exc)(f"sim fault {fault}: {exc}") from None
+
+    def _inject(self, fault: str, target: int, value: float) -> str:
         p = self.pack
         if fault == "cell_drift":
             p.inject_cell_drift(target, value or 5.0)
@@ -163,7 +174,9 @@ class SimPack:
             self.silent_modules.add(target)
             return f"module {target} silent"
         elif fault == "welded":
-            name = ("main_positive", "main_negative", "precharge")[target]
+            if not 0 <= target < len(CONTACTORS):  # a negative index would silently pick one
+                raise IndexError(f"contactor {target} out of range 0..{len(CONTACTORS) - 1} ({', '.join(CONTACTORS)})")
+            name = CONTACTORS[target]
             self.contactors[name].welded = True
             return f"contactor {name} welded"
         elif fault == "precharge_open":
@@ -177,13 +190,26 @@ class SimPack:
                 c.welded = False
             return "faults cleared"
         else:
-            raise ValueError(f"unknown fault '{fault}' (known: {', '.join(FAULTS)})")
+            raise ValueError(f"unknown fault (known: {', '.join(FAULTS)})")
         return p.active_faults[-1]
 
     # -- the clock ------------------------------------------------------------
 
     def tick(self) -> None:
-        """Advance one TICK_S of wall time: physics, contactors, frames due now."""
+        """Advance one TICK_S of wall time: physics, contactors, frames due now.
+
+        A tick that raises (a frame the bus refuses, say) is counted in ``tick_errors`` and the error
+        passes on, but the node's clock advances all the same: its timeouts must not freeze.
+        """
+        try:
+            self._tick()
+        except Exception:
+            self.tick_errors += 1
+            raise
+        finally:
+            self.tick_count += 1
+
+    def _tick(self) -> None:
         now = self.now
         if self.last_command is not None and now - self.last_command > COMMAND_TIMEOUT_S:
             for c in self.contactors.values():
@@ -210,7 +236,6 @@ class SimPack:
             self._send("PACK_Temperatures", {"AmbientTemperature": meas.ambient_temp_c,
                                               "CoolantInletTemperature": meas.ambient_temp_c,
                                               "CoolantOutletTemperature": meas.pack_temp_c})
-        self.tick_count += 1
 
     @property
     def now(self) -> float:
@@ -226,7 +251,8 @@ class SimPack:
             v = p.cell_voltages_v
             current = self.profile.derated_current_at(self.sim_time_s, float(v.max()), float(v.min()), p.chemistry)
         active = self._balancing_until > self.now
-        p.set_balancing_currents(np.where(self.balancing_mask & active[:, None], BALANCING_CURRENT_A, 0.0).ravel())
+        # passive balancing burns charge in a resistor: negative, as currents > 0 charge the cell
+        p.set_balancing_currents(np.where(self.balancing_mask & active[:, None], -BALANCING_CURRENT_A, 0.0).ravel())
         p.step(dt, current)
         self.sim_time_s += dt
         # DC link: follows the pack through main+, charges through the precharge resistor, else bleeds off

@@ -32,6 +32,12 @@ Frames to the client use the same letters: ``t``/``T`` data, ``r``/``R`` remote,
 ``d``/``D`` CAN FD, ``b``/``B`` CAN FD with bit-rate switch.  Classic frames
 carry a decimal DLC 0..8, CAN FD frames a hex DLC code 0..F (12..64 bytes for
 codes 9..F), followed by the data in hex.
+
+Writes to clients never block: what a client's socket does not take is queued
+for it and flushed by the server thread.  A client that stops reading is
+disconnected once ``max_pending`` bytes are queued for it (counted in
+``SlcanStats.slow_clients_dropped``), so it cannot hold up the server thread,
+:meth:`SlcanServer.send` or the other clients.
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ _MAX_LINE = 512
 _BENIGN = frozenset("MmWXUQPA")
 _STD_FRAME = frozenset("trdb")
 _EXT_FRAME = frozenset("TRDB")
+# Kernel send buffer of each client connection.  Pinned because autotuning grows
+# it to several MiB for a client that does not read, which would hide that
+# client's backlog from ``max_pending`` for minutes of pack traffic.
+_SNDBUF = 64 * 1024
 
 
 def _fd_code(length: int) -> int:
@@ -202,7 +212,7 @@ def _is_loopback(host: str) -> bool:
 class SlcanStats:
     """Counters of an :class:`SlcanServer` (a snapshot when read via ``stats``)."""
 
-    #: frame lines written to clients (one per client and frame)
+    #: frame lines queued to clients (one per client and frame)
     frames_tx: int = 0
     #: well-formed frames received from clients and handed to ``on_frame``
     frames_rx: int = 0
@@ -217,6 +227,9 @@ class SlcanStats:
     connections: int = 0
     #: exceptions raised by the ``on_frame`` callback (logged, then ignored)
     callback_errors: int = 0
+    #: clients disconnected because they did not read: their unsent data
+    #: passed ``max_pending`` bytes
+    slow_clients_dropped: int = 0
 
 
 @dataclass(eq=False)
@@ -232,7 +245,12 @@ class _Client:
     btr: str = ""
     #: inside an over-long line; its tail up to the next CR is skipped too
     discarding: bool = False
+    #: guards ``pending`` and ``dead``: send() runs in other threads
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: bytes the socket has not taken yet, flushed by the server thread
+    pending: bytearray = field(default_factory=bytearray)
+    #: registered for EVENT_WRITE (only the server thread changes this)
+    watching_write: bool = False
     dead: bool = False
 
 
@@ -255,7 +273,7 @@ class SlcanServer:
         hw_version: int = 10,
         sw_version: int = 13,
         serial_number: str = "BMSG",
-        write_timeout: float = 2.0,
+        max_pending: int = 256 * 1024,
     ) -> None:
         """Configure the server; nothing is bound until :meth:`start`.
 
@@ -268,8 +286,10 @@ class SlcanServer:
         :param hw_version: two-digit hardware version reported to ``V``.
         :param sw_version: two-digit software version reported to ``V``.
         :param serial_number: serial number reported to ``N``.
-        :param write_timeout: a client that does not read for this long is
-            disconnected, so one stuck consumer cannot stall the others.
+        :param max_pending: a client whose unsent data (beyond the kernel's
+            buffer) passes this many bytes is disconnected and counted in
+            ``slow_clients_dropped``.  Writes never wait for a client, so one
+            that stops reading cannot stall the server or the others.
         :raises ValueError: for a non-loopback host or an invalid argument.
         """
         if not _is_loopback(host):
@@ -280,6 +300,8 @@ class SlcanServer:
             raise ValueError("versions must be 0..99 (two decimal digits)")
         if not serial_number.isalnum():
             raise ValueError("serial number must be alphanumeric")
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1 byte")
         self._host = "127.0.0.1" if host == "localhost" else host
         self._family = (
             socket.AF_INET6
@@ -291,7 +313,7 @@ class SlcanServer:
         self._channel = channel
         self._version = f"{hw_version:02d}{sw_version:02d}"
         self._serial = serial_number
-        self._write_timeout = write_timeout
+        self._max_pending = max_pending
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -357,6 +379,9 @@ class SlcanServer:
         self._listener = listener
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # send() pokes it from other threads and must never block on it; a
+        # full pipe means a wake-up is pending anyway.
+        self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -374,9 +399,7 @@ class SlcanServer:
         if thread is None:
             return
         self._stopping = True
-        if self._wake_w is not None:
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
+        self._wake()
         if thread is threading.current_thread():
             # Called from on_frame: the loop ends after this event and _run
             # clears _thread itself; joining here would deadlock.
@@ -412,9 +435,9 @@ class SlcanServer:
     # -- sending -----------------------------------------------------------
 
     def send(self, msg: can.Message) -> int:
-        """Write ``msg`` to every client with an open channel; thread-safe.
+        """Queue ``msg`` to every client with an open channel; thread-safe, never blocks.
 
-        :returns: number of clients the frame was written to.
+        :returns: number of clients the frame was queued to.
         :raises ValueError: if ``msg`` cannot be expressed in SLCAN.
         """
         line = encode_frame(msg)
@@ -439,22 +462,47 @@ class SlcanServer:
         return delivered
 
     def _write(self, client: _Client, data: bytes) -> bool:
+        """Send what the socket takes now, queue the rest; False if the client is gone."""
         with client.write_lock:
             if client.dead:
                 return False
-            try:
-                client.sock.sendall(data)
-                return True
-            except OSError as exc:
-                # A timeout may have left half a line in the stream, so the
-                # connection cannot be trusted any more.  shutdown() rather
-                # than close(): the selector thread still owns the descriptor
-                # and will see EOF and clean up.
-                logger.info("SLCAN client %s write failed: %s", client.peer, exc)
-                client.dead = True
-                with contextlib.suppress(OSError):
-                    client.sock.shutdown(socket.SHUT_RDWR)
+            was_idle = not client.pending
+            if was_idle:  # nothing queued, so writing directly keeps the order
+                try:
+                    sent = client.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._give_up(client, str(exc))
+                    return False
+                data = data[sent:]
+            if len(client.pending) + len(data) > self._max_pending:
+                self._give_up(client, f"more than {self._max_pending} bytes unread")
+                with self._lock:
+                    self._stats.slow_clients_dropped += 1
                 return False
+            client.pending += data
+        if data and was_idle:
+            # Only the server thread changes the selector: have it watch for
+            # the socket to take more (also from on_frame, for other clients).
+            self._wake()
+        return True
+
+    def _give_up(self, client: _Client, why: str) -> None:
+        # Called with client.write_lock held.  shutdown() rather than close():
+        # the selector thread still owns the descriptor; it sees EOF and drops
+        # the client.  Half a line may be in the stream: it cannot be resumed.
+        logger.info("SLCAN client %s dropped: %s", client.peer, why)
+        client.dead = True
+        client.pending.clear()
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_RDWR)
+
+    def _wake(self) -> None:
+        wake = self._wake_w  # read once: _close_all may clear it meanwhile
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"x")
 
     # -- server thread -----------------------------------------------------
 
@@ -462,14 +510,17 @@ class SlcanServer:
         assert self._selector is not None
         try:
             while not self._stopping:
-                for key, _ in self._selector.select():
+                for key, events in self._selector.select():
                     if key.fileobj is self._listener:
                         self._accept()
                     elif key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
-                            self._wake_r.recv(64)
+                            self._wake_r.recv(4096)
+                        # send() queued data for someone (or stop() was called)
+                        for client in list(self._clients):
+                            self._watch_writes(client)
                     else:
-                        self._readable(key.data)
+                        self._serve(key.data, events)
         except Exception:
             # Should never happen; log it so a broken server is visible
             # instead of silently no longer answering.
@@ -488,10 +539,11 @@ class SlcanServer:
         except OSError as exc:
             logger.warning("SLCAN accept failed: %s", exc)
             return
-        # A timeout (rather than blocking mode) bounds sendall() to a client
-        # that stopped reading; recv() only runs after select() said readable.
-        sock.settimeout(self._write_timeout)
+        # Non-blocking: a client that stops reading must never stall the
+        # server thread or send(); what its socket does not take is queued.
+        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         client = _Client(sock=sock, peer=f"{addr[0]}:{addr[1]}")
         self._selector.register(sock, selectors.EVENT_READ, client)
         with self._changed:
@@ -501,6 +553,44 @@ class SlcanServer:
             self._changed.notify_all()
         logger.debug("SLCAN client %s connected", client.peer)
 
+    def _serve(self, client: _Client, events: int) -> None:
+        if client.dead:  # given up by _write: the connection cannot be trusted
+            self._drop(client)
+            return
+        if events & selectors.EVENT_WRITE:
+            self._flush(client)
+        if events & selectors.EVENT_READ and not client.dead:
+            self._readable(client)
+        if client.dead:
+            self._drop(client)
+        else:
+            self._watch_writes(client)
+
+    def _flush(self, client: _Client) -> None:
+        with client.write_lock:
+            if client.dead or not client.pending:
+                return
+            try:
+                sent = client.sock.send(client.pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._give_up(client, str(exc))
+                return
+            del client.pending[:sent]
+
+    def _watch_writes(self, client: _Client) -> None:
+        """Have the selector report writability exactly while data is queued."""
+        assert self._selector is not None
+        with client.write_lock:
+            want = bool(client.pending) and not client.dead
+            if want == client.watching_write or client.sock.fileno() < 0:
+                return
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.modify(client.sock, events, client)
+                client.watching_write = want
+
     def _readable(self, client: _Client) -> None:
         try:
             chunk = client.sock.recv(4096)
@@ -509,7 +599,7 @@ class SlcanServer:
         except OSError:
             chunk = b""
         if not chunk:
-            self._drop(client)
+            client.dead = True  # _serve drops it
             return
         client.buffer += chunk
         replies = bytearray()
@@ -540,6 +630,7 @@ class SlcanServer:
             self._selector.unregister(client.sock)
         with client.write_lock:
             client.dead = True
+            client.pending.clear()
             client.sock.close()
         with self._changed:
             if client in self._clients:

@@ -9,12 +9,14 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.config import Config, load_config, socket_path, state_dir
 from gateway.control import ControlError, NotRunning, request
 from gateway.schema import ConfigError
 
 MIN_FREE_BYTES = 200 * 1024 * 1024
+CLOCK_TOOL_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -33,6 +35,26 @@ def _tcp(host: str, port: int, timeout: float = 2.0) -> str:
             return ""
     except OSError as exc:
         return str(exc.strerror or exc)
+
+
+def _socket_address(channel: str) -> tuple[str, int] | str:
+    """Host and port of a pyserial ``socket://HOST:PORT`` channel, or why it has none.
+
+    Parsed as pyserial does (urlsplit), so ``socket://[::1]:PORT`` -- the form
+    SlcanServer.url gives for IPv6 -- is host ``::1``.
+    """
+    parts = urlsplit(channel)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = -1
+    if not parts.hostname:
+        return "no host"
+    if port is None:
+        return "no port"
+    if not 0 < port <= 0xFFFF:
+        return "bad port (a number 1..65535)"
+    return parts.hostname, port
 
 
 def check_config(path: Path) -> tuple[Config | None, list[Finding]]:
@@ -61,8 +83,12 @@ def check_buses(cfg: Config) -> list[Finding]:
             else:
                 out.append(Finding(name, "ok", f"{bus.channel} is up"))
         elif bus.channel.startswith("socket://"):
-            host, _, port = bus.channel.removeprefix("socket://").rpartition(":")
-            err = _tcp(host, int(port))
+            addr = _socket_address(bus.channel)
+            if isinstance(addr, str):
+                out.append(Finding(name, "fail", f"{bus.channel}: {addr}",
+                                   "write the channel as socket://HOST:PORT (IPv6: socket://[::1]:PORT)"))
+                continue
+            err = _tcp(*addr)
             out.append(Finding(name, "fail" if err else "ok", f"{bus.channel}: {err or 'reachable'}",
                                "start the adapter's TCP bridge (e.g. 'bmsgw sim serve')" if err else ""))
         elif bus.channel.startswith("/dev/"):
@@ -94,17 +120,24 @@ def check_disk(cfg: Config) -> list[Finding]:
 
 
 def check_clock() -> list[Finding]:
+    unknown = "cannot tell whether the clock is synchronized"
     if shutil.which("timedatectl"):
-        r = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
-                           text=True, timeout=5)
-        if r.returncode == 0 and r.stdout.strip() in ("yes", "no"):
-            ok = r.stdout.strip() == "yes"
-            return [Finding("clock", "ok" if ok else "warn", f"NTP synchronized: {r.stdout.strip()}",
-                            "" if ok else "enable time sync (timedatectl set-ntp true): records carry wall-clock time")]
+        try:
+            r = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
+                               text=True, timeout=CLOCK_TOOL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # e.g. systemd not answering on D-Bus: a finding, not a crash
+            unknown += f" (timedatectl did not answer within {CLOCK_TOOL_TIMEOUT_S:g} s)"
+        except OSError as exc:
+            unknown += f" (timedatectl: {exc.strerror or exc})"
+        else:
+            if r.returncode == 0 and r.stdout.strip() in ("yes", "no"):
+                ok = r.stdout.strip() == "yes"
+                return [Finding("clock", "ok" if ok else "warn", f"NTP synchronized: {r.stdout.strip()}",
+                                "" if ok else "enable time sync (timedatectl set-ntp true): "
+                                              "records carry wall-clock time")]
     if Path("/run/systemd/timesync/synchronized").exists():
         return [Finding("clock", "ok", "systemd-timesyncd reports synchronized")]
-    return [Finding("clock", "warn", "cannot tell whether the clock is synchronized",
-                    "install and enable a time sync service (systemd-timesyncd or chrony)")]
+    return [Finding("clock", "warn", unknown, "install and enable a time sync service (systemd-timesyncd or chrony)")]
 
 
 def check_daemon(cfg: Config) -> list[Finding]:

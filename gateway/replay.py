@@ -14,7 +14,7 @@ from gateway.image import ProcessImage, Quality, family_of
 from gateway.ingest import Ingest
 from gateway.pipeline import MAX_CELLS, BusSource, build, covering_families
 from gateway.schema import ConfigError, Loader
-from gateway.signalmap import SignalMap, resolve
+from gateway.signalmap import Binding, SignalMap, resolve
 from gateway.tracefile import Trace
 
 BUS = "replay"
@@ -52,9 +52,10 @@ class Replay:
         self._now = 0.0
         if map_path is not None:
             smap = resolve(map_path, messages)
-            _check_indices(smap, map_path)
+            families = covering_families(smap.targets())
+            _check_sizes(families, smap, map_path)
             try:
-                self.image, ingests = build(covering_families(smap.targets()), [BusSource(BUS, messages, smap)])
+                self.image, ingests = build(families, [BusSource(BUS, messages, smap)])
             except ValueError as exc:  # a bad map is a bad input (exit 2), not a crash
                 raise ConfigError(map_path, "", str(exc).removeprefix(f"{smap.source}: ")) from None
             self.ingest = ingests[BUS]
@@ -98,11 +99,25 @@ class Replay:
         return out
 
 
-def _check_indices(smap: SignalMap, path: Path) -> None:
-    """Without a site layout the image grows to the largest index: a template error must not make it huge."""
-    for b in smap.bindings:
-        idx = family_of(b.target)[1]
-        if math.prod(i + 1 for i in idx) > MAX_CELLS:
-            text = path.read_text(encoding="utf-8")
-            raise Loader(path, text).error(f"{b.entry}.to", f"{b.target}: index too large for one gateway "
-                                                             f"(at most {MAX_CELLS} elements per family)")
+def _check_sizes(families: dict[str, tuple[int, ...]], smap: SignalMap, path: Path) -> None:
+    """Without a site layout each family grows to the largest index of each dimension over all bindings:
+    a template error, or bindings that are small one by one, must not make it huge. The error names the
+    entries that set those largest indices (the last of them, in map order, is where it is reported)."""
+    for fam, shape in families.items():
+        if math.prod(shape) <= MAX_CELLS:
+            continue
+        culprits: list[Binding] = []
+        claimed: set[int] = set()
+        for b in smap.bindings:
+            name, idx = family_of(b.target)
+            if name != fam:
+                continue
+            reach = {d for d, (i, n) in enumerate(zip(idx, shape, strict=False)) if i + 1 == n} - claimed
+            if reach:
+                claimed |= reach
+                culprits.append(b)
+        last, others = culprits[-1], ", ".join(f"{b.entry} ({b.target})" for b in culprits[:-1])
+        size = " x ".join(map(str, shape))
+        raise Loader(path, path.read_text(encoding="utf-8")).error(
+            f"{last.entry}.to", f"{last.target}: {f'with {others} ' if others else ''}the family {fam} grows to "
+                                f"{size} elements, too large for one gateway (at most {MAX_CELLS} per family)")

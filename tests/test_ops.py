@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from drivers.slcan_server import SlcanServer
 from gateway.logsetup import RepeatFilter
 from tests.procs import ROOT, Daemon, bmsgw_cmd, free_port, wait_for
 
@@ -81,6 +84,59 @@ def test_doctor_finds_a_missing_socketcan_interface(tmp_path: Path) -> None:
     checks = {f["check"]: f for f in json.loads(r.stdout)["findings"]}
     assert checks["bus pack"]["status"] == "fail" and "can7" in checks["bus pack"]["detail"]
     assert checks["daemon"]["status"] == "fail" and "not running" in checks["daemon"]["detail"]
+
+
+def doctor_on_channel(tmp_path: Path, channel: str,
+                      **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`bmsgw doctor --json` on the sim config with the pack bus on slcan ``channel`` (no daemon running)."""
+    cfg = tmp_path / "slcan.toml"
+    cfg.write_text((ROOT / "gateway/configs/sim.toml").read_text().replace('interface = "virtual"', 'interface = "slcan"')
+                   .replace('channel = "bmsgw-sim"', f'channel = "{channel}"'))
+    r = subprocess.run(bmsgw_cmd("doctor", "--config", str(cfg), "--json"), capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "BMSGW_SOCKET": str(tmp_path / "none.sock"),
+                            "XDG_STATE_HOME": str(tmp_path / "state"), **env})
+    assert "Traceback" not in r.stderr, r.stderr
+    return r, {f["check"]: f for f in json.loads(r.stdout)["findings"]}
+
+
+@pytest.mark.parametrize(("channel", "why"), [("socket://127.0.0.1", "no port"),
+                                               ("socket://127.0.0.1:abc", "bad port"),
+                                               ("socket://127.0.0.1:70000", "bad port"),
+                                               ("socket://:5000", "no host")])
+def test_doctor_reports_a_socket_channel_it_cannot_use(tmp_path: Path, channel: str, why: str) -> None:
+    r, checks = doctor_on_channel(tmp_path, channel)
+    assert r.returncode == 1
+    bus = checks["bus pack"]
+    assert bus["status"] == "fail" and channel in bus["detail"] and why in bus["detail"], bus
+    assert "socket://HOST:PORT" in bus["fix"]
+
+
+def test_doctor_reaches_an_ipv6_socket_channel(tmp_path: Path) -> None:
+    srv = SlcanServer("::1")
+    try:
+        srv.start()
+    except OSError as exc:  # no IPv6 in the container
+        pytest.skip(f"cannot bind ::1: {exc}")
+    try:
+        _, checks = doctor_on_channel(tmp_path, srv.url)  # socket://[::1]:PORT
+    finally:
+        srv.stop()
+    assert checks["bus pack"]["status"] == "ok", checks["bus pack"]
+    assert srv.stats.connections == 1
+
+
+def test_doctor_survives_a_clock_tool_that_hangs(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "timedatectl"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    _, checks = doctor_on_channel(tmp_path, "socket://127.0.0.1:1", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    clock = checks["clock"]
+    if Path("/run/systemd/timesync/synchronized").exists():  # the fallback check answers
+        assert clock["status"] == "ok", clock
+    else:
+        assert clock["status"] == "warn" and "timedatectl did not answer" in clock["detail"], clock
 
 
 def test_top_without_a_terminal_prints_plain_screens(ops: tuple[Daemon, Path, int]) -> None:

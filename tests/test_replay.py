@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 from pathlib import Path
 
@@ -125,6 +126,28 @@ def test_a_map_its_dbc_cannot_carry_is_a_config_error_naming_the_entry(tmp_path:
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert f"bmsgw: config error: {path.parent}/{where}" in r.stderr, r.stderr
+
+
+def test_bindings_small_one_by_one_but_huge_together_are_a_config_error_naming_the_entry(tmp_path: Path) -> None:
+    """The image is sized by each dimension's largest index over all bindings: two entries of
+    module[19999].temperature[0] and module[0].temperature[19999] would make a 20000 x 20000 family (~5 GB)."""
+    mapfile = tmp_path / "m.toml"
+    mapfile.write_text("[[signal]]\nmessage = 'MMU00_Temperatures'\nsignal = 'Sensor0_Temperature'\n"
+                       "to = 'module[19999].temperature[0]'\n"
+                       "[[signal]]\nmessage = 'MMU00_Temperatures'\nsignal = 'Sensor1_Temperature'\n"
+                       "to = 'module[0].temperature[19999]'\n")
+    log = tmp_path / "t.log"
+    log.write_text("(1.0) can0 100#0000000000000000\n")
+
+    def small_address_space() -> None:  # without the check, fail fast instead of taking the machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    r = subprocess.run(bmsgw_cmd("replay", str(log), "--dbc", str(ROOT / "dbc/bmsgw_pack.dbc"), "--map", str(mapfile),
+                                 "--summary"),
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, preexec_fn=small_address_space)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"bmsgw: config error: {mapfile}:8: signal[1].to: module[0].temperature[19999]: with signal[0] " \
+           f"(module[19999].temperature[0]) the family module.temperature grows to 20000 x 20000" in r.stderr, r.stderr
 
 
 def test_a_truncated_blf_and_a_bad_asc_line_are_reported_and_the_replay_goes_on(tmp_path: Path) -> None:

@@ -349,6 +349,30 @@ def test_module_heating_fault() -> None:
     assert pack.module_temps_c[3] == pytest.approx(25.0, abs=0.05)
 
 
+def test_fault_values_outside_physics_are_refused() -> None:
+    pack = SimBatteryPack(sensors=QUIET)
+    nan, inf = float("nan"), float("inf")
+    for inject in (lambda: pack.inject_module_heating(0, nan), lambda: pack.inject_module_heating(0, -10.0),
+                   lambda: pack.inject_current_offset(inf), lambda: pack.inject_cell_drift(0, nan)):
+        with pytest.raises(ValueError, match="allowed: a finite value in"):
+            inject()
+    assert pack.active_faults == ()
+    run(pack, 60.0, 10.0)
+    assert np.isfinite(pack.module_temps_c).all() and pack.measure().pack_current_a == pytest.approx(10.0)
+
+
+def test_clear_faults_brings_a_non_finite_state_back() -> None:
+    pack = SimBatteryPack(sensors=QUIET)
+    pack.ambient_c = float("nan")  # a caller's bad value reaches the thermal model
+    run(pack, 10.0, 20.0)
+    assert np.isnan(pack.module_temps_c).all() and np.isnan(pack.cell_voltages_v).all()
+    pack.ambient_c = 25.0
+    pack.clear_faults()
+    np.testing.assert_array_equal(pack.module_temps_c, 25.0)
+    run(pack, 10.0, 20.0)
+    assert np.isfinite(pack.cell_voltages_v).all() and np.isfinite(pack.module_temps_c).all()
+
+
 def test_current_offset_fault() -> None:
     pack = SimBatteryPack(sensors=QUIET)
     pack.step(1.0, 12.0)

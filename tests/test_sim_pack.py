@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import can
@@ -9,7 +10,7 @@ import cantools
 import numpy as np
 import pytest
 
-from drivers.sim_pack import TICK_S, ContactorState, FramePump, SimPack
+from drivers.sim_pack import BALANCING_CURRENT_A, TICK_S, ContactorState, FramePump, SimPack
 from gateway.config import load_config
 from gateway.image import Quality
 
@@ -166,6 +167,88 @@ def test_balancing_command_bleeds_and_is_reported_then_times_out() -> None:
     assert bal.sum() == 2
     rig.run(3.5)  # no refresh: the module unit stops on its own
     assert rig.image.array("cell.balancing").sum() == 0
+
+
+def test_balancing_bleeds_the_selected_cell_at_the_balancing_current() -> None:
+    rig = Rig(start_hour=2.0, speed=200.0)  # night: the pack rests, only the bleed moves charge
+    soc0 = rig.sim.pack.soc
+    cell = 2 * 14
+    for _ in range(10):  # refreshed every second, as the gateway does
+        rig.command("BALANCING_Command", {"BalancingModule": 2, "BalancingMask02": 0b1})
+        rig.run(1.0)
+    assert rig.sim.pack.current_a == 0.0
+    moved = rig.sim.pack.soc - soc0
+    bled_s = 10.0 * 200.0
+    assert moved[cell] == pytest.approx(-BALANCING_CURRENT_A * bled_s / 3600 / rig.sim.pack.capacity_ah[cell],
+                                        rel=1e-9)
+    assert (np.delete(moved, cell) == 0.0).all()
+
+
+@pytest.mark.parametrize(("fault", "target", "value", "allowed"), [
+    ("heating", 0, math.nan, "0..2000 W"),
+    ("heating", 0, math.inf, "0..2000 W"),
+    ("heating", 0, -2000.0, "0..2000 W"),  # would cool the module towards -160 degC
+    ("heating", 0, 1e6, "0..2000 W"),
+    ("current_offset", 0, math.inf, "-1000..1000 A"),
+    ("current_offset", 0, -math.nan, "-1000..1000 A"),
+    ("current_offset", 0, -5000.0, "-1000..1000 A"),
+    ("cell_drift", 5, math.nan, "-10000..10000 mV/s"),
+    ("cell_drift", 5, -math.inf, "-10000..10000 mV/s"),
+])
+def test_a_fault_value_outside_physics_is_refused_naming_the_fault_and_the_range(
+        fault: str, target: int, value: float, allowed: str) -> None:
+    rig = Rig(start_hour=12.0)
+    rig.run(0.2)
+    with pytest.raises(ValueError, match=f"^sim fault {fault}: .*allowed: .*{allowed}"):
+        rig.sim.inject(fault, target, value)
+    assert rig.sim.pack.active_faults == ()
+    sent = len(rig.results)
+    rig.run(1.0)  # the pack goes on as before
+    assert len(rig.results) > sent + 800 and all(r >= 0 for r in rig.results)
+    assert np.isfinite(rig.sim.pack.module_temps_c).all()
+
+
+def test_repeated_heating_cannot_add_up_beyond_the_range() -> None:
+    rig = Rig()
+    rig.sim.inject("heating", 3, 1500.0)
+    with pytest.raises(ValueError, match="sim fault heating: .*3000 W.*allowed: .*0..2000 W"):
+        rig.sim.inject("heating", 3, 1500.0)
+    assert rig.sim.pack.active_faults == ("module 3 extra heat 1500 W",)
+
+
+@pytest.mark.parametrize(("fault", "target"), [("welded", -1), ("welded", 3), ("silent", -1), ("heating", 16),
+                                               ("stuck", -1), ("cell_drift", 224)])
+def test_a_fault_target_out_of_range_is_refused(fault: str, target: int) -> None:
+    rig = Rig()
+    with pytest.raises(IndexError, match=f"^sim fault {fault}: .* out of range 0\\.\\."):
+        rig.sim.inject(fault, target, 1.0)
+    assert not any(c.welded for c in rig.sim.contactors.values())
+    assert not rig.sim.silent_modules and rig.sim.pack.active_faults == ()
+
+
+def test_a_failing_tick_is_counted_and_the_node_clock_goes_on() -> None:
+    down = [True]
+    sent: list[can.Message] = []
+
+    def send(msg: can.Message) -> None:  # the bus refuses frames for a while (adapter unplugged)
+        if down[0]:
+            raise can.CanOperationError("bus down")
+        sent.append(msg)
+
+    sim = SimPack(DBC, send, contactors_closed=True)
+    cmd = sim.db.get_message_by_name("CONTACTOR_Command")
+    sim.receive(can.Message(arbitration_id=cmd.frame_id, data=cmd.encode(
+        {"MainPositiveRequest": 1, "MainNegativeRequest": 1, "PrechargeRequest": 0, "AliveCounter": 0})))
+    for _ in range(50):
+        with pytest.raises(can.CanOperationError):
+            sim.tick()
+    assert (sim.tick_count, sim.tick_errors, sim.frames_sent) == (50, 50, 0)
+    down[0] = False
+    sim.tick()
+    assert (sim.tick_count, sim.tick_errors) == (51, 50)
+    # the PCU's command timeout ran on the node's clock while the bus was down: everything opened
+    assert all(not c.closed for c in sim.contactors.values())
+    assert sent and sent[0].arbitration_id == sim.db.get_message_by_name("PACK_Measurement").frame_id
 
 
 def test_a_parsed_database_gives_the_same_frames_as_the_dbc_file() -> None:

@@ -568,3 +568,132 @@ def test_stop_from_callback_does_not_deadlock() -> None:
         srv.stop()
     finally:
         raw.close()
+
+
+# -- clients that do not read ----------------------------------------------------------
+
+# More than the kernel buffers of one loopback connection hold (with autotuning, a few MiB),
+# so a server that waited for a non-reading client would have to wait here.
+BACKLOG = 6 << 20
+
+
+def numbered(i: int) -> can.Message:
+    """A 64-byte FD frame carrying its sequence number (a 134-character line)."""
+    return can.Message(arbitration_id=i % 0x800, is_extended_id=False, is_fd=True, data=i.to_bytes(4, "big") * 16)
+
+
+class LineReader:
+    """A client that opens the channel and reads every line it is sent, in a thread of its own."""
+
+    def __init__(self, port: int, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(WAIT)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(b"O\r")
+        self.data = bytearray()
+        self.closed = False
+
+    def start(self) -> LineReader:
+        threading.Thread(target=self.read_all, daemon=True).start()
+        return self
+
+    def read_all(self, until_lines: int | None = None) -> None:
+        """Read until EOF (or, when given, until ``until_lines`` lines have arrived)."""
+        while until_lines is None or self.data.count(b"\r") < until_lines:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                return
+            self.data += chunk
+
+    def lines(self) -> list[bytes]:
+        return bytes(self.data).split(b"\r")[:-1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_client_that_does_not_read_frames_is_buffered_and_not_waited_for() -> None:
+    # the non-reader is behind by BACKLOG bytes but below max_pending: it keeps its connection
+    # and, once it reads again, gets every frame in order; the reading client got them all meanwhile
+    with SlcanServer(max_pending=4 * BACKLOG) as srv:
+        good = LineReader(srv.port).start()
+        lazy = LineReader(srv.port, rcvbuf=4096)  # opens its channel, then does not read
+        assert srv.wait_for_open(2)
+        n = BACKLOG // len(encode_frame(numbered(0)))
+        for i in range(n):
+            assert srv.send(numbered(i)) == 2
+        expected = [b""] + [encode_frame(numbered(i)).encode() for i in range(n)]  # b"": the reply to O
+        lazy.read_all(until_lines=n + 1)
+        assert lazy.lines() == expected
+        assert wait_until(lambda: len(good.lines()) == n + 1)
+        assert good.lines() == expected
+        st = srv.stats
+        assert (st.clients, st.slow_clients_dropped, st.frames_tx, st.dropped) == (2, 0, 2 * n, 0)
+        lazy.close()
+        good.close()
+
+
+def test_a_client_that_does_not_read_its_replies_does_not_hold_up_the_others() -> None:
+    got: list[can.Message] = []
+    with SlcanServer(on_frame=got.append, max_pending=4 * BACKLOG) as srv:
+        lazy = LineReader(srv.port, rcvbuf=4096)
+        good = RawClient(srv.port)
+        good.send(b"O\r")
+        assert good.read_replies(1) == [b"\r"]
+        assert srv.wait_for_open(2)
+        queries = BACKLOG // len(b"V1013\r")
+
+        def flood() -> None:  # queries whose replies the client leaves unread
+            with contextlib.suppress(OSError):
+                for _ in range(queries // 2048):
+                    lazy.sock.sendall(b"V\r" * 2048)
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        frames = 200
+        for i in range(frames):  # the gateway's commands: each answered while the flood goes on
+            good.send(encode_frame(numbered(i)).encode() + b"\r")
+            assert good.read_replies(1) == [b"z\r"]
+        flooder.join()
+        assert [bytes(m.data) for m in got] == [bytes(numbered(i).data) for i in range(frames)]
+        sent = queries // 2048 * 2048
+        lazy.read_all(until_lines=sent + 1)
+        assert lazy.lines() == [b""] + [b"V1013"] * sent
+        assert (srv.stats.clients, srv.stats.slow_clients_dropped) == (2, 0)
+        lazy.close()
+        good.close()
+
+
+@pytest.mark.parametrize("backlog_of", ["frames", "replies"])
+def test_a_client_whose_backlog_passes_max_pending_is_dropped_and_counted(backlog_of: str) -> None:
+    got: list[can.Message] = []
+    with SlcanServer(on_frame=got.append, max_pending=64 * 1024) as srv:
+        good = LineReader(srv.port).start()
+        lazy = LineReader(srv.port, rcvbuf=4096)
+        assert srv.wait_for_open(2)
+        n = 0
+        while srv.stats.slow_clients_dropped == 0 and n < BACKLOG:  # bounded: fails below, never hangs
+            n += 1
+            if backlog_of == "frames":
+                assert srv.send(numbered(n)) >= 1
+            else:
+                with contextlib.suppress(OSError):  # the server may hang up while we write
+                    lazy.sock.sendall(b"V\r" * 256)
+                srv.send(numbered(n))
+        assert srv.stats.slow_clients_dropped == 1
+        assert wait_until(lambda: srv.stats.clients == 1)
+        for i in range(n + 1, n + 101):  # the reading client goes on as if nothing happened
+            assert srv.send(numbered(i)) == 1
+        assert wait_until(lambda: len(good.lines()) == n + 101)
+        assert good.lines() == [b""] + [encode_frame(numbered(i)).encode() for i in range(1, n + 101)]
+        lazy.read_all()  # what it had been sent, then the end of the connection
+        assert lazy.closed
+        assert srv.stats.slow_clients_dropped == 1 and srv.stats.connections == 2
+        lazy.close()
+        good.close()
