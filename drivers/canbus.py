@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import can
 
@@ -40,6 +41,26 @@ SINK_LOG_INTERVAL_S = 10.0
 MAX_BAD_FRAMES_IN_A_ROW = 100
 
 Sink = Callable[[can.Message], object]
+
+
+def socket_address(channel: str) -> tuple[str, int] | str:
+    """Host and port of a pyserial ``socket://HOST:PORT`` channel, or why it has none.
+
+    Parsed as pyserial does (urlsplit), so ``socket://[::1]:PORT`` -- the form
+    SlcanServer.url gives for IPv6 -- is host ``::1``.
+    """
+    parts = urlsplit(channel)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = -1
+    if not parts.hostname:
+        return "no host"
+    if port is None:
+        return "no port"
+    if not 0 < port <= 0xFFFF:
+        return "bad port (a number 1..65535)"
+    return parts.hostname, port
 
 
 @dataclass(frozen=True)

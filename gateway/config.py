@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from cloudlink.config import CloudSection
-from drivers.canbus import AdapterSettings
+from drivers.canbus import AdapterSettings, socket_address
 from gateway.contactors import CONTACTORS, ContactorSettings
 from gateway.dbcfile import LoadedDbc, load_dbc, merge
 from gateway.eis import EisSection, eis_families, eis_slots, module_frame_ids
@@ -90,6 +90,8 @@ class BusSection(AdapterSettings):
             raise ValueError("data_bitrate: only with fd = true")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("reconnect_min_s: must be > 0 and <= reconnect_max_s")
+        if self.channel.startswith("socket://") and isinstance(addr := socket_address(self.channel), str):
+            raise ValueError(f"channel: {addr}; write it as socket://HOST:PORT (IPv6: socket://[::1]:PORT)")
 
 
 @dataclass(frozen=True)

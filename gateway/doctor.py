@@ -9,8 +9,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from drivers.canbus import socket_address
 from gateway.config import Config, load_config, socket_path, state_dir
 from gateway.control import ControlError, NotRunning, request
 from gateway.schema import ConfigError
@@ -35,26 +35,6 @@ def _tcp(host: str, port: int, timeout: float = 2.0) -> str:
             return ""
     except OSError as exc:
         return str(exc.strerror or exc)
-
-
-def _socket_address(channel: str) -> tuple[str, int] | str:
-    """Host and port of a pyserial ``socket://HOST:PORT`` channel, or why it has none.
-
-    Parsed as pyserial does (urlsplit), so ``socket://[::1]:PORT`` -- the form
-    SlcanServer.url gives for IPv6 -- is host ``::1``.
-    """
-    parts = urlsplit(channel)
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or beyond 65535
-        port = -1
-    if not parts.hostname:
-        return "no host"
-    if port is None:
-        return "no port"
-    if not 0 < port <= 0xFFFF:
-        return "bad port (a number 1..65535)"
-    return parts.hostname, port
 
 
 def check_config(path: Path) -> tuple[Config | None, list[Finding]]:
@@ -83,11 +63,8 @@ def check_buses(cfg: Config) -> list[Finding]:
             else:
                 out.append(Finding(name, "ok", f"{bus.channel} is up"))
         elif bus.channel.startswith("socket://"):
-            addr = _socket_address(bus.channel)
-            if isinstance(addr, str):
-                out.append(Finding(name, "fail", f"{bus.channel}: {addr}",
-                                   "write the channel as socket://HOST:PORT (IPv6: socket://[::1]:PORT)"))
-                continue
+            addr = socket_address(bus.channel)
+            assert not isinstance(addr, str), addr  # the config check refuses a channel without host and port
             err = _tcp(*addr)
             out.append(Finding(name, "fail" if err else "ok", f"{bus.channel}: {err or 'reachable'}",
                                "start the adapter's TCP bridge (e.g. 'bmsgw sim serve')" if err else ""))

@@ -149,7 +149,10 @@ def test_bad_literal(tmp_path: Path, sim_text: str, old: str, new: str, key: str
     ("initial_soc = 0.5", "initial_soc = 1.5", "sim.initial_soc"),
     ("cells_per_module = 14", "cells_per_module = 99999999", "site.cells_per_module"),
     ("sensors_per_module = 2", "sensors_per_module = 99999999", "site.sensors_per_module"),
-], ids=["gateway", "bus", "sim", "cells-beyond-memory", "sensors-beyond-memory"])
+    ('channel = "bmsgw-sim"', 'channel = "socket://127.0.0.1"', "bus[0].channel"),
+    ('channel = "bmsgw-sim"', 'channel = "socket://127.0.0.1:http"', "bus[0].channel"),
+], ids=["gateway", "bus", "sim", "cells-beyond-memory", "sensors-beyond-memory", "socket-without-port",
+        "socket-bad-port"])
 def test_value_check_names_the_key(tmp_path: Path, sim_text: str, old: str, new: str, key: str) -> None:
     path = variant(tmp_path, sim_text, (old, new))
     assert_points(config_error(path), path, key, line_of(path, new.splitlines()[-1]))

@@ -106,9 +106,9 @@ def doctor_on_channel(tmp_path: Path, channel: str,
 def test_doctor_reports_a_socket_channel_it_cannot_use(tmp_path: Path, channel: str, why: str) -> None:
     r, checks = doctor_on_channel(tmp_path, channel)
     assert r.returncode == 1
-    bus = checks["bus pack"]
-    assert bus["status"] == "fail" and channel in bus["detail"] and why in bus["detail"], bus
-    assert "socket://HOST:PORT" in bus["fix"]
+    config = checks["config"]  # refused by the config check already, naming the key
+    assert config["status"] == "fail" and "bus[0].channel" in config["detail"] and why in config["detail"], config
+    assert "socket://HOST:PORT" in config["detail"]
 
 
 def test_doctor_reaches_an_ipv6_socket_channel(tmp_path: Path) -> None:
