@@ -184,7 +184,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(line)
     if st.get("simulator"):
         sim = st["simulator"]
-        lines.append(f"simulator  time of day {sim['sim_time_h']:.2f} h  faults: {', '.join(sim['faults']) or 'none'}")
+        lines.append(f"simulator  time of day {sim['sim_time_h']:.2f} h  faults: {', '.join(sim['faults']) or 'none'}" +
+                     (f"  failed ticks {sim['tick_errors']}" if sim["tick_errors"] else ""))
     print("\n".join(lines))
     return EXIT_OK
 

@@ -226,7 +226,7 @@ class P0Core:
         if self.sim is not None:
             sim = self.sim.sim
             out["simulator"] = {"sim_time_h": round(sim.sim_time_s / 3600.0 % 24, 3),
-                                "cpu_s": sum(r.cpu_s for r in self._sim_runners()),
+                                "cpu_s": sum(r.cpu_s for r in self._sim_runners()), "tick_errors": sim.tick_errors,
                                 "faults": list(sim.pack.active_faults) +
                                 [f"module {m} silent" for m in sorted(sim.silent_modules)]}
         return out

@@ -89,6 +89,9 @@ def test_sim_fault_silent_module_goes_stale_then_recovers(sim_daemon: Daemon) ->
     wait_for(lambda: _all_cells_good(sim_daemon), what="cells good again")
     bad = sim_daemon.cli("sim", "fault", "silent", "--target", "99")
     assert bad.returncode == 4 and "out of range" in bad.stderr
+    nan = sim_daemon.cli("sim", "fault", "heating", "--target", "0", "--value", "nan")
+    assert nan.returncode == 4 and "heating" in nan.stderr and "finite" in nan.stderr
+    assert sim_daemon.json("status")["simulator"]["tick_errors"] == 0
 
 
 def test_a_second_gateway_is_refused_before_it_touches_the_bus(sim_daemon: Daemon) -> None:
