@@ -17,10 +17,14 @@ aborted at once on a protection event, an unknown (NaN) current, or a current th
 more than ``abort_current_delta_a`` from its value at the start. Timeouts: the Ack (the
 request is repeated ``ack_repeats`` times with the same SweepId, which the module treats as
 a repetition), the Status frames (``status_timeout_s``), the whole sweep (the module's
-estimate x ``duration_margin`` + ``duration_slack_s``) and the result collection after Done
-(missing points are asked for again up to ``resend_rounds`` times). A failed attempt is
-retried after ``retry_delay_s`` with a new SweepId, up to ``max_attempts`` attempts;
-errors that cannot go away by retrying (invalid target, frequency, ...) fail at once.
+estimate, at most ``ESTIMATE_LIMIT`` x our own, x ``duration_margin`` + ``duration_slack_s``)
+and the result collection after Done (missing points are asked for again up to
+``resend_rounds`` times). Answers that contradict the request abort the attempt: a Status
+naming another target, an announced number of points other than the grid's, a point
+measured half a grid step or more from its grid frequency. A failed attempt is retried
+after ``retry_delay_s`` with a new SweepId, up to ``max_attempts`` attempts; errors that
+cannot go away by retrying (invalid target, frequency, another grid ...) fail at once.
+Every request ends with a record or a final failure, also one a cancel drops.
 Aborts are not acknowledged by a timeout: instead, while the module's Status says it settles
 or measures and no sweep of ours is running (an abort lost on the way, or a sweep a previous
 gateway process left behind), every such Status is answered with another abort (SweepId 0);
@@ -75,6 +79,8 @@ FD_POINTS = 5
 LOG_F_MIN, LOG_F_MAX = -3.0, -3.0 + 0.002 * 4095
 AMPLITUDE_MAX_A = 0.005 * 4095
 MAX_POINTS = 1023
+# the most a module's EstimatedDuration may exceed the gateway's own estimate (see _accepted)
+ESTIMATE_LIMIT = 4.0
 
 
 def quantize_log_f(f_hz: float) -> float:
@@ -145,8 +151,11 @@ class SweepSettings:
         if n > MAX_POINTS:
             raise ValueError(f"{n} points, at most {MAX_POINTS}")
         if caps is not None:
-            lo, hi = sorted((self.f_start_hz, self.f_stop_hz))
-            if lo < caps.min_freq_hz * 0.995 or hi > caps.max_freq_hz * 1.005:
+            # the module compares the request's codes with the codes it advertised (both on the
+            # 0.002 decade grid): so must we, or a frequency a fraction of a code beyond its
+            # limit passes here and is refused there
+            lo, hi = sorted(quantize_log_f(f) for f in (self.f_start_hz, self.f_stop_hz))
+            if lo < math.log10(caps.min_freq_hz) - 1e-9 or hi > math.log10(caps.max_freq_hz) + 1e-9:
                 raise ValueError(f"the module measures {caps.min_freq_hz:g} .. {caps.max_freq_hz:g} Hz")
             if self.amplitude_a > caps.max_amplitude_a + 1e-9:
                 raise ValueError(f"the module's largest amplitude is {caps.max_amplitude_a} A")
@@ -163,8 +172,13 @@ class SweepSettings:
     def points(self) -> int:
         return int(self.grid().size)
 
-    def estimated_duration_s(self, periods: float = 2.0, min_point_s: float = 0.2, settle_s: float = 5.0) -> float:
-        return settle_s + float(np.maximum(periods / self.grid(), min_point_s).sum())
+    def estimated_duration_s(self, periods: float = 2.0, min_point_s: float = 0.2, settle_s: float = 5.0,
+                             settle_periods: float = 1.0) -> float:
+        """The measurement the protocol recommends (docs/eis-can-protocol.md, section 7): DC settling
+        before the first point, then per point one period to settle and at least 2 periods and 0.2 s
+        of integration."""
+        f = self.grid()
+        return settle_s + float((settle_periods / f + np.maximum(periods / f, min_point_s)).sum())
 
 
 @dataclass(frozen=True)
@@ -277,6 +291,7 @@ class _Active:
     sweep_id: int
     frame: can.Message
     sent_at: float
+    log_f: np.ndarray[Any, np.dtype[np.float64]]  # log10 of the requested grid
     repeats: int = 0
     started_wall: float = 0.0
     started_at: float = 0.0
@@ -320,7 +335,9 @@ class EisDriver:
         self._backoff_until = 0.0
         self._pending: list[can.Message] = []
         self._records: deque[EisSpectrum] = deque(maxlen=self.config.max_records)
-        self._failures: deque[SweepFailure] = deque(maxlen=64)
+        # room for a cancel of a full queue: every dropped request leaves its failure here
+        self._failures: deque[SweepFailure] = deque(maxlen=self.config.queue_limit + 64)
+        self._sweep_handles: dict[int, int] = {}  # SweepId -> handle of its last attempt
         self._next_handle = 1
         # a new process must not reuse the SweepId its predecessor may have left running (the
         # module would take the request as a repetition of that sweep and keep measuring it)
@@ -356,27 +373,20 @@ class EisDriver:
         """Drop a queued request, or abort the running sweep (``handle`` None: the running one,
         and everything queued). True when something was cancelled."""
         with self._lock:
-            found = False
-            if handle is not None:
-                for r in list(self._queue):
-                    if r.handle == handle:
-                        self._queue.remove(r)
-                        found = True
-                if self._retry is not None and self._retry.handle == handle:
+            dropped = [r for r in (*self._queue, self._retry) if r is not None and handle in (None, r.handle)]
+            for r in dropped:
+                if r is self._retry:
                     self._retry = None
-                    found = True
-            else:
-                found = bool(self._queue) or self._retry is not None
-                self._queue.clear()
-                self._retry = None
+                else:
+                    self._queue.remove(r)
+                # whoever waits for this request's outcome (`bmsgw eis sweep`) must learn it ended
+                self._report(r, "cancelled by operator", final=True)
             a = self._active
             if a is not None and (handle is None or a.req.handle == handle) \
                     and self._phase in (Phase.REQUESTING, Phase.RUNNING, Phase.COLLECTING):
-                self._pending.append(self._abort_frame(a.sweep_id, "operator"))
-                self.stats.aborts += 1
-                self._fail(a, "cancelled by operator", retry=False)
-                found = True
-            return found
+                self._abort(a, "cancelled by operator", retry=False, code="operator")
+                return True
+            return bool(dropped)
 
     # -- outputs ----------------------------------------------------------------------------
 
@@ -395,6 +405,29 @@ class EisDriver:
     @property
     def phase(self) -> Phase:
         return self._phase
+
+    def handle_of(self, sweep_id: int) -> int | None:
+        """The request handle a SweepId (of a record) belongs to."""
+        with self._lock:
+            return self._sweep_handles.get(sweep_id)
+
+    def stage(self, handle: int) -> str | None:
+        """Where a request is: "queued", "retry" (an attempt failed, the next one waits), "running",
+        "measured" or "failed" (its record or final failure not popped yet); None when the driver
+        no longer holds it (popped, or never issued)."""
+        with self._lock:
+            a = self._active
+            if a is not None and a.req.handle == handle:
+                return "running"
+            if any(r.handle == handle for r in self._queue):
+                return "queued"
+            if self._retry is not None and self._retry.handle == handle:
+                return "retry"
+            if any(self._sweep_handles.get(r.sweep_id) == handle for r in self._records):
+                return "measured"
+            if any(f.handle == handle for f in self._failures):
+                return "failed"
+            return None
 
     def status(self) -> dict[str, Any]:
         """A snapshot for the CLI / OPC UA: what runs, progress, module state, queue."""
@@ -458,10 +491,12 @@ class EisDriver:
         if a is None or sid != a.sweep_id:
             self.stats.foreign_frames += 1
             return
-        if cmd == CMD_SWEEP and self._phase == Phase.REQUESTING:
-            if result == 0:
-                self._accepted(a, now, int(v["PointsTotal"]), float(v["EstimatedDuration"]))
-            elif result == ERR_BUSY:
+        if cmd == CMD_SWEEP and result == 0 and self._phase in (Phase.REQUESTING, Phase.RUNNING):
+            # in RUNNING the module's first Status came first (both go out "at once"): its
+            # estimate and point count still hold
+            self._accepted(a, now, int(v["PointsTotal"]), float(v["EstimatedDuration"]))
+        elif cmd == CMD_SWEEP and self._phase == Phase.REQUESTING:
+            if result == ERR_BUSY:
                 self._clear_busy = True  # something else runs (e.g. before a gateway restart): abort it first
                 self._fail(a, "module busy", retry=True)
             elif result == ERR_FD_NOT_SUPPORTED and a.req.settings.fd:
@@ -475,10 +510,16 @@ class EisDriver:
             self._fail(a, f"resend refused: {ERROR_NAMES.get(result, result)}", retry=True)
 
     def _accepted(self, a: _Active, now: float, points: int, est_s: float) -> None:
+        """The module runs our sweep (Ack, or a Status when the Ack is late or lost)."""
+        if points != a.points_total:  # another grid than the protocol's: its points would be misfiled
+            self._abort(a, f"the module announces {points} points, the request has {a.points_total}", retry=False)
+            return
         self._phase = Phase.RUNNING
-        a.points_total = points or a.req.settings.points
         own = a.req.settings.estimated_duration_s()
-        est = est_s if est_s > 0 else own
+        # a module may integrate longer than the recommended minimum, but not for ever: an
+        # estimate of up to 65535 s would let a module that hangs in Measuring keep the target
+        # excited and the EIS path blocked for a day before the sweep timeout ends it
+        est = min(est_s, ESTIMATE_LIMIT * own) if est_s > 0 else own
         a.deadline = now + est * self.config.duration_margin + self.config.duration_slack_s
         a.last_status = now
 
@@ -490,13 +531,18 @@ class EisDriver:
         a = self._active
         if a is None or sid != a.sweep_id or self._phase not in (Phase.REQUESTING, Phase.RUNNING, Phase.COLLECTING):
             return
+        target = int(v["TargetType"]), int(v["TargetIndex"])
+        if target != (a.req.target.type_code, a.req.target.index):  # its points would be filed as ours
+            self._abort(a, f"the module measures target type {target[0]} index {target[1]}, not {a.req.target.name}",
+                        retry=True)
+            return
         a.last_status = now
         a.module_points_done = int(v["PointsDone"])
-        if self._phase == Phase.REQUESTING and state in (ST_SETTLING, ST_MEASURING):
-            self._accepted(a, now, int(v["PointsTotal"]), 0.0)  # the Ack was lost; the status says it runs
-        if state == ST_DONE and self._phase in (Phase.REQUESTING, Phase.RUNNING):
-            if self._phase == Phase.REQUESTING:
-                self._accepted(a, now, int(v["PointsTotal"]), 0.0)
+        if self._phase == Phase.REQUESTING and state in (ST_SETTLING, ST_MEASURING, ST_DONE):
+            self._accepted(a, now, int(v["PointsTotal"]), 0.0)  # the Ack is late or lost; the status says it runs
+            if self._active is not a:
+                return
+        if state == ST_DONE and self._phase == Phase.RUNNING:
             self._phase = Phase.COLLECTING
             a.collect_deadline = now + self.config.result_timeout_s
             self._check_complete(a, now)
@@ -541,6 +587,8 @@ class EisDriver:
         part = int(v["Part"])
         if part == 0:
             p.frequency, p.flags = float(v["Frequency"]), int(v["PointFlags"])
+            if not self._on_grid(a, int(v["PointIndex"]), p.frequency):
+                return
         elif part == 1:
             p.z_re = float(v["ZReal"])
         else:
@@ -567,8 +615,19 @@ class EisDriver:
             p.z_im = float(v[f"Point{slot}_ZImag"])
             p.flags = int(v[f"Point{slot}_Flags"])
             p.parts = 0b111
+            if not self._on_grid(a, first + slot, p.frequency):
+                return
         if self._phase == Phase.COLLECTING:
             self._check_complete(a, now)
+
+    def _on_grid(self, a: _Active, k: int, f: float) -> bool:
+        """Point k measured near its requested frequency, or the attempt fails. Strictly within half
+        a grid step (in log f): neighbours can never meet, so a record's frequencies are distinct
+        and in sweep order. A non-finite frequency is left to :meth:`_complete` (asked for again)."""
+        if not (math.isfinite(f) and f > 0) or abs(math.log10(f) - a.log_f[k]) < 0.5 / a.req.settings.points_per_decade:
+            return True
+        self._abort(a, f"point {k} measured at {f:.6g} Hz, requested {10.0 ** a.log_f[k]:.6g} Hz", retry=True)
+        return False
 
     @staticmethod
     def _complete(p: _Point, a: _Active) -> bool:
@@ -738,13 +797,15 @@ class EisDriver:
         sid = self._next_sweep_id
         self._next_sweep_id = sid % 255 + 1
         s = req.settings
+        self._sweep_handles[sid] = req.handle
         frame = self._frame("EIS_SweepRequest", {
             "SweepId": sid, "TargetType": req.target.type_code, "TargetIndex": req.target.index,
             "StartFreqLog10": quantize_log_f(s.f_start_hz), "StopFreqLog10": quantize_log_f(s.f_stop_hz),
             "PointsPerDecade": s.points_per_decade, "ExcitationAmplitude": s.amplitude_a,
             "ResultFormat": 1 if s.fd else 0})
-        self._active = _Active(req, sid, frame, now, started_wall=self.wall_clock(), started_at=now,
-                               current_ref=current, points_total=s.points)
+        grid = s.grid()
+        self._active = _Active(req, sid, frame, now, np.log10(grid), started_wall=self.wall_clock(), started_at=now,
+                               current_ref=current, points_total=grid.size)
         self._phase = Phase.REQUESTING
         self.stats.sweeps_started += 1
         out.append(frame)
@@ -756,10 +817,7 @@ class EisDriver:
         if not count:
             req.attempts -= 1
         final = not retry or req.attempts >= self.config.max_attempts
-        f = SweepFailure(req.handle, req.target, reason, req.attempts, final, self._now)
-        self.last_failure = f
-        self._failures.append(f)
-        self.stats.failures += 1
+        self._report(req, reason, final)
         self._active = None
         self._phase = Phase.BACKOFF
         self._backoff_until = self._now + (0.0 if not count else self.config.retry_delay_s)
@@ -768,6 +826,18 @@ class EisDriver:
             self._retry = req
         elif not req.on_demand:
             self._next_periodic = self._now + self.config.period_s
+
+    def _abort(self, a: _Active, reason: str, *, retry: bool, code: str = "unspecified") -> None:
+        """Stop the module's sweep (on the next tick) and fail the attempt."""
+        self._pending.append(self._abort_frame(a.sweep_id, code))
+        self.stats.aborts += 1
+        self._fail(a, reason, retry=retry)
+
+    def _report(self, req: _Request, reason: str, final: bool) -> None:
+        f = SweepFailure(req.handle, req.target, reason, req.attempts, final, self._now)
+        self.last_failure = f
+        self._failures.append(f)
+        self.stats.failures += 1
 
     # -- frames out -------------------------------------------------------------------------
 

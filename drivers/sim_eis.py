@@ -51,7 +51,7 @@ import cantools
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from drivers.eis_driver import load_eis_dbc
+from drivers.eis_driver import load_eis_dbc, quantize_log_f
 from drivers.sim_battery import get_chemistry
 from estimators.eis_fit import EcmParams
 from estimators.spectrum import EisSpectrum, log_grid
@@ -443,11 +443,13 @@ class SimEis:
             return
         err = ERR_NONE
         freqs = np.zeros(0)
+        # the limits as advertised (coded): a request at its own code is within them
+        lo_code, hi_code = quantize_log_f(self.min_freq_hz), quantize_log_f(self.max_freq_hz)
         if sid == 0:
             err = ERR_INVALID_SWEEP_ID
         elif ttype == 0 and not 0 <= tidx < self.cells or ttype == 1 and not 0 <= tidx < self.modules or ttype > 1:
             err = ERR_INVALID_TARGET
-        elif not (math.log10(self.min_freq_hz) - 1e-9 <= min(a, b) and max(a, b) <= math.log10(self.max_freq_hz) + 1e-9):
+        elif not (lo_code - 1e-9 <= min(a, b) and max(a, b) <= hi_code + 1e-9):
             err = ERR_INVALID_FREQUENCY
         elif ppd < 1:
             err = ERR_INVALID_POINTS
@@ -456,7 +458,8 @@ class SimEis:
         elif fmt == FORMAT_FD and not self.fd_capable or fmt > FORMAT_FD:
             err = ERR_FD_NOT_SUPPORTED
         else:
-            freqs = log_grid(10.0**a, 10.0**b, ppd)
+            # a coded limit lies up to half a code beyond the generator's: the nearest it can make
+            freqs = np.clip(log_grid(10.0**a, 10.0**b, ppd), self.min_freq_hz, self.max_freq_hz)
             if freqs.size > self.max_points:
                 err = ERR_INVALID_POINTS
         if err != ERR_NONE:
@@ -597,8 +600,8 @@ class SimEis:
 
     def _send_caps(self) -> None:
         self._send("EIS_Capabilities", {
-            "ProtocolVersion": 1, "MinFreqLog10": math.log10(self.min_freq_hz),
-            "MaxFreqLog10": math.log10(self.max_freq_hz), "MaxAmplitude": self.max_amplitude_a,
+            "ProtocolVersion": 1, "MinFreqLog10": quantize_log_f(self.min_freq_hz),
+            "MaxFreqLog10": quantize_log_f(self.max_freq_hz), "MaxAmplitude": self.max_amplitude_a,
             "MaxPoints": self.max_points, "FdCapable": int(self.fd_capable), "ModuleTargets": 1})
 
     def _send_classic(self, sw: _Sweep, k: int) -> None:

@@ -14,6 +14,11 @@ from .spectrum import ComplexArray, FloatArray
 
 __all__ = ["KKResult", "lin_kk"]
 
+# what a spectrum must cover before its verdict means anything: the KK fit of a narrower (or
+# one-frequency) spectrum fits anything, and every estimate downstream would be made up
+MIN_FREQUENCIES = 5  # distinct: at least 0.001 decade apart
+MIN_DECADES = 1.0
+
 
 @dataclass(frozen=True, eq=False)
 class KKResult:
@@ -28,6 +33,12 @@ class KKResult:
     rms: float
     max_abs: float
     z_fit: ComplexArray
+
+    @classmethod
+    def invalid(cls, n: int, reason: str) -> KKResult:
+        """The verdict of a spectrum that could not be tested: invalid, no fit, no residuals."""
+        nan = np.full(n, math.nan)
+        return cls(False, reason, 0, math.nan, nan, nan.copy(), math.nan, math.nan, nan.astype(np.complex128))
 
     def to_dict(self) -> dict[str, Any]:
         return {"valid": self.valid, "reason": self.reason, "n_elements": self.n_elements, "mu": self.mu,
@@ -50,9 +61,11 @@ def lin_kk(frequency_hz: ArrayLike, z: ArrayLike, *, c: float = 0.85, max_elemen
     Every KK-compliant spectrum is fitted to its noise level; drift or a non-steady state
     leaves structured residuals, mostly at low frequencies.
 
-    The spectrum is *valid* when the rms residual is <= ``rms_limit``, no residual exceeds
-    ``max_limit`` and the rms residual of the ``low_freq_points`` lowest frequencies (where
-    drift shows first: a DC drift leaks into a point as ``~1/f``) is <= ``low_freq_limit``.
+    The spectrum is *valid* when it has at least ``MIN_FREQUENCIES`` distinct frequencies over
+    ``MIN_DECADES`` (otherwise it is not tested), the rms residual is <= ``rms_limit``, no
+    residual exceeds ``max_limit`` and the rms residual of the ``low_freq_points`` lowest
+    frequencies (where drift shows first: a DC drift leaks into a point as ``~1/f``) is
+    <= ``low_freq_limit``.
     Unset limits follow the module's relative noise ``noise`` (standard deviation of each
     of Z_re, Z_im relative to |Z|): 2.5x, 6.5x and 2.5x of it.
     """
@@ -61,6 +74,13 @@ def lin_kk(frequency_hz: ArrayLike, z: ArrayLike, *, c: float = 0.85, max_elemen
     n = f.size
     if n < 5 or zc.size != n:
         raise ValueError("lin-KK needs at least 5 points and one impedance per frequency")
+    if not np.all(np.isfinite(f) & (f > 0)):
+        return KKResult.invalid(n, "a frequency is not finite and positive")
+    logf = np.log10(f)
+    distinct, decades = np.unique(np.round(logf, 3)).size, float(np.ptp(logf))
+    if distinct < MIN_FREQUENCIES or decades < MIN_DECADES - 1e-9:
+        return KKResult.invalid(n, f"{distinct} distinct frequencies over {decades:.2f} decades: too few to test "
+                                   f"(at least {MIN_FREQUENCIES} over {MIN_DECADES:g} decade)")
     rms_limit = 2.5 * noise if rms_limit is None else rms_limit
     max_limit = 6.5 * noise if max_limit is None else max_limit
     low_freq_limit = 2.5 * noise if low_freq_limit is None else low_freq_limit
@@ -76,7 +96,6 @@ def lin_kk(frequency_hz: ArrayLike, z: ArrayLike, *, c: float = 0.85, max_elemen
     m_max = min(m_max, 2 * n - extra_cols.shape[1] - 1)
     # mu is not monotonic in M: with too few elements it can dip below c by accident while the
     # fit is still poor, so start from about 1.5 elements per decade (never fewer than 3)
-    decades = math.log10(wmax / wmin)
     m_min = min(m_max, max(3, min_elements if min_elements is not None else int(math.ceil(1.5 * decades)) + 1))
     best: tuple[int, float, ComplexArray] | None = None
     for m in range(m_min, m_max + 1):

@@ -490,6 +490,8 @@ def cmd_eis_sweep(args: argparse.Namespace) -> int:
     while True:
         st = request(sock, "eis.status", {"handle": handle})
         outcome = st.get("outcome")
+        if outcome is None and st.get("stage") is None:  # the daemon holds it nowhere: no outcome will come
+            outcome = {"ok": False, "target": target, "reason": "ended without an outcome (the daemon no longer knows it)"}
         if outcome is not None:
             if tty:
                 print()
@@ -503,13 +505,18 @@ def cmd_eis_sweep(args: argparse.Namespace) -> int:
                 print(f"bmsgw eis show --cell {args.cell}" if args.cell is not None else
                       f"bmsgw eis show --module {args.module}", "shows it")
             return EXIT_OK
-        if st["handle"] == handle:
+        stage = st["stage"]
+        if stage == "running":
             line = f"{target}: {st['phase']:<10} {_bar(st['points_received'], st['points_total'])}"
-        elif target not in st["queued"]:
+        elif stage in ("measured", "analysing"):
             line = f"{target}: measured, analysing (Kramers-Kronig, DRT, fit, SoT)"
-        else:
+        elif stage == "retry":
+            line = f"{target}: waiting to try again (last failure: {st['last_failure']})"
+        elif stage == "queued":
             wait = "waiting for a low, steady pack current" if not st["current_stable"] else "waiting"
             line = f"{target}: queued ({wait}; module {st['module_state'] or 'not heard yet'})"
+        else:  # "failed": the outcome follows with the next status
+            line = last
         if line != last:
             if args.json:
                 print(json.dumps({"target": target, "phase": st["phase"], "points_received": st["points_received"],
@@ -544,7 +551,11 @@ def cmd_eis_show(args: argparse.Namespace) -> int:
     res = request(sock, "eis.show", {"target": target})
     sp = res["spectrum"]
     if args.png:
-        write_png(args.png, sp["z_re_ohm"], sp["z_im_ohm"], res["fit_z_re"], res["fit_z_im"], title=res["target"])
+        try:
+            write_png(args.png, sp["z_re_ohm"], sp["z_im_ohm"], res["fit_z_re"], res["fit_z_im"], title=res["target"])
+        except OSError as exc:  # a path argument that cannot be written, as for the other file arguments
+            print(f"bmsgw: {args.png}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.json:
         _print_json(res)
         return EXIT_OK

@@ -4,7 +4,8 @@ The module's frames reach this process from P0 (which only forwards the EIS fram
 a sweep never touches the protection lane's work), and its commands go back through P0's
 adapter. :class:`EisService` owns the protocol driver (drivers/eis_driver.py), feeds it the
 pack current and protection state every ``TICK_S``, and analyses each finished spectrum in a
-worker thread (lin-KK, DRT, equivalent-circuit fit, SoT: estimators/eis.py). A result goes to
+worker thread of its own (lin-KK, DRT, equivalent-circuit fit, SoT: estimators/eis.py), which
+the ticks never wait for: an analysis takes up to a second, an abort must not. A result goes to
 
 * the process image: ``cell.sot`` / ``module.sot`` (degC) and the fit, ``*.eis_r`` (R0..R4)
   and ``*.eis_c`` (C1..C4), stamped with the measurement time (an invalid spectrum changes
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +35,7 @@ from typing import Any, Literal
 import can
 import numpy as np
 
-from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, Phase, SweepSettings, load_eis_dbc
+from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, SweepSettings, load_eis_dbc
 from estimators.eis import EisAnalysis, analyze_spectrum
 from estimators.kk import KKResult
 from estimators.sot import SotCalibration, calibrate_sot
@@ -45,8 +48,9 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.1
 N_RC = 4  # the cloud's R1..R4 / C1..C4: the image always has room for four arcs
-# events that abort a sweep: anything protection reports, at any level
+# events that abort a sweep: anything protection (P0) reports, at any level
 PROTECTION_KINDS = frozenset({Kind.LIMIT, Kind.DATA, Kind.TRIP, Kind.DEADLINE, Kind.CONTACTOR})
+SOT_MISMATCH = "sot_mismatch"  # this service's own warning (a LIMIT event too, but not protection's)
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,8 @@ class EisService:
         self.mismatches = 0
         self.send_errors = 0
         self.outcomes: dict[int, dict[str, Any]] = {}  # handle -> how its sweep ended (the last 100)
-        self._handle_of: dict[int, int] = {}  # sweep id -> handle, learnt while it runs
+        self._analysis = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eis-analysis")
+        self._analysing: deque[tuple[int | None, Future[EisResult]]] = deque()  # in the order measured
         self._protection_seen = threading.Event()
         self._mismatch_active: set[str] = set()
         recorder.subscribers.append(self._on_event)
@@ -231,7 +236,8 @@ class EisService:
         self.driver.on_frame(msg, time.monotonic())
 
     def _on_event(self, event: Event) -> None:
-        if event.active and event.kind in PROTECTION_KINDS:
+        # our own SoT warning comes back through the recorder: it must not abort the next sweep
+        if event.active and event.kind in PROTECTION_KINDS and event.name != SOT_MISMATCH:
             self._protection_seen.set()
 
     def _good(self, name: str, now: float) -> float:
@@ -272,16 +278,13 @@ class EisService:
     # -- the loop ----------------------------------------------------------------------------
 
     async def step(self, protection_active: bool) -> None:
-        """One driver tick; frames out; finished spectra analysed and published."""
+        """One driver tick; frames out; finished spectra handed to the analysis thread, those it
+        has analysed published (in the order they were measured)."""
         import anyio
 
         active = protection_active or self._protection_seen.is_set()
         self._protection_seen.clear()
         frames = self.driver.tick(time.monotonic(), self._pack_current(), active)
-        if self.driver.phase != Phase.IDLE:
-            st = self.driver.status()
-            if st["sweep_id"] is not None:
-                self._handle_of[st["sweep_id"]] = st["handle"]
         if frames:
             try:
                 await anyio.to_thread.run_sync(self.send, frames)
@@ -289,20 +292,26 @@ class EisService:
                 # and aborts (while the module's Status still says it measures)
                 self.send_errors += 1
                 log.warning("EIS: could not send %d frames: %s", len(frames), exc)
+        self._take_failures()
+        for spectrum in self.driver.pop_records():
+            self._analysing.append((self.driver.handle_of(spectrum.sweep_id),
+                                    self._analysis.submit(self.analyse, spectrum)))
+        while self._analysing and self._analysing[0][1].done():
+            handle, future = self._analysing.popleft()
+            result = future.result()  # analyse() turns every error into an invalid result
+            self.publish(result)
+            if handle is not None:
+                self._ended(handle, {"ok": True, "target": result.spectrum.target, "valid": result.analysis.valid,
+                                     "reason": "measured" if result.analysis.valid
+                                     else f"measured, but invalid: {result.analysis.kk.reason}"})
+
+    def _take_failures(self) -> None:
         for failure in self.driver.pop_failures():
             if failure.final:
                 self._ended(failure.handle, {"ok": False, "target": failure.target.name, "reason": failure.reason})
             log.log(logging.WARNING if failure.final else logging.INFO, "EIS sweep of %s %s: %s",
                     failure.target.name, "failed" if failure.final else f"attempt {failure.attempt} failed",
                     failure.reason)
-        for spectrum in self.driver.pop_records():
-            result = await anyio.to_thread.run_sync(self.analyse, spectrum)
-            self.publish(result)
-            handle = self._handle_of.pop(spectrum.sweep_id, None)
-            if handle is not None:
-                self._ended(handle, {"ok": True, "target": spectrum.target, "valid": result.analysis.valid,
-                                     "reason": "measured" if result.analysis.valid
-                                     else f"measured, but invalid: {result.analysis.kk.reason}"})
 
     def _ended(self, handle: int, outcome: dict[str, Any]) -> None:
         self.outcomes[handle] = outcome
@@ -319,7 +328,7 @@ class EisService:
                                         cpe=s.fit_cpe, mismatch_threshold_c=s.sot_mismatch_c)
         except Exception as exc:  # numerics (LinAlgError, ...) or too few points: one spectrum's problem
             log.warning("EIS %s: analysis failed: %s: %s", spectrum.target, type(exc).__name__, exc)
-            analysis = EisAnalysis(spectrum, _failed_kk(spectrum.n, f"analysis failed: {type(exc).__name__}: {exc}"))
+            analysis = EisAnalysis(spectrum, KKResult.invalid(spectrum.n, f"analysis failed: {type(exc).__name__}: {exc}"))
         return EisResult(analysis, time.time())
 
     def publish(self, result: EisResult) -> None:
@@ -360,7 +369,7 @@ class EisService:
         for name, value in values.items():
             i = img.index(name)
             img.value[i] = value
-            img.valid[i] = 1
+            img.valid[i] = math.isfinite(value)  # an estimate that failed (NaN) is no value
         slot = int(img.slot_of[img.index(f"{base}.sot")])
         ts = result.spectrum.timestamp
         img.rx_time[slot] = ts if math.isfinite(ts) else result.analysed_at
@@ -379,13 +388,13 @@ class EisService:
             self._mismatch_active.add(target)
             cause = "internal heating or a sensor reading low" if m.kind == "sot_above_sensor" \
                 else "a sensor reading high"
-            self.recorder(Event(Kind.LIMIT, "sot_mismatch", Level.RSL, True, index, round(sot.temperature_c, 2),
+            self.recorder(Event(Kind.LIMIT, SOT_MISMATCH, Level.RSL, True, index, round(sot.temperature_c, 2),
                                 round(m.threshold_c, 2),
                                 f"{target}: SoT {sot.temperature_c:.1f} degC differs from the sensor by "
                                 f"{m.delta_c:+.1f} degC ({cause})"))
         elif target in self._mismatch_active:
             self._mismatch_active.discard(target)
-            self.recorder(Event(Kind.LIMIT, "sot_mismatch", Level.RSL, False, index, round(sot.temperature_c, 2),
+            self.recorder(Event(Kind.LIMIT, SOT_MISMATCH, Level.RSL, False, index, round(sot.temperature_c, 2),
                                 round(m.threshold_c, 2), f"{target}: SoT agrees with the sensor again"))
 
     # -- requests (CLI, OPC UA, cloud) -------------------------------------------------------------
@@ -403,18 +412,29 @@ class EisService:
         return True, f"sweep of {t.name} queued (starts when the pack current is low and steady)", handle
 
     def cancel(self, handle: int | None = None) -> bool:
-        return self.driver.cancel(handle)
+        """Abort the running sweep and drop queued ones (``handle`` None: all); each ends at once
+        with the outcome "cancelled by operator"."""
+        found = self.driver.cancel(handle)
+        self._take_failures()
+        return found
 
 
     def status(self, handle: int | None = None) -> dict[str, Any]:
         """Driver state, progress of the running sweep, counters, the last result; with ``handle``,
-        also how that sweep ended (None while it is queued or running)."""
+        also how that sweep ended (``outcome``, None until it has) and where it is until then
+        (``stage``: see :meth:`EisDriver.stage`, or "analysing"; None once it has an outcome, or when
+        this process does not know it)."""
         last = self.last
-        extra = {"outcome": self.outcomes.get(handle)} if handle is not None else {}
+        extra = {"outcome": self.outcomes.get(handle), "stage": self._stage(handle)} if handle is not None else {}
         return {**self.driver.status(), **extra, "analysed": self.analysed, "invalid": self.invalid,
                 "sot_mismatches": self.mismatches, "send_errors": self.send_errors,
                 "sot_calibration": None if self.calibration is None else self.calibration.feature.label(),
                 "last": None if last is None else summary(last)}
+
+    def _stage(self, handle: int) -> str | None:
+        if handle in self.outcomes:
+            return None
+        return self.driver.stage(handle) or ("analysing" if any(h == handle for h, _ in self._analysing) else None)
 
     def show(self, target: str | None = None) -> dict[str, Any]:
         """The last result of a target (default: the last of all), spectrum included."""
@@ -471,12 +491,6 @@ def summary(result: EisResult) -> dict[str, Any]:
             "fit": None if a.fit is None else {"params": {k: _num(v) for k, v in a.fit.params.as_cloud().items()},
                                                 "rel_sd": {k: _num(v) for k, v in a.fit.rel_sd_named().items()},
                                                 "rel_rms": _num(a.fit.rel_rms), "converged": a.fit.converged}}
-
-
-def _failed_kk(n: int, reason: str) -> KKResult:
-    """The verdict of a spectrum that could not be analysed: invalid, no residuals."""
-    nan = np.full(n, math.nan)
-    return KKResult(False, reason, 0, math.nan, nan, nan.copy(), math.nan, math.nan, nan.astype(np.complex128))
 
 
 def _target_key(name: str) -> tuple[str, int]:

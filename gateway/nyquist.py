@@ -101,7 +101,14 @@ class _Canvas:
                 if dx * dx + dy * dy <= r * r and 0 <= xi + dx < self.w and 0 <= yi + dy < self.h:
                     self.px[yi + dy, xi + dx] = color
 
-    def line(self, x0: float, y0: float, x1: float, y1: float, color: tuple[int, int, int]) -> None:
+    def line(self, x0: float, y0: float, x1: float, y1: float, color: tuple[int, int, int],
+             box: tuple[float, float, float, float] | None = None) -> None:
+        """A line, clipped to ``box`` (x0, y0, x1, y1; default the canvas) before it is rasterised:
+        a point far off the frame costs no more than one across it."""
+        seg = _clip((x0, y0, x1, y1), box or (0.0, 0.0, self.w - 1.0, self.h - 1.0))
+        if seg is None:
+            return
+        x0, y0, x1, y1 = seg
         n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
         for t in np.linspace(0.0, 1.0, n + 1):
             self.dot(x0 + (x1 - x0) * t, y0 + (y1 - y0) * t, color)
@@ -123,6 +130,27 @@ class _Canvas:
 
         return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def _clip(seg: tuple[float, float, float, float],
+          box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+    """The part of a segment inside a box (Liang-Barsky), None when there is none."""
+    if not all(math.isfinite(v) for v in seg):
+        return None
+    x0, y0, x1, y1 = seg
+    dx, dy = x1 - x0, y1 - y0
+    t0, t1 = 0.0, 1.0
+    for p, q in ((-dx, x0 - box[0]), (dx, box[2] - x0), (-dy, y0 - box[1]), (dy, box[3] - y0)):
+        if p == 0:
+            if q < 0:  # parallel to this edge and outside it
+                return None
+        elif p < 0:
+            t0 = max(t0, q / p)
+        else:
+            t1 = min(t1, q / p)
+    if t0 > t1:
+        return None
+    return x0 + t0 * dx, y0 + t0 * dy, x0 + t1 * dx, y0 + t1 * dy
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -168,7 +196,7 @@ def write_png(path: str | Path, z_re: Points, z_im: Points, fit_re: Points | Non
         fr, fi = np.asarray(fit_re, dtype=float) * 1e3, -np.asarray(fit_im, dtype=float) * 1e3
         pts = [px(x, y) for x, y in zip(fr, fi, strict=True) if math.isfinite(x) and math.isfinite(y)]
         for (ax, ay_), (bx, by) in zip(pts, pts[1:], strict=False):
-            cv.line(ax, ay_, bx, by, (200, 30, 30))
+            cv.line(ax, ay_, bx, by, (200, 30, 30), box=(left, top, left + pw, top + ph))
     for x, y in zip(re[ok] * 1e3, -im[ok] * 1e3, strict=True):
         cv.dot(*px(x, y), (30, 60, 200), r=3)
     Path(path).write_bytes(cv.png())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 
@@ -9,8 +10,18 @@ import can
 import cantools
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from drivers.eis_driver import Conditions, EisDriver, EisDriverConfig, EisTarget, Phase, SweepSettings
+from drivers.eis_driver import (
+    ESTIMATE_LIMIT,
+    Conditions,
+    EisDriver,
+    EisDriverConfig,
+    EisTarget,
+    Phase,
+    SweepSettings,
+)
 from drivers.sim_eis import DBC_PATH, STATE_ABORTED, STATE_DONE, STATE_MEASURING, SimConditions, SimEis
 
 DB = cantools.database.load_file(str(DBC_PATH))
@@ -405,3 +416,161 @@ def test_the_first_request_after_a_restart_does_not_take_over_the_previous_sweep
     assert sent.index(0x300) < sent.index(0x301)  # the old sweep is aborted before the first request
     assert link.sent_named("EIS_Abort")[0]["SweepId"] == 0
     _check_against_truth(link)  # the new sweep's 61 points, not the old one's 121
+
+
+def _rewritten(name: str, m: can.Message, **values: float) -> can.Message:
+    """A module frame with some of its signals replaced."""
+    msg = DB.get_message_by_name(name)
+    v = DB.decode_message(m.arbitration_id, m.data, decode_choices=False)
+    return can.Message(arbitration_id=m.arbitration_id, data=msg.encode({**v, **values}), is_extended_id=False)
+
+
+def _sweep_ack(m: can.Message) -> bool:
+    return m.arbitration_id == 0x308 and DB.decode_message(0x308, m.data, decode_choices=False)["Command"] == 1
+
+
+def test_points_far_from_their_grid_frequency_fail_the_attempt() -> None:
+    """A module whose generator is stuck at the first frequency reports it truthfully: 61 points of
+    one frequency are no spectrum. Each attempt is aborted at the first such point; nothing is filed."""
+    link = Link(max_attempts=2)
+    _setup(link)
+    top = float(SWEEP.grid()[0])
+
+    def stuck(m: can.Message) -> can.Message:
+        pp = _point_frame(m)
+        return _with_float(m, top) if pp is not None and pp[1] == 0 else m
+
+    link.wire_in = stuck
+    link.drv.request_sweep("cell[5]")
+    link.run(1000, until=lambda: link.drv.stats.failures == 2)
+    fails = link.drv.pop_failures()
+    assert [f.final for f in fails] == [False, True]
+    assert all(f.reason.startswith("point 1 measured at 10000 Hz, requested 7943.28 Hz") for f in fails)
+    assert not link.drv.pop_records() and link.drv.phase is not Phase.RUNNING
+    assert len(link.sent_named("EIS_Abort")) >= 2 and link.sim.state == STATE_ABORTED
+
+
+def test_a_status_naming_another_target_fails_the_attempt() -> None:
+    """A module that measures another cell than requested (its Status carries our SweepId, but
+    target 6): its spectrum must not be filed as cell[5]. It is stopped before its first point."""
+    link = Link(max_attempts=1)
+    _setup(link)
+    link.wire_in = lambda m: _rewritten("EIS_Status", m, TargetIndex=6) if m.arbitration_id == 0x310 else m
+    link.drv.request_sweep("cell[5]")
+    link.run(1000, until=lambda: link.drv.stats.failures > 0)
+    link.run(50)
+    fails = link.drv.pop_failures()
+    assert len(fails) == 1 and fails[0].final and "target type 0 index 6, not cell[5]" in fails[0].reason
+    assert not link.drv.pop_records()
+    assert link.sim.state == STATE_ABORTED and not link.sim.sweep.results  # type: ignore[union-attr]
+
+
+def _honest_slow_link(periods: float, **cfg: object) -> Link:
+    """A module at real speed that takes ``periods`` periods per point (and tells so in its Ack);
+    a sweep timeout without slack, so an estimate too short fails the sweep."""
+    link = Link(sim_kw={"speed": 1.0, "periods": periods}, duration_margin=1.2, duration_slack_s=0.0, max_attempts=1,
+                **cfg)
+    _setup(link)
+    return link
+
+
+def test_an_ack_that_follows_the_first_status_still_sets_the_sweep_timeout() -> None:
+    """The module's Status(Settling) and its Ack both go out at once, the Status first: the Ack's
+    EstimatedDuration must still be used, not the driver's own (shorter) estimate."""
+    link = _honest_slow_link(6.0, sweep=SweepSettings(10_000.0, 1.0, 10))
+    held: list[can.Message] = []
+    swapped: list[can.Message] = []
+
+    def status_first(m: can.Message) -> can.Message | None:
+        if _sweep_ack(m):
+            held.append(m)
+            return None
+        if m.arbitration_id == 0x310 and held:
+            link.drv.on_frame(m, link.sim.now)
+            swapped.append(held.pop())
+            return swapped[-1]
+        return m
+
+    link.wire_in = status_first
+    link.drv.request_sweep("cell[5]")
+    link.run(8000, until=lambda: bool(link.drv._records) or link.drv.stats.failures > 0)
+    assert len(swapped) == 1 and link.drv.pop_failures() == []
+    assert len(link.drv.pop_records()) == 1
+
+
+def test_without_an_ack_the_own_estimate_counts_the_settling_period() -> None:
+    """The Ack is lost; the Status shows the sweep runs. The driver's own estimate must cover what
+    the protocol recommends per point (one period to settle, two to integrate)."""
+    link = _honest_slow_link(3.0, sweep=SweepSettings(10_000.0, 0.1, 10))
+    link.wire_in = lambda m: None if _sweep_ack(m) else m
+    link.drv.request_sweep("cell[5]")
+    link.run(20_000, until=lambda: bool(link.drv._records) or link.drv.stats.failures > 0)
+    assert link.drv.pop_failures() == []
+    assert len(link.drv.pop_records()) == 1
+
+
+def test_an_ack_announcing_another_number_of_points_ends_the_sweep() -> None:
+    """PointsTotal 3 for a 61-point request: the module computes another grid, so its points would
+    be filed under the wrong frequencies; it is stopped and the request given up."""
+    link = Link()
+    _setup(link)
+    link.wire_in = lambda m: _rewritten("EIS_Ack", m, PointsTotal=3) if _sweep_ack(m) else m
+    link.drv.request_sweep("cell[5]")
+    link.run(400)
+    fails = link.drv.pop_failures()
+    assert len(fails) == 1 and fails[0].final and "announces 3 points, the request has 61" in fails[0].reason
+    assert not link.drv.pop_records() and len(link.sent_named("EIS_SweepRequest")) == 1
+    assert link.sim.state == STATE_ABORTED and not link.sim.sweep.results  # type: ignore[union-attr]
+
+
+def test_an_absurd_estimated_duration_is_capped() -> None:
+    """EstimatedDuration 65535 s (18 h) for a sweep the driver estimates at a few seconds: a module
+    that then hangs in Settling is aborted after at most ESTIMATE_LIMIT times the driver's own estimate."""
+    sweep = SweepSettings(1000.0, 100.0, 5)
+    link = Link(sim_kw={"speed": 0.001}, sweep=sweep, duration_margin=1.0, duration_slack_s=0.0, max_attempts=1,
+                status_timeout_s=10.0)
+    link.wire_in = lambda m: _rewritten("EIS_Ack", m, EstimatedDuration=65535) if _sweep_ack(m) else m
+    link.drv.request_sweep("cell[5]")
+    link.run(math.ceil((ESTIMATE_LIMIT * sweep.estimated_duration_s() + 1.0) / 0.01))
+    fails = link.drv.pop_failures()
+    assert [f.reason for f in fails] == ["sweep took too long"]
+    assert link.sent_named("EIS_Abort")[0]["AbortReason"] == 4
+
+
+def test_cancel_reports_every_request_it_drops() -> None:
+    """Queued and retry-pending requests that a cancel drops end with a final failure, so whoever
+    waits for their outcome (`bmsgw eis sweep`) learns they ended."""
+    link = Link()
+    _running_sweep(link)
+    h1 = link.drv.status()["handle"]
+    h2, h3 = link.drv.request_sweep("cell[6]"), link.drv.request_sweep("cell[7]")
+    assert link.drv.cancel(h2)
+    assert [(f.handle, f.final, f.reason) for f in link.drv.pop_failures()] == [(h2, True, "cancelled by operator")]
+    link.run(1, protection=lambda t: True)  # cell[5] aborted: its retry waits
+    assert [f.final for f in link.drv.pop_failures()] == [False] and link.drv.stage(h1) == "retry"
+    assert link.drv.stage(h3) == "queued" and link.drv.cancel(None)
+    fails = link.drv.pop_failures()
+    assert sorted((f.handle, f.final, f.reason) for f in fails) == [(h1, True, "cancelled by operator"),
+                                                                   (h3, True, "cancelled by operator")]
+    assert [link.drv.stage(h) for h in (h1, h2, h3)] == [None, None, None]
+
+
+@settings(max_examples=30, deadline=None)
+@given(max_freq=st.floats(100.0, 100_000.0), codes=st.integers(-2, 2))
+def test_driver_and_module_agree_on_the_highest_frequency(max_freq: float, codes: int) -> None:
+    """Both sides compare coded frequencies: a request up to the module's advertised code is measured,
+    one code beyond it is refused by the driver already (not sent, to be refused for good)."""
+    link = Link(sim_kw={"max_freq_hz": max_freq})
+    _setup(link)
+    link.run(1)
+    caps = link.drv.capabilities
+    assert caps is not None
+    f = 10.0 ** (math.log10(caps.max_freq_hz) + 0.002 * codes)
+    try:
+        link.drv.request_sweep("cell[5]", f_start_hz=f, f_stop_hz=f / 10.0)
+    except ValueError:
+        assert codes > 0
+        return
+    assert codes <= 0
+    link.run(400, until=lambda: bool(link.drv._records))
+    assert link.drv.pop_failures() == [] and len(link.drv.pop_records()) == 1

@@ -59,6 +59,25 @@ def test_kk_residuals_show_where_a_drift_hits() -> None:
     assert res[-5:].mean() > 4 * res[:30].mean()  # the lowest frequencies, measured last
 
 
+@settings(max_examples=60, deadline=None)
+@given(top=st.floats(-1.0, 4.0), span=st.floats(0.0, 3.0), k=st.integers(1, 12), n=st.integers(5, 61))
+def test_kk_never_passes_a_spectrum_of_too_few_frequencies(top: float, span: float, k: int, n: int) -> None:
+    """A module stuck at one frequency, or a sweep over a sliver of a decade, repeated to any number
+    of points: the KK fit matches anything there, so such a spectrum is never valid."""
+    f = np.resize(10.0 ** np.linspace(top, top - span, k), n)
+    kk = lin_kk(f, PHYS.impedance(f, 25.0, 0.5))
+    if np.unique(np.round(np.log10(f), 3)).size < 5 or np.ptp(np.log10(f)) < 0.99:
+        assert not kk.valid and "distinct frequencies" in kk.reason
+
+
+def test_one_frequency_repeated_feeds_neither_sot_nor_fits(calibration: SotCalibration) -> None:
+    f = np.full(61, 10_000.0)
+    sp = EisSpectrum.from_impedance(f, add_noise(PHYS.impedance(f, 25.0, 0.5), _rng(15)), temperature_c=25.0, soc=0.5)
+    a = analyze_spectrum(sp, calibration=calibration)
+    assert not a.valid and a.sot is None and a.fit is None and a.drt is None
+    assert a.kk.reason.startswith("1 distinct frequencies over 0.00 decades")
+
+
 def test_kk_noise_free_spectrum_is_valid_with_small_residuals() -> None:
     kk = lin_kk(F, PHYS.impedance(F, 20.0, 0.6))
     # mu stops adding elements early, so even a perfect spectrum keeps residuals of a few 0.1 %

@@ -81,8 +81,11 @@ def test_worked_examples_of_the_document() -> None:
 
 # --- the driver's parser --------------------------------------------------------------------
 
+GRID = SweepSettings(1e4, 1e2, 2).grid()  # the sweep of _driver_in_sweep: 5 points, half a decade apart
+
+
 def _driver_in_sweep(fd: bool) -> tuple[EisDriver, cantools.database.can.Database, int]:
-    """A driver whose 5-point sweep has been accepted (Ack fed by hand, no simulator)."""
+    """A driver whose 5-point sweep (GRID) has been accepted (Ack fed by hand, no simulator)."""
     db = _db()
     drv = EisDriver(lambda t: Conditions(3.70, 21.5, 0.55), EisDriverConfig(stable_window_s=0.0))
     drv.request_sweep("cell[3]", f_start_hz=1e4, f_stop_hz=1e2, points_per_decade=2, fd=fd)
@@ -97,13 +100,21 @@ def _driver_in_sweep(fd: bool) -> tuple[EisDriver, cantools.database.can.Databas
 
 
 f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
-point = st.tuples(st.floats(min_value=0.0010000000474974513, max_value=1e5, width=32), f32, f32, st.integers(0, 3))
+# where a point is measured relative to its grid frequency, in half grid steps (log f): the module
+# may use the nearest frequency its generator makes, but not one nearer another grid point
+near = st.floats(min_value=-0.999, max_value=0.999)
+point = st.tuples(near, f32, f32, st.integers(0, 3))
+
+
+def _measured_at(k: int, half_steps: float) -> float:
+    return float(np.float32(GRID[k] * 10.0 ** (half_steps * 0.25)))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(points=st.lists(point, min_size=5, max_size=5), fd=st.booleans(), order=st.randoms(use_true_random=False))
-def test_result_frames_round_trip_into_the_record(points: list[tuple[float, float, float, int]], fd: bool,
+@given(drawn=st.lists(point, min_size=5, max_size=5), fd=st.booleans(), order=st.randoms(use_true_random=False))
+def test_result_frames_round_trip_into_the_record(drawn: list[tuple[float, float, float, int]], fd: bool,
                                                    order: object) -> None:
+    points = [(_measured_at(k, u), re, im, fl) for k, (u, re, im, fl) in enumerate(drawn)]
     drv, db, sid = _driver_in_sweep(fd)
     frames: list[can.Message] = []
     if fd:
@@ -138,6 +149,35 @@ def test_result_frames_round_trip_into_the_record(points: list[tuple[float, floa
     np.testing.assert_array_equal(r.z_im_ohm, np.float32([p[2] for p in points]).astype(np.float64))
     np.testing.assert_array_equal(r.flags, [p[3] for p in points])
     assert np.all(r.voltage_v == 3.70) and np.all(r.temperature_c == 21.5) and np.all(r.soc == 0.55)
+    assert np.all(np.diff(r.frequency_hz) < 0)  # distinct, in sweep order
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(0, 4), half_steps=st.floats(min_value=1.001, max_value=8.0), below=st.booleans(),
+       fd=st.booleans())
+def test_a_point_far_from_its_grid_frequency_ends_the_attempt(k: int, half_steps: float, below: bool,
+                                                               fd: bool) -> None:
+    """A point half a grid step or more from its requested frequency (the generator stuck, or the
+    module measuring another grid) is no point of this spectrum: no record, the sweep is aborted."""
+    drv, db, sid = _driver_in_sweep(fd)
+    f = _measured_at(k, -half_steps if below else half_steps)
+    if fd:
+        values: dict[str, float] = {"SweepId": sid, "FirstPoint": k, "PointCount": 1}
+        for slot in range(5):
+            values |= {f"Point{slot}_Frequency": f if slot == 0 else 0.0, f"Point{slot}_ZReal": 1e-3,
+                       f"Point{slot}_ZImag": -1e-4, f"Point{slot}_Flags": 0}
+        drv.on_frame(can.Message(arbitration_id=0x321, data=db.encode_message("EIS_ResultPointsFD", values),
+                                 is_fd=True, is_extended_id=False), 0.5)
+    else:
+        data = db.encode_message("EIS_ResultPoint", {"Part": 0, "SweepId": sid, "PointIndex": k, "Frequency": f,
+                                                     "PointFlags": 0})
+        drv.on_frame(can.Message(arbitration_id=0x320, data=data, is_extended_id=False), 0.5)
+    fails = drv.pop_failures()
+    assert len(fails) == 1 and fails[0].reason.startswith(f"point {k} measured at")
+    out = drv.tick(0.6, 0.0, False)
+    assert [m.arbitration_id for m in out] == [0x300]
+    assert db.decode_message(0x300, out[0].data)["SweepId"] == sid
+    assert drv.phase is Phase.BACKOFF and not drv.pop_records()
 
 
 @settings(max_examples=300, deadline=None)
