@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream, TaskStatus
+from anyio.abc import SocketListener, SocketStream, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,16 @@ REQUEST_TIMEOUT_S = 5.0  # a client that connects and does not send its request 
 SEND_TIMEOUT_S = 10.0  # ... and one that stops reading its replies
 ACCEPT_RETRY_S = 0.5  # accept failed (out of file descriptors): try again after this
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+async def accept_retrying(listener: SocketListener, what: str) -> SocketStream:
+    """The next connection; a failed accept (out of file descriptors and the like) is logged and retried."""
+    while True:
+        try:
+            return await listener.accept()
+        except anyio.BrokenResourceError as exc:  # the listener itself is fine
+            log.warning("%s: accept failed (%s): retrying", what, exc.__cause__ or exc)
+            await anyio.sleep(ACCEPT_RETRY_S)
 
 
 class ControlError(Exception):
@@ -86,12 +96,7 @@ class ControlServer:
         try:
             async with anyio.create_task_group() as tg:
                 while True:
-                    try:
-                        stream = await listener.accept()
-                    except anyio.BrokenResourceError as exc:  # EMFILE and the like: the listener itself is fine
-                        log.warning("control socket: accept failed (%s): retrying", exc.__cause__ or exc)
-                        await anyio.sleep(ACCEPT_RETRY_S)
-                        continue
+                    stream = await accept_retrying(listener, "control socket")
                     if self.clients >= MAX_CLIENTS:
                         self.rejected += 1
                         await stream.aclose()

@@ -13,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from gateway.control import accept_retrying
+
 log = logging.getLogger(__name__)
 
 
@@ -118,7 +120,6 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
 MAX_CLIENTS = 16
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
-ACCEPT_RETRY_S = 0.5
 
 
 async def serve(section: MetricsSection, snapshot: Callable[[], dict[str, Any]], *,
@@ -174,13 +175,7 @@ async def serve(section: MetricsSection, snapshot: Callable[[], dict[str, Any]],
 async def _accept(listener: anyio.abc.SocketListener,
                   handle: Callable[[anyio.abc.SocketStream], Coroutine[Any, Any, None]], tg: anyio.abc.TaskGroup) -> None:
     while True:
-        try:
-            stream = await listener.accept()
-        except anyio.BrokenResourceError as exc:  # EMFILE and the like: the listener itself is fine
-            log.warning("metrics endpoint: accept failed (%s): retrying", exc.__cause__ or exc)
-            await anyio.sleep(ACCEPT_RETRY_S)
-            continue
-        tg.start_soon(handle, stream)
+        tg.start_soon(handle, await accept_retrying(listener, "metrics endpoint"))
 
 
 async def _read_head(stream: anyio.abc.ByteStream) -> bytes | None:
