@@ -13,6 +13,19 @@ frame costs one timestamp write however many signals it holds.  A signal's
 quality is derived when read: INVALID when its validity flag says so or its
 value is NaN, STALE when its slot has not been refreshed within
 ``stale_cycles`` cycle times (or never), GOOD otherwise.
+
+Nothing locks the image, so each slot carries two frame counters that let a
+reader tell a whole frame from one being written (a seqlock): the writer
+stores ``begun[slot] = seq[slot] + 1`` before its first store and ``seq[slot]``
+to that number after its last; a reader loads ``seq``, then the data, then
+``begun``, and its copy is one frame's when ``begun <= seq`` (no write was in
+progress when it started, none began since).  Without this a reader pairs one
+frame's value with the next frame's validity flag or time: a value its sensor
+flagged invalid would read as GOOD.  Writers that only count ``seq`` (values
+the main process derives and writes itself) leave ``begun`` at 0 and are read
+as before.  The order of plain stores and loads between cores that this needs
+is what x86-64 guarantees; AArch64 promises it only with barriers, which
+Python cannot issue.
 """
 
 from __future__ import annotations
@@ -23,10 +36,11 @@ import mmap
 import re
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +60,16 @@ class Quality(IntEnum):
 # the members as plain module globals: an enum class attribute costs ~0.1 us per lookup on 3.11, and
 # quality_of runs on every protection tick
 _GOOD, _STALE, _INVALID = Quality.GOOD, Quality.STALE, Quality.INVALID
+
+# Pauses before each new attempt at a slot whose writer was between its first and last store. A frame's
+# stores take well under a microsecond, so the first retries come at once (even a writer rewriting one slot
+# back to back leaves gaps a retry finds); a sleep then releases the GIL (a writer thread of this process may
+# be waiting for it mid-frame, for up to P0's 0.5 ms switch interval) and the CPU. After the last, the slot
+# reads STALE (no current whole frame, whatever the mixed flags say) rather than waiting behind a writer that
+# stopped: a handler that failed mid-frame leaves its slot so until the slot's next frame.
+_RETRY_PAUSES_S = (0.0,) * 8 + (1e-5, 1e-4, 1e-3)
+
+_T = TypeVar("_T")
 
 
 def family_of(name: str) -> tuple[str, tuple[int, ...]]:
@@ -100,6 +124,16 @@ class Reading:
     quality: Quality
     timestamp: float  # adapter receive time (wall clock, s); NaN when never received
     age_s: float  # monotonic seconds since the last update; inf when never received
+
+
+class Snapshot(NamedTuple):
+    """Selected signals read together: the entries of the signals of one slot come from one frame."""
+
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.int8]
+    timestamp: npt.NDArray[np.float64]  # as in Reading
+    age_s: npt.NDArray[np.float64]
+    seq: npt.NDArray[np.uint64]  # frames the signal's slot has received: tells a new frame from the last one
 
 
 class ProcessImage:
@@ -163,7 +197,9 @@ class ProcessImage:
         n = len(self.slot_names) + 1  # last slot: "never" for unbound signals
         self.w_rx_time, self.rx_time = _shared("d", n, math.nan)
         self.w_rx_mono, self.rx_mono = _shared("d", n, -math.inf)
-        self.w_seq, self.seq = _shared("Q", n, 0)
+        self.w_seq, self.seq = _shared("Q", n, 0)  # frames finished; written after a frame's last store
+        self.w_begun, self.begun = _shared("Q", n, 0)  # frames begun; written before its first (module doc)
+        self._positions = np.arange(self.size, dtype=np.intp)  # a selection as flat positions
         self.stale_after = np.array([*self._slot_period, math.inf], dtype=np.float64) * self.stale_cycles
         self._slot_idx = np.where(self.slot_of < 0, n - 1, self.slot_of).astype(np.intp)
         # plain-Python copies for single-signal reads, where numpy's per-call overhead dominates
@@ -200,38 +236,81 @@ class ProcessImage:
         fam = self.families[family]
         return self.value[fam.start : fam.start + fam.size].reshape(fam.shape)
 
+    def snapshot(self, sel: slice | npt.NDArray[np.intp] | Sequence[int], now: float | None = None) -> Snapshot:
+        """Values, qualities and times of the selected signals, each slot's from one frame (vectorised).
+
+        Read values together with their quality here: a frame arriving between a read of :attr:`value`
+        and a call of :meth:`quality` pairs one frame's value with the next one's flag.
+        """
+        now = time.monotonic() if now is None else now
+        idx = self._positions[sel]
+        slots = self._slot_idx[idx]
+        seq = self.seq[slots]  # (fancy indexing copies: the check below holds for exactly these copies)
+        value, valid, wall, mono = self.value[idx], self.valid[idx], self.rx_time[slots], self.rx_mono[slots]
+        torn = self.begun[slots] > seq
+        # the few slots a writer was in are read again one by one, without numpy: such a read's window is far
+        # shorter than this one's, short enough to fit between the frames of a writer rewriting a slot flat out
+        for slot in np.unique(slots[torn]).tolist():
+            k = np.flatnonzero(slots == slot)  # all of the slot's signals, so that they stay one frame's
+            get = itemgetter(*idx[k].tolist())  # a scalar for one signal, a tuple for more: both assign to [k]
+            (value[k], valid[k]), wall[k], mono[k], seq[k], whole = self._load(
+                slot, lambda: (get(self.w_value), get(self.w_valid)))  # noqa: B023 - called at once
+            torn[k] = not whole
+        # never received is missing data (stale), not a bad value; a torn copy is not judged by its mixed flags
+        received = seq > 0
+        stale = torn | ~received | ((now - mono) > self.stale_after[slots])
+        invalid = ~torn & ((valid == 0) | (np.isnan(value) & received))
+        quality = np.where(invalid, _INVALID, np.where(stale, _STALE, _GOOD)).astype(np.int8)
+        return Snapshot(value, quality, wall, now - mono, seq)
+
     def quality(self, sel: slice | npt.NDArray[np.intp] | Sequence[int], now: float | None = None) -> npt.NDArray[np.int8]:
         """Quality codes of the selected signals (vectorised)."""
-        now = time.monotonic() if now is None else now
-        slots = self._slot_idx[sel]
-        # never received is missing data (stale), not a bad value
-        received = self.seq[slots] > 0
-        stale = ~received | ((now - self.rx_mono[slots]) > self.stale_after[slots])
-        invalid = (self.valid[sel] == 0) | (np.isnan(self.value[sel]) & received)
-        return np.where(invalid, _INVALID, np.where(stale, _STALE, _GOOD)).astype(np.int8)
+        return self.snapshot(sel, now).quality
 
     def family_quality(self, family: str, now: float | None = None) -> npt.NDArray[np.int8]:
         fam = self.families[family]
         return self.quality(self.span(family), now).reshape(fam.shape)
 
+    def _load(self, slot: int, load: Callable[[], _T]) -> tuple[_T, float, float, int, bool]:
+        """What ``load`` reads of a slot's signals, the slot's receive times and seq, and whether all of it is
+        one frame's (False once the retries are spent)."""
+        seq, begun = self.w_seq, self.w_begun
+        pauses = iter(_RETRY_PAUSES_S)
+        while True:
+            s = seq[slot]
+            got, wall, mono = load(), self.w_rx_time[slot], self.w_rx_mono[slot]
+            if begun[slot] <= s:
+                return got, wall, mono, s, True
+            if (pause := next(pauses, None)) is None:
+                return got, wall, mono, s, False
+            if pause:
+                time.sleep(pause)
+
+    def _one(self, i: int, now: float) -> tuple[float, Quality, float, float]:
+        """Value, quality, receive time and monotonic receive time of one signal, from one frame.
+
+        The same rules as :meth:`snapshot`, without numpy, whose per-call cost dominates a single read.
+        """
+        slot = self._slot_list[i]
+        value, valid = self.w_value, self.w_valid
+        (v, ok), wall, mono, s, whole = self._load(slot, lambda: (value[i], valid[i]))
+        if not whole:
+            return v, _STALE, wall, mono
+        if not ok or (v != v and s > 0):
+            return v, _INVALID, wall, mono
+        if not s or now - mono > self._stale_after_list[slot]:
+            return v, _STALE, wall, mono
+        return v, _GOOD, wall, mono
+
     def quality_of(self, i: int, now: float) -> Quality:
         """Quality of one signal (the same rule as :meth:`quality`, without numpy)."""
-        slot = self._slot_list[i]
-        received = self.w_seq[slot] > 0
-        v = self.w_value[i]
-        if not self.w_valid[i] or (v != v and received):
-            return _INVALID
-        if not received or now - self.w_rx_mono[slot] > self._stale_after_list[slot]:
-            return _STALE
-        return _GOOD
+        return self._one(i, now)[1]
 
     def read(self, name: str, now: float | None = None) -> Reading:
         """One signal with its quality and age."""
-        i = self.index(name)
         now = time.monotonic() if now is None else now
-        slot = self._slot_list[i]
-        return Reading(name, self.w_value[i], self.quality_of(i, now), self.w_rx_time[slot],
-                       now - self.w_rx_mono[slot])
+        v, q, wall, mono = self._one(self.index(name), now)
+        return Reading(name, v, q, wall, now - mono)
 
     def select(self, pattern: str = "*") -> list[str]:
         """Names matching a shell-style glob (``cell[1*].voltage``, ``pack.*``)."""

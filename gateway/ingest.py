@@ -3,8 +3,9 @@
 For every frame ID that carries mapped signals we generate one handler that
 checks the length, turns the payload into integers once, dispatches on the
 multiplexer and stores each mapped value, its validity flag and the page's
-timestamp straight into the process image buffers.  Nothing here scales with
-the size of the DBC or allocates per signal.
+timestamp straight into the process image buffers, between the two counters
+that let readers tell a whole frame from one being written.  Nothing here
+scales with the size of the DBC or allocates per signal.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
     def page_body(page: Page, path: MuxPath) -> list[str]:
         body: list[str] = []
         mine = by_path.get(path, [])
+        ret = str(NOTHING_MAPPED)
+        if mine:
+            slot = image.add_slot(bus + ":" + message.name + "".join(f"[{m.name}={v}]" for m, v in path), period)
+            for b in mine:
+                image.bind(image.index(b.target), slot)
+            # the slot's seqlock (gateway/image.py): readers in the main process see this frame whole or retry.
+            # "begun" is derived from the finished count, so a frame that fails half-way heals with the next.
+            body += [f"w = S[{slot}] + 1", f"B[{slot}] = w"]
+            ret = str(slot)
         for b in mine:
             i = image.index(b.target)
             if b.bit is None:
@@ -86,13 +96,8 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
                 exprs.append(raw)
                 body.append(f"Q[{i}] = {raw} == {next(iter(ok))!r}" if len(set(ok)) == 1 else
                             f"Q[{i}] = {raw} in {set(ok)!r}")
-        ret = str(NOTHING_MAPPED)
         if mine:
-            slot = image.add_slot(bus + ":" + message.name + "".join(f"[{m.name}={v}]" for m, v in path), period)
-            for b in mine:
-                image.bind(image.index(b.target), slot)
-            body += [f"T[{slot}] = ts", f"M[{slot}] = mono", f"S[{slot}] += 1"]
-            ret = str(slot)
+            body += [f"T[{slot}] = ts", f"M[{slot}] = mono", f"S[{slot}] = w"]
         for n, (mux, children) in enumerate(page.muxes):
             table = f"_c{next(names)}"
             child_fns = {v: page_fn(child, (*path, (mux, v))) for v, child in children.items()}
@@ -157,7 +162,8 @@ class Ingest:
     def compile(self) -> None:
         """Generate the handlers; the image must be frozen."""
         img = self.image
-        scope = {"V": img.w_value, "Q": img.w_valid, "T": img.w_rx_time, "M": img.w_rx_mono, "S": img.w_seq}
+        scope = {"V": img.w_value, "Q": img.w_valid, "T": img.w_rx_time, "M": img.w_rx_mono, "S": img.w_seq,
+                 "B": img.w_begun}
         self.handlers = {key: compile_function(src, "handle", scope) for key, src in self._sources.items()}
 
     def on_frame(self, msg: can.Message) -> int:

@@ -35,7 +35,8 @@ def make_image() -> tuple[ProcessImage, dict[str, int]]:
 
 
 def receive(img: ProcessImage, slot: int, mono: float, wall: float = 1.7e9) -> None:
-    """What a generated ingest handler does when a frame of a slot arrives."""
+    """A frame of a slot arrives, written as the main process's own writers do: counted in seq only (the
+    generated ingest handlers also set begun first, tests/test_ingest.py races them against readers)."""
     img.w_rx_time[slot] = wall
     img.w_rx_mono[slot] = mono
     img.w_seq[slot] += 1
@@ -137,6 +138,48 @@ def test_quality_is_vectorised_and_matches_read() -> None:
         assert img.read(f"cell[{i}].voltage", now=20.0).quality == q[i]
     stale = img.quality(img.span("cell.voltage"), now=25.0)
     assert set(stale.tolist()) == {Quality.STALE, Quality.INVALID}
+
+
+def test_snapshot_is_read_and_quality_vectorised() -> None:
+    """Every signal, fresh, stale, invalid, NaN or never received, reads the same one by one and in arrays."""
+    img, slots = make_image()
+    for i in range(24):
+        write(img, f"cell[{i}].voltage", 3.0 + i / 100, valid=i % 5 != 0)
+    write(img, "cell[7].voltage", math.nan)
+    write(img, "pack.current", -3.5)
+    receive(img, slots["cells"], mono=20.0, wall=1.7e9 + 20)
+    receive(img, slots["pack"], mono=10.0, wall=1.7e9 + 10)
+    receive(img, slots["pack"], mono=19.0, wall=1.7e9 + 19)
+    for now in (20.1, 25.0):
+        snap = img.snapshot(np.arange(img.size), now)
+        assert snap.seq.tolist() == [1] * 24 + [0] * 8 + [2, 0]
+        assert snap.quality.tolist() == img.quality(slice(None), now).tolist()
+        for i, name in enumerate(img.names()):
+            r = img.read(name, now)
+            got = (snap.value[i], Quality(int(snap.quality[i])), snap.timestamp[i], snap.age_s[i])
+            np.testing.assert_equal(got, (r.value, r.quality, r.timestamp, r.age_s), err_msg=name)
+            assert img.quality_of(i, now) == r.quality
+    cells = img.snapshot(img.span("cell.voltage"), 20.1)
+    assert cells.value.shape == (24,) and not np.shares_memory(cells.value, img.value)  # a copy, not a view
+
+
+def test_a_slot_its_writer_is_in_the_middle_of_is_not_good() -> None:
+    """Between a writer's first and last store (or after it failed there) no reader pairs the new value with
+    the old flag or time: the slot is STALE, whatever its flags say, until a frame is whole again."""
+    img, slots = make_image()
+    i, slot = img.index("pack.current"), slots["pack"]
+    write(img, "pack.current", 10.0)
+    receive(img, slot, mono=5.0)
+    img.w_begun[slot] = img.w_seq[slot] + 1  # a new frame begun: its value is in, its flag and time are not
+    img.w_value[i] = -8000.0
+    for valid in (1, 0):
+        img.w_valid[i] = valid
+        assert img.read("pack.current", now=5.0).quality is Quality.STALE
+        assert img.quality_of(i, now=5.0) is Quality.STALE
+        assert img.quality([i], now=5.0).tolist() == [Quality.STALE]
+        assert img.snapshot([i, img.index("cell[0].voltage")], now=5.0).quality.tolist() == [Quality.STALE] * 2
+    img.w_seq[slot] = img.w_begun[slot]  # the writer's last store: the frame is whole
+    assert img.read("pack.current", now=5.0).quality is Quality.INVALID
 
 
 def test_quality_order_worst_wins() -> None:
