@@ -91,8 +91,9 @@ class ClassSampler:
             if self._n == 0:
                 self._opened = mono
             i = self._n
-            self._values[i] = self.image.value[self.idx]
-            self._quality[i] = self.image.quality(self.idx, mono)
+            # one read: a value then a separate quality() could pair a frame's value with the next one's flag
+            snap = self.image.snapshot(self.idx, mono)
+            self._values[i], self._quality[i] = snap.value, snap.quality
             self._t[i] = int(time.time() * 1000) if wall_ms is None else wall_ms
             self._n += 1
             self.samples += len(self.idx)

@@ -374,8 +374,8 @@ class ContactorMachine:
                 self._start_precharge(now)
             return
         if self.step == "closing":  # _feedback trips if main+ does not close within the feedback timeout
-            fb = self._fb_index.get("main_positive")
-            if fb is None or (self.image.quality_of(fb, now) == GOOD and int(self.image.w_value[fb]) == FB_CLOSED):
+            fb = self.image.read("contactor.main_positive", now) if "main_positive" in self._fb_index else None
+            if fb is None or (fb.quality == GOOD and int(fb.value) == FB_CLOSED):
                 self._set(now, main_positive=True, main_negative=True, precharge=False)
                 self._enter(State.NORMAL, now, "precharge complete")
             return

@@ -617,13 +617,10 @@ class Gateway:
         names = img.select(pattern)
         if not names:
             raise ControlError(f"no signal matches '{pattern}'")
-        idx = np.array([img.index(n) for n in names], dtype=np.intp)
-        q = img.quality(idx, now)
-        slots = img.slots(idx)
-        ages = now - img.rx_mono[slots]
-        return [{"name": n, "value": _num(img.value[i]), "quality": Quality(int(qq)).name.lower(),
-                 "age_s": _num(a), "timestamp": _num(img.rx_time[s])}
-                for n, i, qq, a, s in zip(names, idx, q, ages, slots, strict=True)]
+        s = img.snapshot(np.array([img.index(n) for n in names], dtype=np.intp), now)
+        return [{"name": n, "value": _num(v), "quality": Quality(int(q)).name.lower(), "age_s": _num(a),
+                 "timestamp": _num(t)} for n, v, q, a, t in zip(names, s.value, s.quality, s.age_s, s.timestamp,
+                                                                 strict=True)]
 
     async def stream_candump(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Live frames of one or all buses, decoded on request."""
@@ -768,9 +765,8 @@ def pack_summary(gw: Gateway) -> dict[str, Any]:
     if out.get("voltage_v") is not None and out.get("current_a") is not None:
         out["power_w"] = round(out["voltage_v"] * out["current_a"], 1)
     for key, family in (("cell_voltage", "cell.voltage"), ("temperature", "module.temperature")):
-        values = img.array(family).ravel()
-        good = img.family_quality(family, now).ravel() == Quality.GOOD
-        out[key] = extremes(values, good)
+        s = img.snapshot(img.span(family), now)
+        out[key] = extremes(s.value, s.quality == Quality.GOOD)
         if family == "module.temperature" and out[key]["min"] is not None:
             per = max(1, img.families[family].shape[1])
             for k in ("min", "max"):

@@ -241,12 +241,11 @@ class EisService:
             self._protection_seen.set()
 
     def _good(self, name: str, now: float) -> float:
-        img = self.image
         try:
-            i = img.index(name)
+            r = self.image.read(name, now)  # value and quality of one frame
         except (KeyError, ValueError):
             return math.nan
-        return float(img.value[i]) if img.quality_of(i, now) == Quality.GOOD else math.nan
+        return float(r.value) if r.quality == Quality.GOOD else math.nan
 
     def _conditions(self, target: EisTarget) -> Conditions:
         """Voltage, temperature and SoC of the target now (NaN where unknown)."""

@@ -159,13 +159,14 @@ class Estimation:
 
     def _read_inputs(self, now: float) -> Inputs | None:
         img = self.image
-        v = img.value[self.cells].copy()
-        good = img.quality(self.cells, now) == Quality.GOOD
+        # values with their qualities in one read: a separate quality() could pair a value with the next frame's flag
+        cells = img.snapshot(self.cells, now)
+        v, good = cells.value, cells.quality == Quality.GOOD
         current = img.read("pack.current", now) if "pack.current" in img.scalars else None
         if current is None or current.quality != Quality.GOOD or not good.any():
             return None
-        temps = img.array("module.temperature")
-        tq = img.family_quality("module.temperature", now) == Quality.GOOD
+        t = img.family_snapshot("module.temperature", now)
+        temps, tq = t.value, t.quality == Quality.GOOD
         # the limiter and the balancer judge the extremes: a module's mean would hide a hot sensor
         lo = np.where(tq, temps, np.inf).min(axis=1, initial=np.inf)
         hi = np.where(tq, temps, -np.inf).max(axis=1, initial=-np.inf)
@@ -181,9 +182,9 @@ class Estimation:
         if self.strings == 1:
             return pack_current
         img = self.image
-        ok = img.family_quality("string.current", now) == Quality.GOOD
+        s = img.family_snapshot("string.current", now)
         # parallel strings of like cells split the pack current about evenly: the best guess without a measurement
-        per_string = np.where(ok, img.array("string.current"), pack_current / self.strings)
+        per_string = np.where(s.quality == Quality.GOOD, s.value, pack_current / self.strings)
         return np.repeat(per_string, self.cells_per_string)
 
     # -- loops -----------------------------------------------------------------------------

@@ -267,9 +267,15 @@ class ProcessImage:
         """Quality codes of the selected signals (vectorised)."""
         return self.snapshot(sel, now).quality
 
+    def family_snapshot(self, family: str, now: float | None = None) -> Snapshot:
+        """:meth:`snapshot` of a whole family, every array in the family's shape."""
+        shape = self.families[family].shape
+        s = self.snapshot(self.span(family), now)
+        return Snapshot(s.value.reshape(shape), s.quality.reshape(shape), s.timestamp.reshape(shape),
+                        s.age_s.reshape(shape), s.seq.reshape(shape))
+
     def family_quality(self, family: str, now: float | None = None) -> npt.NDArray[np.int8]:
-        fam = self.families[family]
-        return self.quality(self.span(family), now).reshape(fam.shape)
+        return self.family_snapshot(family, now).quality
 
     def _load(self, slot: int, load: Callable[[], _T]) -> tuple[_T, float, float, int, bool]:
         """What ``load`` reads of a slot's signals, the slot's receive times and seq, and whether all of it is

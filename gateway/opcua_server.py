@@ -767,23 +767,21 @@ class OpcuaServer:
             return idx[img.slot_of[idx] >= 0]
 
         def extreme(idx: np.ndarray, op: str) -> Callable[[float], tuple[float, int, float]]:
-            slots = img.slots(idx)
-
             def compute(now: float) -> tuple[float, int, float]:
-                q = img.quality(idx, now)
-                received = img.seq[slots] > 0
-                values = img.value[idx]
+                s = img.snapshot(idx, now)  # not value then quality: a frame between them would pair two frames
+                q, values = s.quality, s.value
+                received = s.seq > 0
                 good = q == Quality.GOOD
                 usable = received & (q != Quality.INVALID) & ~np.isnan(values)
                 use = good if good.any() else usable
                 if not use.any():
-                    t = img.rx_time[slots][received]
+                    t = s.timestamp[received]
                     return math.nan, (Quality.INVALID if received.any() else NEVER), \
                         float(t.max()) if t.size else math.nan
                 v = values[use]
                 value = float(v.min() if op == "min" else v.max() if op == "max" else v.max() - v.min())
                 status = Quality.GOOD if good.all() else Quality.STALE  # Uncertain: some inputs are not good
-                return value, int(status), float(img.rx_time[slots][use].max())
+                return value, int(status), float(s.timestamp[use].max())
             return compute
 
         cells_v = bound("cell.voltage")
@@ -809,13 +807,13 @@ class OpcuaServer:
                 slots = img.slots(pair)
 
                 def power(now: float) -> tuple[float, int, float]:
-                    q = img.quality(pair, now)
-                    t = img.rx_time[slots]
+                    s = img.snapshot(pair, now)
+                    t = s.timestamp
                     tt = float(t.max()) if np.isfinite(t).any() else math.nan
-                    worst = int(q.max())
-                    if worst == Quality.STALE and not (img.seq[slots] > 0).all():
+                    worst = int(s.quality.max())
+                    if worst == Quality.STALE and not (s.seq > 0).all():
                         worst = NEVER
-                    return float(img.value[iv] * img.value[ic]), worst, tt
+                    return float(s.value[0] * s.value[1]), worst, tt
                 nid = b.var(VarSpec("Pack.Power", ua.VariantType.Double, "W", "pack voltage x pack current "
                                  "(positive: charging)", ranges.get("pack.power"), sampling_ms=ms))
                 out.append(_Aggregate(nid, power, np.unique(slots)))
@@ -867,9 +865,11 @@ class OpcuaServer:
         if not g.nodeids or self._write is None:
             return 0
         img = self.image
-        seq = img.seq[g.slots]
-        q = img.quality(g.idx, now)
-        q = np.where((seq == 0) & (q == Quality.STALE), NEVER, q).astype(np.int8)
+        # value, status, source time and frame count in one read: a value read after quality() could be the
+        # next frame's, published under this frame's status
+        snap = img.snapshot(g.idx, now)
+        seq = snap.seq
+        q = np.where((seq == 0) & (snap.quality == Quality.STALE), NEVER, snap.quality).astype(np.int8)
         changed_q = q != g.last_q
         new = seq != g.last_seq
         if force:
@@ -884,9 +884,8 @@ class OpcuaServer:
         sel = np.flatnonzero(due)
         if not sel.size:
             return 0
-        idx, slots = g.idx[sel], g.slots[sel]
-        values = img.value[idx].tolist()
-        times = img.rx_time[slots].tolist()
+        values = snap.value[sel].tolist()
+        times = snap.timestamp[sel].tolist()
         qs = q[sel].tolist()
         kinds = g.kind[sel].tolist()
         srv = datetime.now(UTC)

@@ -413,7 +413,7 @@ class Protection:
                 with self.lock:
                     self._agg_seq = seq
                     self._agg_time = now
-                    self._aggregates(now, fresh)
+                    self._aggregates(now)
 
     def _maybe_stale(self, now: float) -> bool:
         """Whether some watched source could be stale at ``now`` (False: none is, so no element is STALE).
@@ -442,32 +442,26 @@ class Protection:
     def _staleness(self, now: float) -> None:
         img = self.image
         watched = self.watched
-        q = img.quality(watched, now)
+        snap = img.snapshot(watched, now)  # the values reported are those the qualities were judged on
         with self.lock:
             stale = self.stale
             # a signal never received yet is not "stopped": the contactor machine stays in INIT instead
-            received = img.seq[self._watched_slots] > 0
-            is_stale = q == STALE
+            received = snap.seq > 0
+            is_stale = snap.quality == STALE
             counts, need = stale.count[0], stale.need
             for k in np.flatnonzero(is_stale & received).tolist():
                 if counts[k] < need[k]:  # saturated and active: nothing changes
-                    stale.step(k, 1, float(img.value[watched[k]]), int(watched[k]), self)
+                    stale.step(k, 1, float(snap.value[k]), int(watched[k]), self)
             for j in [j for j in stale.pending if not is_stale[j]]:
-                stale.step(j, 0, float(img.value[watched[j]]), int(watched[j]), self)
+                stale.step(j, 0, float(snap.value[j]), int(watched[j]), self)
 
-    def _aggregates(self, now: float, fresh: bool = False) -> None:
-        """Spreads and the pack voltage mismatch over the good cells and sensors.
-
-        ``fresh``: the tick knows that every watched source has been received and none is stale at
-        ``now``, so a value is good unless its flag says invalid or it is NaN (what quality() would find).
-        """
+    def _aggregates(self, now: float) -> None:
+        """Spreads and the pack voltage mismatch over the good cells and sensors."""
         img = self.image
         n = self.cells.size  # cells and sensors in one read and one quality evaluation
-        values = img.value[self._agg_index]
-        if fresh:
-            q = (img.valid[self._agg_index] != 0) & ~np.isnan(values)
-        else:
-            q = img.quality(self._agg_index, now) == Quality.GOOD
+        # one snapshot, not the value then its flag: P0's receive threads write between any two reads of this thread
+        snap = img.snapshot(self._agg_index, now)
+        values, q = snap.value, snap.quality == Quality.GOOD
         cv, good, tv, tgood = values[:n], q[:n], values[n:], q[n:]
         n_good, t_good = int(good.sum()), int(tgood.sum())
         if n_good >= 2:

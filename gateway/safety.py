@@ -125,9 +125,9 @@ class SafetyIndicators:
         if self._sot is None:
             return None
         img = self.image
-        fresh = (img.quality(self._sot, now) == Quality.GOOD) & \
-            (now - img.rx_mono[img.slots(self._sot)] < SOT_MAX_AGE_S)
-        return np.where(fresh, img.value[self._sot], np.nan) if fresh.any() else None
+        s = img.snapshot(self._sot, now)
+        fresh = (s.quality == Quality.GOOD) & (s.age_s < SOT_MAX_AGE_S)
+        return np.where(fresh, s.value, np.nan) if fresh.any() else None
 
     @staticmethod
     def _config(limits: LimitTable) -> SafetyConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from gateway.image import ProcessImage
 from gateway.limits import HARDWARE_DEFAULTS, HardwareLimits
 from gateway.pipeline import Layout
 from gateway.safety import safety_families, safety_slots
+from tests.test_ingest import alternating_writer
 from tests.test_protection import Rig
 
 
@@ -319,3 +321,26 @@ def test_rsl_derate_goes_through_the_anti_flapping(tmp_path: Path) -> None:
         assert est.limits is not None
         out.append(est.limits.charge_current_a)
     assert out[0] == 30.0 and out[1:] == [15.0] * 11  # restricted at once, relaxed only after the delay
+
+
+def test_inputs_never_pair_a_cell_value_with_another_frames_quality(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """P0 rewrites the cells while the estimators read: an invalid frame's impossible 99 V is never a good input
+    (one read of value and quality, not the value then a quality() that may already see the next frame)."""
+    for name in PERIODS:
+        monkeypatch.setitem(PERIODS, name, math.inf)  # nothing goes stale: qualities come from the flags alone
+    est, img = site(tmp_path)
+    feed(img, time.monotonic())
+    cells = range(img.span("cell.voltage").start, img.span("cell.voltage").stop)
+    good = {i: (3.7, True) for i in cells}
+    bad = good | {cells.start: (99.0, False)}  # the first cell's sensor flagged invalid, with an impossible value
+    lies = whole_bad = 0
+    with alternating_writer(img, int(img.slot_of[cells.start]), [good, bad]):
+        for n in range(200_000):  # bounded; on a busy box read on until the writer was seen at work
+            if n >= 5_000 and whole_bad:
+                break
+            got = est.inputs(time.monotonic())
+            if got is not None and got[0][0] == 99.0:
+                lies += bool(got[1][0])
+                whole_bad += not got[1][0]
+    assert whole_bad and not lies, (whole_bad, lies)

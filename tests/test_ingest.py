@@ -7,7 +7,8 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,39 @@ def _snapshot_reading(img: ProcessImage) -> Reading:
 def test_array_reads_never_pair_a_value_with_another_frames_quality() -> None:
     """The same for the vectorised read of OPC UA, the estimators and the recorder (per signal)."""
     _consistent(_race(_snapshot_reading, reads=10_000))
+
+
+@contextmanager
+def alternating_writer(image: ProcessImage, slot: int,
+                       frames: Sequence[dict[int, tuple[float, bool]]]) -> Iterator[None]:
+    """A forked writer (P0's receive thread) rewriting ``slot`` with each of ``frames`` ((value, valid) by
+    position) in turn, flat out, the way the generated handlers do (seqlock), until the block ends."""
+    start = int(image.seq[slot])
+    pid = os.fork()
+    if pid == 0:
+        try:
+            seq, begun = image.w_seq, image.w_begun
+            while True:
+                for frame in frames:
+                    begun[slot] = seq[slot] + 1
+                    for i, (v, ok) in frame.items():
+                        image.w_value[i] = v
+                        image.w_valid[i] = ok
+                    image.w_rx_time[slot] = time.time()
+                    image.w_rx_mono[slot] = time.monotonic()
+                    seq[slot] = begun[slot]
+        finally:
+            os._exit(0)
+    try:
+        for _ in range(10_000):  # until the writer runs (bounded)
+            if image.seq[slot] > start + 2:
+                break
+            time.sleep(0.001)
+        assert image.seq[slot] > start + 2, "the forked writer never wrote"
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 class _Paused(Exception):

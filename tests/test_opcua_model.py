@@ -33,6 +33,7 @@ from gateway.config import load_config, shipped_config
 from gateway.image import Quality
 from gateway.opcua_nodes import UNECE_URI, unit_id
 from gateway.opcua_server import NAMESPACE_URI
+from tests.test_ingest import alternating_writer
 
 pytestmark = pytest.mark.slow
 
@@ -380,3 +381,31 @@ def test_the_224_cell_reference_site_fed_with_real_frames(tmp_path: Path) -> Non
                 assert (await read(c, ns, "Identification.Cells")).Value.Value == 224
                 assert (await read(c, ns, "Strings.String0.Modules.Module3.Temperature1")).StatusCode.is_good()
         run(body)
+
+
+def test_a_published_value_is_never_another_frames_status(tmp_path: Path) -> None:
+    """P0 rewrites the pack current while the server publishes it: the invalid frame's -8000 A never goes out
+    as Good: value and StatusCode come from one read of the image."""
+    with running(tmp_path) as hh:
+        img, srv = hh.site.image, hh.server
+        i = img.index("pack.current")
+        g = next(g for g in srv._groups if i in g.idx)
+        target = g.nodeids[int(np.flatnonzero(g.idx == i)[0])]
+        seen: set[tuple[Any, bool]] = set()
+
+        async def write(nodeid: Any, _attr: Any, dv: ua.DataValue) -> None:
+            if nodeid == target:
+                seen.add((dv.Value.Value, dv.StatusCode.is_good()))
+
+        async def push() -> None:
+            for n in range(50_000):  # bounded; on a busy box push on until the bad frame went out
+                if n >= 20_000 and (None, False) in seen:
+                    break
+                await srv._push_group(g, time.monotonic(), True)
+
+        srv._write = write  # this thread's pushes only see it; the server's own loop may too, harmlessly
+        frames = [{i: (10.0, True)}, {i: (-8000.0, False)}]
+        with alternating_writer(img, hh.site.pack_slot, frames):
+            anyio.run(push)
+    # a read that met the writer mid-frame on every retry goes out Uncertain (STALE), whatever its value
+    assert (None, False) in seen and (-8000.0, True) not in seen, seen
