@@ -615,7 +615,7 @@ def test_an_old_sampler_error_does_not_veto_a_rate_change(tmp_path: Path) -> Non
     cfg = config(gate.port, telemetry=[RATE_CLASS], commands=CommandSettings(hmac_secret=SECRET, health_check_s=0.3))
     rig = Rig(tmp_path, cfg)
     sampler = rig.link.samplers[0]
-    read = rig.img.quality
+    read = rig.img.snapshot
     fail = [1]
 
     def flaky(idx: Any, mono: float) -> Any:  # one transient read error, then normal operation
@@ -624,7 +624,7 @@ def test_an_old_sampler_error_does_not_veto_a_rate_change(tmp_path: Path) -> Non
             raise RuntimeError("transient read error")
         return read(idx, mono)
 
-    rig.img.quality = flaky  # type: ignore[method-assign, assignment]
+    rig.img.snapshot = flaky  # type: ignore[method-assign, assignment]
 
     async def scenario() -> None:
         await until(lambda: sampler.stats.errors == 1 and sampler.stats.runs >= 3, what="one sampler error")
