@@ -223,8 +223,12 @@ def cmd_candump(args: argparse.Namespace) -> int:
     n = 0
     try:
         for rec in stream(_socket(args), "candump", {"bus": args.bus, "decode": args.decode}):
+            if "dropped" in rec and not args.json:  # like candump's DROPCOUNT: the gap is not silent
+                print(f"DROPCOUNT: {rec['dropped']} frames on {rec['bus']} not shown (this reader fell behind)",
+                      file=sys.stderr, flush=True)
+                continue
             print(json.dumps(rec) if args.json else _frame_line(rec), flush=True)
-            n += 1
+            n += "dropped" not in rec
             if args.count and n >= args.count:
                 break
     except KeyboardInterrupt:

@@ -623,13 +623,17 @@ class Gateway:
                                                                  strict=True)]
 
     async def stream_candump(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Live frames of one or all buses, decoded on request."""
+        """Live frames of one or all buses, decoded on request; ``{"bus", "dropped"}`` items count the
+        frames the tap lost because this reader fell behind."""
         tap = await self._p0("tap_open", {"bus": args.get("bus")})
         decode = bool(args.get("decode"))
         try:
             while True:
                 await anyio.sleep(0.05)
-                for bus, msg in await self._p0("tap_read", {"id": tap}):
+                got = await self._p0("tap_read", {"id": tap})
+                for bus, lost in got["dropped"].items():
+                    yield {"bus": bus, "dropped": lost}
+                for bus, msg in got["frames"]:
                     yield frame_record(msg, bus, self.decoders[bus] if decode else None)
         finally:
             with anyio.CancelScope(shield=True):

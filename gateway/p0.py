@@ -103,7 +103,8 @@ class FrameTap:
     def __init__(self, bus: str) -> None:
         self.bus = bus
         self.frames: deque[can.Message] = deque()
-        self.dropped = 0
+        self.dropped = 0  # only the receive thread writes it; readers keep their own mark
+        self._reported = 0
         self.last_read = time.monotonic()
 
     def __call__(self, msg: can.Message) -> None:
@@ -111,6 +112,14 @@ class FrameTap:
             self.dropped += 1
         else:
             self.frames.append(msg)
+
+    def take(self) -> tuple[list[can.Message], int]:
+        """The frames queued since the last take, and how many were dropped since then."""
+        self.last_read = time.monotonic()
+        frames = [self.frames.popleft() for _ in range(len(self.frames))]
+        total = self.dropped
+        lost, self._reported = total - self._reported, total
+        return frames, lost
 
 
 class P0Core:
@@ -314,15 +323,16 @@ class P0Core:
             self.adapters[name].taps.append(tap)
         return tap_id
 
-    def req_tap_read(self, args: dict[str, Any]) -> list[tuple[str, can.Message]]:
-        tap_id = int(args["id"])
-        out = []
-        for _key, tap in self._taps_of(tap_id):
-            tap.last_read = time.monotonic()
-            while tap.frames:
-                out.append((tap.bus, tap.frames.popleft()))
+    def req_tap_read(self, args: dict[str, Any]) -> dict[str, Any]:
+        frames: list[tuple[str, can.Message]] = []
+        dropped: dict[str, int] = {}
+        for _key, tap in self._taps_of(int(args["id"])):
+            got, lost = tap.take()
+            frames += [(tap.bus, m) for m in got]
+            if lost:
+                dropped[tap.bus] = lost
         self._reap_taps()
-        return out
+        return {"frames": frames, "dropped": dropped}
 
     def req_tap_close(self, args: dict[str, Any]) -> None:
         for key, tap in self._taps_of(int(args["id"])):

@@ -94,3 +94,27 @@ def test_socket_paths_that_cannot_work_are_refused_clearly(tmp_path: Path) -> No
         claim(tmp_path / "file" / "c.sock")
     with pytest.raises(NotRunning):
         request(tmp_path / "file" / "c.sock", "status")
+
+
+def test_candump_tells_how_many_frames_its_reader_missed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    frame = {"bus": "pack", "timestamp": 1.0, "id": 0x123, "extended": False, "fd": False, "error": False,
+             "remote": False, "data": "01"}
+
+    async def candump(args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield frame
+        yield {"bus": "pack", "dropped": 7}
+        yield frame
+
+    server = ControlServer(tmp_path / "c.sock", {}, {"candump": candump})
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future, _ = portal.start_task(server.serve)
+        assert main(["candump", "--socket", str(server.path), "--count", "2"]) == 0
+        out, err = capsys.readouterr()
+        assert out.count("123  [1]  01") == 2  # the dropped record does not count as a frame
+        assert "DROPCOUNT: 7 frames on pack not shown" in err
+        assert main(["candump", "--socket", str(server.path), "--count", "2", "--json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines == [frame, {"bus": "pack", "dropped": 7}, frame]
+        future.cancel()

@@ -105,3 +105,18 @@ def test_recent_zero_or_less_is_no_events() -> None:
         rec(Event(Kind.INFO, "x", index=i))
     assert [e.index for e in rec.recent(2)] == [3, 4] and rec.recent(0) == [] and rec.recent(-3) == []
     assert len(rec.recent(100)) == 5
+
+
+def test_a_frame_tap_counts_what_it_dropped_once_per_read() -> None:
+    import can
+
+    from gateway.p0 import TAP_QUEUE, FrameTap
+
+    tap = FrameTap("pack")
+    for i in range(TAP_QUEUE + 5):
+        tap(can.Message(arbitration_id=i & 0x7FF))
+    frames, lost = tap.take()
+    assert (len(frames), lost) == (TAP_QUEUE, 5)
+    assert tap.take() == ([], 0)
+    tap(can.Message(arbitration_id=1))
+    assert len(tap.take()[0]) == 1
