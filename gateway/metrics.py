@@ -105,6 +105,7 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
                                labels=["bus", "kind"])
     dec = CounterMetricFamily("bmsgw_decode_errors", "Frames not decoded", labels=["bus", "kind"])
     lost = CounterMetricFamily("bmsgw_can_frames_lost", "Frames lost because a frame handler raised", labels=["bus"])
+    remote = CounterMetricFamily("bmsgw_can_remote_frames", "Remote (RTR) frames: requests, not errors", labels=["bus"])
     for b in buses:
         frames.add_metric([b["name"]], b["frames"])
         rate.add_metric([b["name"]], b["frames_per_s"])
@@ -114,7 +115,8 @@ def _buses(buses: list[dict[str, Any]]) -> Iterator[Metric]:
         for kind, n in b["decode_errors"].items():
             dec.add_metric([b["name"], kind], n)
         lost.add_metric([b["name"]], b["sink_errors"])
-    yield from (frames, rate, up, errs, dec, lost)
+        remote.add_metric([b["name"]], b["remote_frames"])
+    yield from (frames, rate, up, errs, dec, lost, remote)
 
 
 MAX_CLIENTS = 16

@@ -21,7 +21,7 @@ Start = Callable[[dict[str, Any]], int]
 def snapshot(answering: bool) -> dict[str, Any]:
     bus = {"name": "pack", "frames": 10, "frames_per_s": 900.0, "state": "up", "error_frames": 0, "bus_off": 0,
            "rx_overflow": 0, "tx_overflow": 0, "tx_errors": 0, "failures": 0, "bad_frames": 0, "sink_errors": 0,
-           "decode_errors": {"unknown": 0, "bad_length": 0, "bad_mux": 0}}
+           "remote_frames": 4, "decode_errors": {"unknown": 0, "bad_length": 0, "bad_mux": 0}}
     return {"uptime_s": 5.0, "healthy": answering, "p0_answering": answering, "loops": [], "buses": [bus],
             "events_dropped": {"event": 3}, "protection": {"contactors": {"trips": 0, "state": "NORMAL"},
                                                           "missed_deadlines": 0, "healthy": True, "active_alarms": 0}}
@@ -61,6 +61,7 @@ def test_a_p0_that_does_not_answer_shows_as_such_and_its_last_series_are_not_ser
     fresh, stale = scrape(endpoint(snapshot(True))), scrape(endpoint(snapshot(False)))
     assert fresh["bmsgw_healthy"] == 1 and fresh["bmsgw_p0_answering"] == 1
     assert fresh['bmsgw_can_up{bus="pack"}'] == 1 and fresh["bmsgw_protection_healthy"] == 1
+    assert fresh['bmsgw_can_remote_frames_total{bus="pack"}'] == 4
     assert stale["bmsgw_healthy"] == 0 and stale["bmsgw_p0_answering"] == 0
     assert not [k for k in stale if k.startswith(("bmsgw_can_", "bmsgw_protection_", "bmsgw_contactor_"))], stale
     assert stale['bmsgw_p0_events_dropped_total{kind="event"}'] == 3
