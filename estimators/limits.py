@@ -9,7 +9,9 @@ every cell moved alike. Missing inputs (NaN) give zero current (fail safe).
 
 Anti-flapping (per output, :class:`Governor`): a more restrictive value applies at
 once; a more permissive one only after ``recovery_delay_s`` without a new
-restriction, and then ramps at ``ramp_per_s`` (A/s or V/s).
+restriction, and then ramps at ``ramp_per_s`` (A/s or V/s). Until the first cycle with
+every input present (start-up) the limits are zero and the governors stay unset, so the
+first complete data apply at once instead of after a recovery delay and a ramp from zero.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["Governor", "Lut", "SofConfig", "SofLimiter", "SofLimits", "sof_preset"]
+__all__ = ["NO_DATA", "Governor", "Lut", "SofConfig", "SofLimiter", "SofLimits", "sof_preset"]
+
+NO_DATA = "no_data"  # the limiter name when an input is missing (zero current)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,9 @@ class SofLimiter:
         v_lo, v_hi = self._extremes(cell_v)
         t_lo, t_hi = self._extremes(cell_temp_c)
         s_lo, s_hi = self._extremes(cell_soc)
+        n = c.n_series
+        if not all(map(math.isfinite, (v_lo, t_lo, s_lo))):  # nothing can flow
+            return SofLimits(0.0, 0.0, n * c.cell_discharge_v, n * c.cell_charge_v, NO_DATA, NO_DATA)
         chg = {
             "max": c.max_charge_a,
             "cell_voltage": c.charge_vs_cell_v(v_hi),
@@ -198,9 +205,8 @@ class SofLimiter:
         }
         chg_by = min(chg, key=lambda k: chg[k])
         dis_by = min(dis, key=lambda k: dis[k])
-        n = c.n_series
         v_sum = float(np.sum(np.asarray(cell_v, dtype=np.float64))) if pack_v is None else float(pack_v)
-        if math.isfinite(v_hi) and math.isfinite(v_sum):
+        if math.isfinite(v_sum):
             cvl = min(n * c.cell_charge_v, v_sum + n * (c.cell_charge_v - v_hi))
             dvl = max(n * c.cell_discharge_v, v_sum - n * (v_lo - c.cell_discharge_v))
         else:
@@ -215,10 +221,12 @@ class SofLimiter:
         so a condition that comes and goes holds the lower limit instead of toggling it.
         """
         t = self.targets(cell_v, cell_temp_c, cell_soc, pack_v)
-        if derate < 1.0:
+        g = self._gov
+        if t.charge_limited_by == NO_DATA and not math.isfinite(g["chg_i"].value):
+            return t  # start-up: not a restriction to recover from
+        if derate < 1.0 and t.charge_limited_by != NO_DATA:
             t = SofLimits(t.charge_current_a * derate, t.discharge_current_a * derate, t.charge_voltage_v,
                           t.discharge_voltage_v, "derate", "derate")
-        g = self._gov
         return SofLimits(
             g["chg_i"].step(t.charge_current_a, dt_s),
             g["dis_i"].step(t.discharge_current_a, dt_s),

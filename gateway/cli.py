@@ -149,7 +149,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"soc      {_fmt(est['soc'] and est['soc'] * 100, '.1f')} %   soe "
                      f"{_fmt(est['soe'] and est['soe'] * 100, '.1f')} %   cells {_fmt(est['min_cell_soc'] and est['min_cell_soc'] * 100, '.1f')}"
                      f"..{_fmt(est['max_cell_soc'] and est['max_cell_soc'] * 100, '.1f')} %   limits charge "
-                     f"{_fmt(lim.get('charge_current_a'), '.1f')} A  discharge {_fmt(lim.get('discharge_current_a'), '.1f')} A")
+                     f"{_fmt(lim.get('charge_current_a'), '.1f')} A{_by(lim.get('charge_limited_by'))}  discharge "
+                     f"{_fmt(lim.get('discharge_current_a'), '.1f')} A{_by(lim.get('discharge_limited_by'))}")
     for b in st["buses"]:
         errs = b["decode_errors"]
         lines.append(f"bus {b['name']:<8} {b['state']:<6} {b['frames_per_s']:8.0f} frames/s  total {b['frames']}  "
@@ -202,6 +203,11 @@ def cmd_signals(args: argparse.Namespace) -> int:
         age = "never" if r["age_s"] is None else f"{r['age_s']:.2f} s"
         print(f"{r['name']:<{width}}  {_fmt(r['value'], '.4g'):>10}  {r['quality']:<7}  age {age}")
     return EXIT_OK
+
+
+def _by(limiter: str | None) -> str:
+    """Which limiter set a current limit, unless it is just the configured maximum."""
+    return f" ({limiter.replace('_', ' ')})" if limiter and limiter != "max" else ""
 
 
 def _frame_line(rec: dict[str, Any]) -> str:

@@ -139,6 +139,22 @@ def test_lut_and_limiter_minimum() -> None:
     assert empty.discharge_limited_by == "soc" and empty.discharge_current_a < 60.0 * 0.3
     nan = sof.targets(np.where(np.arange(224) == 0, np.nan, 3.7), t, s)
     assert nan.charge_current_a == 0.0 and nan.discharge_current_a == 0.0
+    assert nan.charge_limited_by == nan.discharge_limited_by == "no_data"
+
+
+def test_start_up_without_data_is_not_a_restriction_to_recover_from() -> None:
+    sof = SofLimiter(sof_preset("NMC", 60.0, 4))
+    v, t, s = np.full(4, 3.7), np.full(4, 25.0), np.full(4, 0.5)
+    for _ in range(10):  # the first cycles run before the first frames (or the first SoC)
+        waiting = sof.step(0.1, v, t, np.full(4, np.nan), derate=0.5)
+        assert (waiting.charge_current_a, waiting.discharge_current_a) == (0.0, 0.0)
+        assert waiting.charge_limited_by == "no_data"
+    first = sof.step(0.1, v, t, s)
+    assert (first.charge_current_a, first.discharge_current_a) == pytest.approx((30.0, 60.0))
+    lost = sof.step(0.1, np.full(4, np.nan), t, s, derate=0.5)  # data lost later: zero at once...
+    assert (lost.charge_current_a, lost.charge_limited_by) == (0.0, "no_data")
+    back = sof.step(0.1, v, t, s)  # ... and back only after the recovery delay, ramped
+    assert back.charge_current_a == 0.0
 
 
 def test_voltage_limits_follow_the_extreme_cells() -> None:
