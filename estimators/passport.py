@@ -15,6 +15,8 @@ Temperatures may be given per cell or per cell and sensor (each sensor counts).
 
 Counters only ever grow: a non-finite or negative time step, or one longer than
 ``max_gap_s`` (a gap in the data), integrates nothing and is counted as a gap.
+A gap (or a non-finite time step or current) also drops the last rested OCV point:
+the charge moved meanwhile is unknown, so no capacity estimate spans it.
 The state exports to plain data and imports back (validated).
 """
 
@@ -144,12 +146,15 @@ class PassportCounters:
         i = float(current_a)
         self._extremes(i, v, temps)
         self._deep_discharge(v)
-        if not math.isfinite(dt) or dt <= 0.0:
+        if not math.isfinite(dt):
+            self._forget_rest()  # an unknown interval: charge may have moved unseen
+            return
+        if dt <= 0.0:
             return
         if dt > c.max_gap_s or not math.isfinite(i):
-            self.gap_s += dt if math.isfinite(dt) else 0.0
+            self.gap_s += dt
             self._prev_i, self._prev_v = math.nan, None
-            self._rest_s = 0.0
+            self._forget_rest()
             return
         self.observed_s += dt
         ah = abs(i) * dt / 3600.0
@@ -172,6 +177,10 @@ class PassportCounters:
                     self.charging_hot_s += dt
         self._resistance(dt, i, v)
         self._capacity(dt, i, v, temps)
+
+    def _forget_rest(self) -> None:
+        """The charge moved during a gap is not in ``net_ah``: no capacity may span it."""
+        self._rest_s, self._rest_taken, self._last_rest = 0.0, False, None
 
     def _extremes(self, i: float, v: FloatArray, temps: FloatArray) -> None:
         fv = v[np.isfinite(v)]

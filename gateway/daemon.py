@@ -86,7 +86,8 @@ class Gateway:
                            LoopStats("persist", est.persist_s, "P3"),
                            LoopStats("balancing", 1.0, "P1"),
                            LoopStats("safety", SAFETY_PERIOD_S, "P2")]
-            self.safety = SafetyIndicators(self.image, cfg.site, self.estimation.inputs)
+            self.safety = SafetyIndicators(self.image, cfg.site, self.estimation.inputs,
+                                           self.estimation.plating)
         self._bleeding = False
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
@@ -690,17 +691,25 @@ class EcmStage:
         return self.est.ekf.params.copy()
 
     def apply(self, args: dict[str, Any]) -> tuple[bool, str]:
-        for cell in args["cells"]:
-            update = {"cell": cell, "r0_ohm": args["r0_ohm"],
-                      "voltage_v": args["ocv_v"] or float(self.est.cell.ocv.ocv(args["soc"] or 0.5)),
+        """Apply the checked ``set_ecm_parameters`` args (cloudlink.commands.check_ecm) cell by cell.
+
+        No ``cells``: every cell. The operating point of the fit is ``ocv_v`` when given, else the OCV of
+        ``soc``, else of SoC 0.5 (docs/cloud-format.md); 0.0 is a value like any other.
+        """
+        given = args.get("cells")
+        cells = range(self.est.n_cells) if given is None else given
+        ocv_v, soc = args.get("ocv_v"), args.get("soc")
+        voltage = ocv_v if ocv_v is not None else float(self.est.cell.ocv.ocv(0.5 if soc is None else soc))
+        for cell in cells:
+            update = {"cell": cell, "r0_ohm": args["r0_ohm"], "voltage_v": voltage,
                       **{f"r{k}_ohm": r for k, r in enumerate(args["r_ohm"], 1)},
                       **{f"c{k}_f": c for k, c in enumerate(args["c_f"], 1)}}
-            if args["temperature_c"] is not None:
+            if args.get("temperature_c") is not None:
                 update["temperature_c"] = args["temperature_c"]
             ok, reason = self.est.update_ecm(update)
             if not ok:
                 return False, f"cell {cell}: {reason}"
-        return True, f"ECM parameters of {len(args['cells'])} cells applied"
+        return True, f"ECM parameters of {len(cells)} cells applied"
 
     def health(self) -> tuple[bool, str]:
         ok = bool(np.isfinite(self.est.ekf.soc).all())

@@ -25,6 +25,7 @@ from estimators.limits import SofLimiter, SofLimits, sof_preset
 from estimators.model_update import apply_ecm_update
 from estimators.passport import PassportConfig, PassportCounters
 from estimators.soc_ekf import SocEkf
+from estimators.sos import PlatingDetector
 from gateway.image import ProcessImage, Quality
 from gateway.limits import HardwareLimits
 
@@ -109,6 +110,8 @@ class Estimation:
             settle_s=section.balancing_settle_s, time_budget_s=section.balancing_budget_s,
             cells_per_module=cells_per_module))
         self.balance: BalanceDecision | None = None
+        # the safety loop (gateway.safety) runs it; it lives here so its flags persist with the rest
+        self.plating = PlatingDetector(n)
         self.path = state_dir / "estimators.json"
         self.limits: SofLimits | None = None
         self.initialised = False
@@ -291,9 +294,9 @@ class Estimation:
     # -- persistence ------------------------------------------------------------------------------
 
     def persist(self) -> None:
-        """Write the learnt state atomically (fsynced), so a restart keeps SoC and counters."""
+        """Write the learnt state atomically (fsynced), so a restart keeps SoC, counters and plating flags."""
         state = {"saved": time.time(), "ekf": self.ekf.export_state(), "passport": self.passport.export_state(),
-                 "initialised": self.initialised}
+                 "initialised": self.initialised, "plating": self.plating.export_state()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
@@ -310,12 +313,37 @@ class Estimation:
         except (OSError, ValueError) as exc:
             log.warning("estimator state %s unreadable (%s): starting fresh", self.path, exc)
             return
+        # each part on its own: a filter that no longer fits must not cost the passport its lifetime counters
+        # (nor the plating flags), which the next persist would overwrite with fresh ones
         try:
-            self.ekf.import_state(state["ekf"], offline_s=max(0.0, time.time() - float(state["saved"])))
+            self._restore_filter(state)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("SoC filter state in %s does not fit this site (%s): starting it fresh", self.path, exc)
+        try:
             self.passport.import_state(state["passport"])
-            self.initialised = bool(state.get("initialised"))
-        except (KeyError, ValueError, TypeError) as exc:
-            log.warning("estimator state %s does not fit this site (%s): starting fresh", self.path, exc)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("passport counters in %s do not fit this site (%s): starting them fresh", self.path, exc)
+        try:
+            self.plating.import_state(state.get("plating"))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("plating flags in %s do not fit this site (%s): starting them fresh", self.path, exc)
+
+    def _restore_filter(self, state: dict[str, Any]) -> None:
+        offline = time.time() - float(state["saved"])
+        clock_behind = not offline >= 0.0  # also NaN
+        self.ekf.import_state(state["ekf"], offline_s=0.0 if clock_behind else offline)
+        # the configured capacity wins over the saved one (a corrected measurement); the learnt R and C stay
+        params = self.ekf.params.copy()
+        params.capacity_ah[:] = self.section.capacity_ah
+        self.ekf.set_params(params)
+        self.params = params
+        if clock_behind:
+            # no RTC: the wall clock at boot is behind the last save, so how long the pack went unwatched
+            # is unknown; widen the SoC as for a gap of any length
+            log.warning("the clock (%s) is behind the estimator state's save time (%s): time offline unknown, "
+                        "SoC uncertainty widened", time.time(), state["saved"])
+            self.ekf.gap(math.inf, self._gap_current_a)
+        self.initialised = bool(state.get("initialised"))
 
     def snapshot(self) -> dict[str, Any]:
         pack = self.ekf.pack()

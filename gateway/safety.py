@@ -6,9 +6,11 @@ counts as missing data) are to their MSL, the lithium-plating flag
 of the last post-charge rest, and the EIS temperature (SoT) where a recent sweep measured
 one. The results are image signals like any other: ``cell[N].safety_level`` (0 ok,
 1 attention, 2 warning, 3 critical), ``cell[N].safety_reason`` (bits of
-:class:`estimators.sos.SafetyReason`), ``cell[N].plating`` (the last rest's score, mV/min)
-and ``pack.safety_level`` (the worst cell). They share one source with a 1 s cycle, so they
-read stale when this loop stops.
+:class:`estimators.sos.SafetyReason`), ``cell[N].plating`` (the last rest's score, mV/min;
+invalid where the rest could not tell, which counts as missing data) and
+``pack.safety_level`` (the worst cell). They share one source with a 1 s cycle, so they
+read stale when this loop stops. The daemon hands it the :class:`gateway.estimation.Estimation`'s
+plating detector, so the last rest's flags persist with that state across restarts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from estimators.sos import PlatingDetector, SafetyConfig, safety_levels, worst
+from estimators.sos import PlatingDetector, PlatingResult, SafetyConfig, safety_levels, worst
 from gateway.events import Level
 from gateway.image import ProcessImage, Quality
 from gateway.limits import LimitTable
@@ -81,11 +83,13 @@ def _nearest_limit(cell_t: np.ndarray, n: int, config: SafetyConfig) -> np.ndarr
 class SafetyIndicators:
     """The P2 safety step: reads the estimators' inputs, writes the safety signals into the image."""
 
-    def __init__(self, image: ProcessImage, layout: Layout, inputs: Callable[[float], Inputs | None]) -> None:
+    def __init__(self, image: ProcessImage, layout: Layout, inputs: Callable[[float], Inputs | None],
+                 plating: PlatingDetector | None = None) -> None:
+        """``plating``: the detector to run (the daemon passes the Estimation's, which persists its flags)."""
         self.image = image
         self.layout = layout
         self.inputs = inputs
-        self.plating = PlatingDetector(layout.cells)
+        self.plating = PlatingDetector(layout.cells) if plating is None else plating
         self._steps = 0
         self._last_plating = 0.0
         span = image.span("cell.safety_level")
@@ -94,7 +98,10 @@ class SafetyIndicators:
         self._pack = image.index("pack.safety_level")
         self._slot = int(image.slot_of[self._pack])
         self._sot = image.span("cell.sot") if "cell.sot" in image.families else None
-        image.value[self._score] = 0.0
+        if self.plating.last is None:
+            image.value[self._score] = 0.0
+        else:  # restored: a flagged cell stays flagged after a restart
+            self._write_score(self.plating.last)
 
     def step(self, limits: LimitTable, alarms: Sequence[dict[str, Any]], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -108,11 +115,11 @@ class SafetyIndicators:
             self._last_plating = now
             result = self.plating.step(dt, current, np.where(good, v, np.nan))
             if result is not None:
-                self.image.value[self._score] = result.score_mv_per_min
-        flagged = self.plating.last.flagged if self.plating.last is not None else None
+                self._write_score(result)
+        plating = self.plating.last.plating if self.plating.last is not None else None  # NaN: unknown
         config = self._config(limits)
         level, reason = safety_levels(np.where(good, v, np.nan), _nearest_limit(cell_t, v.size, config),
-                                      protection_levels(alarms, self.layout), flagged, self._sot_now(now), config)
+                                      protection_levels(alarms, self.layout), plating, self._sot_now(now), config)
         img = self.image
         img.value[self._level] = level
         img.value[self._reason] = reason
@@ -120,6 +127,11 @@ class SafetyIndicators:
         img.rx_time[self._slot] = time.time()
         img.rx_mono[self._slot] = now
         img.seq[self._slot] += 1
+
+    def _write_score(self, result: PlatingResult) -> None:
+        score = result.score_mv_per_min
+        self.image.value[self._score] = score
+        self.image.valid[self._score] = np.isfinite(score)  # an unknown score is no value (reads INVALID)
 
     def _sot_now(self, now: float) -> np.ndarray | None:
         if self._sot is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from dataclasses import replace
@@ -13,12 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gateway.safety as safety_module
 from estimators.limits import sof_preset
+from estimators.sos import SafetyReason
+from gateway.config import load_config, shipped_config
 from gateway.estimation import Estimation, EstimatorSection
-from gateway.image import ProcessImage
-from gateway.limits import HARDWARE_DEFAULTS, HardwareLimits
+from gateway.image import ProcessImage, Quality
+from gateway.limits import HARDWARE_DEFAULTS, HardwareLimits, LimitTable
 from gateway.pipeline import Layout
-from gateway.safety import safety_families, safety_slots
+from gateway.safety import SafetyIndicators, safety_families, safety_slots
 from tests.test_ingest import alternating_writer
 from tests.test_protection import Rig
 
@@ -344,3 +349,143 @@ def test_inputs_never_pair_a_cell_value_with_another_frames_quality(tmp_path: Pa
                 lies += bool(got[1][0])
                 whole_bad += not got[1][0]
     assert whole_bad and not lies, (whole_bad, lies)
+
+
+# -- restarts: what the state file restores, and what it must not -------------------------------------------
+
+
+def test_the_configured_capacity_wins_over_the_saved_one(tmp_path: Path) -> None:
+    """A corrected [estimators] capacity_ah holds after a restart; the learnt R and C stay (E4)."""
+    est, img = site(tmp_path)
+    for k in range(5):
+        feed(img, 100.0 + k)
+        est.step_soc(100.0 + k)
+    ok, reason = est.update_ecm({"cell": 3, "voltage_v": 3.7, "r0_ohm": 0.0016, "r1_ohm": 0.0007, "c1_f": 15000.0,
+                                 "r2_ohm": 0.0009, "c2_f": 300000.0})
+    assert ok, reason
+    learnt = est.ekf.params.copy()
+    est.persist()
+    again, _ = site(tmp_path, section=EstimatorSection(capacity_ah=30.0))
+    assert again.initialised
+    np.testing.assert_array_equal(again.ekf.params.capacity_ah, 30.0)
+    np.testing.assert_array_equal(again.params.capacity_ah, 30.0)
+    np.testing.assert_array_equal(again.ekf.params.r0_ohm, learnt.r0_ohm)
+    np.testing.assert_array_equal(again.ekf.params.r_ohm, learnt.r_ohm)
+    np.testing.assert_array_equal(again.ekf.params.c_f, learnt.c_f)
+    soc = again.ekf.soc.copy()
+    again.ekf.step(3600.0, 1.0, np.full(again.n_cells, np.nan))  # 1 Ah in, no voltages: counted with 30 Ah
+    rise = again.ekf.soc - soc
+    np.testing.assert_allclose(rise, 1.0 / 30.0, rtol=0.1)
+
+
+def test_the_passport_survives_a_filter_state_that_no_longer_fits(tmp_path: Path) -> None:
+    """The filter and the passport are restored each on its own (E8)."""
+    est, img = site(tmp_path)
+    for k in range(30):
+        feed(img, 100.0 + k, current=-30.0)
+        est.step_soc(100.0 + k)
+    ah = est.passport.discharge_ah
+    assert ah > 0.0
+    est.persist()
+    state = json.loads(est.path.read_text())
+    state["ekf"]["version"] = -1  # e.g. saved by another release
+    est.path.write_text(json.dumps(state))
+    again, _ = site(tmp_path)
+    assert not again.initialised  # the filter starts fresh...
+    assert again.passport.discharge_ah == ah  # ...the lifetime counters do not
+    again.persist()
+    assert json.loads(again.path.read_text())["passport"]["discharge_ah"] == ah
+
+
+def test_a_clock_behind_the_saved_state_widens_the_soc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """No RTC: the boot clock behind the save time means the time offline is unknown (E10)."""
+    est, img = site(tmp_path)
+    for k in range(60):
+        feed(img, 100.0 + k)
+        est.step_soc(100.0 + k)
+    est.persist()
+    saved = json.loads(est.path.read_text())["saved"]
+    again, _ = site(tmp_path)
+    assert again.ekf.soc_std.max() < 0.1  # an ordinary restart: the SoC is still known
+    monkeypatch.setattr(time, "time", lambda: saved - 3600.0)
+    with caplog.at_level(logging.WARNING, logger="gateway.estimation"):
+        behind, _ = site(tmp_path)
+    assert behind.initialised
+    np.testing.assert_allclose(behind.ekf.soc_std, behind.ekf.config.init_soc_std)
+    np.testing.assert_allclose(behind.ekf.soc, est.ekf.soc)  # the estimate stays, its confidence does not
+    assert "behind" in caplog.text
+
+
+# -- the plating indicator in the safety loop ----------------------------------------------------------------
+
+
+def charge_and_rest(est: Estimation, img: ProcessImage, safety: SafetyIndicators, volts: np.ndarray,
+                    limits: LimitTable, t: float = 100.0) -> float:
+    """20 A for 30 min (10 Ah), then the rest ``volts`` (samples x cells), every 5 s through the safety loop."""
+    n = volts.shape[1]
+    for _ in range(360):
+        t += 5.0
+        feed(img, t, cell_v=np.full(n, 4.1), current=20.0)
+        safety.step(limits, [], t)
+    for row in volts:
+        t += 5.0
+        feed(img, t, cell_v=row, current=0.0)
+        safety.step(limits, [], t)
+    return t
+
+
+def plated_rest(n: int, plated: list[int]) -> np.ndarray:
+    """An hour's relaxation sampled every 5 s; the ``plated`` cells with the stripping plateau."""
+    t = np.arange(0.0, 3601.0, 5.0)[:, None]
+    v = 4.0 + 0.03 * np.exp(-t / 30.0) + 0.02 * np.exp(-t / 600.0) + np.zeros((1, n))
+    v[:, plated] += 0.025 * (1.0 - 1.0 / (1.0 + np.exp(-(t - 900.0) / 120.0)))
+    return np.round(v / 0.001) * 0.001
+
+
+def test_an_unknown_plating_score_is_missing_data_not_a_good_value(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell whose rest the detector could not read counts as missing data, and its score reads INVALID (E3)."""
+    monkeypatch.setattr(safety_module, "PLATING_EVERY", 1)
+    est, img = site(tmp_path)
+    limits = load_config(shipped_config()).config.limit_table()
+    safety = SafetyIndicators(img, SMALL, est.inputs, est.plating)
+    volts = plated_rest(28, [5, 12])
+    volts[1:, 9] = np.nan  # cell 9's channel invalid for the whole rest
+    volts[300, 12] = np.nan  # plated cell 12's for one sample only
+    t = charge_and_rest(est, img, safety, volts, limits)
+    t += 5.0
+    feed(img, t, cell_v=np.full(28, 3.7))  # every channel good again
+    safety.step(limits, [], t)
+    level, reason = img.array("cell.safety_level"), img.array("cell.safety_reason").astype(int)
+    assert level[5] == level[12] == 2 and reason[5] == reason[12] == SafetyReason.PLATING
+    assert level[9] == 2 and reason[9] == SafetyReason.DATA_MISSING
+    assert (np.delete(level, [5, 9, 12]) == 0).all()
+    score = img.snapshot(img.span("cell.plating"), t)
+    assert score.quality[9] == Quality.INVALID
+    assert (score.quality[[5, 12]] == Quality.GOOD).all() and (score.value[[5, 12]] > 0.05).all()
+
+
+def test_plating_flags_survive_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last rest's flags persist with the estimator state: a flagged cell stays at warning (E9)."""
+    monkeypatch.setattr(safety_module, "PLATING_EVERY", 1)
+    est, img = site(tmp_path)
+    limits = load_config(shipped_config()).config.limit_table()
+    safety = SafetyIndicators(img, SMALL, est.inputs, est.plating)
+    volts = plated_rest(28, [5])
+    volts[1:, 9] = np.nan
+    t = charge_and_rest(est, img, safety, volts, limits)
+    before = img.array("cell.plating").copy()
+    est.persist()
+    again, img2 = site(tmp_path)
+    safety2 = SafetyIndicators(img2, SMALL, again.inputs, again.plating)
+    feed(img2, t + 5.0, cell_v=np.full(28, 3.7))
+    safety2.step(limits, [], t + 5.0)
+    level, reason = img2.array("cell.safety_level"), img2.array("cell.safety_reason").astype(int)
+    assert level[5] == 2 and reason[5] == SafetyReason.PLATING
+    assert level[9] == 2 and reason[9] == SafetyReason.DATA_MISSING
+    assert (np.delete(level, [5, 9]) == 0).all()
+    score = img2.snapshot(img2.span("cell.plating"), t + 5.0)
+    np.testing.assert_array_equal(score.value, before)
+    assert score.quality[9] == Quality.INVALID and score.quality[5] == Quality.GOOD
+    assert safety2.plating is again.plating  # the daemon's wiring: the Estimation's detector, which it persists

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from estimators.passport import PassportConfig, PassportCounters
 from estimators.sos import (
     PlatingConfig,
     PlatingDetector,
+    PlatingResult,
     SafetyConfig,
     SafetyReason,
     plating_score,
@@ -73,6 +75,97 @@ def test_plating_score_of_a_plain_relaxation_is_small() -> None:
     t = np.arange(0.0, 3600.0)
     assert plating_score(t, relaxation(t, False))[0] == 0.0
     assert plating_score(t, relaxation(t, True))[0] > 0.3
+
+
+def rest_after_charge(det: PlatingDetector, volts: np.ndarray, taper: Sequence[float] = (), dt: float = 5.0) -> object:
+    """A 10 Ah charge at 20 A, the end of the charge (``taper``, A), then the rest ``volts`` (samples x cells),
+    sampled every ``dt`` as the gateway's safety loop does; the last result."""
+    n = volts.shape[1]
+    for _ in range(int(1800 / dt)):
+        det.step(dt, 20.0, np.full(n, 4.1))
+    for current in taper:
+        assert det.step(dt, current, np.full(n, 4.15)) is None
+    result = None
+    for row in volts:
+        result = det.step(dt, 0.0, row) or result
+    return result
+
+
+def test_plating_is_analysed_after_a_charge_that_tapers_off() -> None:
+    """A CV taper or a ramp-down through rest_current_a..charge_current_a continues the charge (E1)."""
+    t = np.arange(0.0, 3601.0, 5.0)
+    volts = np.stack([relaxation(t, True), relaxation(t, False)], axis=1)
+    for taper in ([5.0, 2.0, 0.8], list(np.linspace(3.0, 0.6, 120))):
+        res = rest_after_charge(PlatingDetector(2), volts, taper)
+        assert isinstance(res, PlatingResult), taper
+        assert res.flagged.tolist() == [True, False]
+        assert res.charge_ah == pytest.approx(10.0 + sum(taper) * 5.0 / 3600.0)
+    # a small charge with no charge before it starts nothing; a discharge still discards the charge
+    det = PlatingDetector(2)
+    for _ in range(720):
+        assert det.step(5.0, 0.8, np.full(2, 4.0)) is None
+    for row in volts:
+        assert det.step(5.0, 0.0, row) is None
+    assert rest_after_charge(PlatingDetector(2), volts, [3.0, 0.8, -2.0]) is None
+
+
+def quantised_rest(n: int, noise_v: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Times, 1 mV voltages (every 8th cell plated) and the plated mask of one rest sampled every 5 s."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(0.0, 3601.0, 5.0)
+    a1, a2 = rng.uniform(0.02, 0.04, n), rng.uniform(0.01, 0.03, n)
+    plated = np.arange(n) % 8 == 0
+    v = 4.0 + a1 * np.exp(-t[:, None] / 30.0) + a2 * np.exp(-t[:, None] / 600.0)
+    v = v + np.where(plated, 0.025 * (1.0 - 1.0 / (1.0 + np.exp(-(t[:, None] - 900.0) / 120.0))), 0.0)
+    return t, np.round((v + rng.normal(0.0, noise_v, v.shape)) / 0.001) * 0.001, plated
+
+
+def test_quantised_quiet_voltages_are_not_read_as_plating() -> None:
+    """With 1 mV steps and little noise the noise estimate is floored at the rounding's (E2)."""
+    for noise in (0.0003, 0.002):
+        t, v, plated = quantised_rest(112, noise)
+        np.testing.assert_array_equal(plating_score(t, v) > 0.05, plated)
+        res = rest_after_charge(PlatingDetector(112), v)
+        assert isinstance(res, PlatingResult)
+        np.testing.assert_array_equal(res.flagged, plated)
+    assert PlatingConfig().quantum_v == 0.001  # the pack DBC's cell-voltage resolution
+    with pytest.raises(ValueError):
+        PlatingConfig(quantum_v=-0.001)
+
+
+def test_invalid_samples_do_not_blind_a_cell_and_too_few_are_unknown() -> None:
+    """One NaN sample is left out; a cell with too few valid samples scores NaN, which is missing data (E3)."""
+    t = np.arange(0.0, 3601.0, 5.0)
+    v = np.stack([relaxation(t, True)] * 3 + [relaxation(t, False)], axis=1)
+    v[400, 1] = np.nan  # one invalid sample
+    v[1:, 2] = np.nan  # the whole rest invalid but its first sample
+    v[100, 3] = np.nan
+    res = rest_after_charge(PlatingDetector(4), v)
+    assert isinstance(res, PlatingResult)
+    assert res.flagged.tolist() == [True, True, False, False]
+    assert np.isfinite(res.score_mv_per_min[[0, 1, 3]]).all() and np.isnan(res.score_mv_per_min[2])
+    assert res.score_mv_per_min[1] == pytest.approx(res.score_mv_per_min[0], rel=0.05)
+    np.testing.assert_array_equal(res.plating, [1.0, 1.0, np.nan, 0.0])
+    lvl, why = safety_levels(np.full(4, 3.7), np.full(4, 25.0), plating=res.plating)
+    assert lvl.tolist() == [2, 2, 2, 0]
+    assert why[2] == SafetyReason.DATA_MISSING and why[0] == why[1] == SafetyReason.PLATING and why[3] == 0
+
+
+def test_plating_result_round_trips_through_plain_data() -> None:
+    t = np.arange(0.0, 3601.0, 5.0)
+    v = np.stack([relaxation(t, True), relaxation(t, False), np.full(t.size, np.nan)], axis=1)
+    det = PlatingDetector(3)
+    assert det.export_state() is None
+    res = rest_after_charge(det, v)
+    assert isinstance(res, PlatingResult)
+    again = PlatingDetector(3)
+    again.import_state(json.loads(json.dumps(det.export_state())))
+    assert again.last is not None
+    np.testing.assert_array_equal(again.last.score_mv_per_min, res.score_mv_per_min)
+    np.testing.assert_array_equal(again.last.flagged, res.flagged)
+    assert again.last.charge_ah == res.charge_ah and again.last.rest_s == res.rest_s
+    with pytest.raises(ValueError):
+        PlatingDetector(4).import_state(det.export_state())
 
 
 def test_safety_levels_combine_the_inputs() -> None:
@@ -165,6 +258,32 @@ def test_capacity_between_two_rested_ocv_points() -> None:
     run(700, 0.0)
     assert p.capacity_updates == 1
     np.testing.assert_allclose(p.capacity_ah, q, rtol=0.01)
+
+
+@pytest.mark.parametrize("gap", ["long step", "invalid current", "invalid time step"])
+def test_no_capacity_spans_a_gap_in_the_data(gap: str) -> None:
+    """The Ah moved during a gap are not counted: the rest before it is no capacity anchor (E5)."""
+    p = make(n=2)
+    soc = 0.9
+
+    def run(seconds: int, current: float) -> None:
+        nonlocal soc
+        for _ in range(seconds):
+            soc += current / 3600.0 / 50.0
+            p.update(1.0, current, 7.4, NMC.ocv.ocv(np.full(2, soc)), np.full(2, 25.0))
+
+    run(1900, 0.0)
+    run(900, -50.0)
+    soc += -50.0 * 900 / 3600.0 / 50.0  # 12.5 Ah the gateway did not see
+    dt, i = {"long step": (900.0, -50.0), "invalid current": (1.0, math.nan),
+             "invalid time step": (math.nan, -50.0)}[gap]
+    p.update(dt, i, 7.4, NMC.ocv.ocv(np.full(2, soc)), np.full(2, 25.0))
+    run(1900, 0.0)
+    assert p.capacity_updates == 0 and np.isnan(p.capacity_ah).all()
+    run(1200, 50.0)  # the rest after the gap anchors the next estimate
+    run(1900, 0.0)
+    assert p.capacity_updates == 1
+    np.testing.assert_allclose(p.capacity_ah, 50.0, rtol=0.02)
 
 
 def test_resistance_from_current_steps() -> None:

@@ -63,7 +63,7 @@ def test_sensor_temperatures_reach_the_levels_unaveraged_and_unknown_ones_as_mis
     """The estimators' inputs as they are: each module's coldest and hottest sensor, NaN where none is good."""
     est, img = site(tmp_path)
     limits = load_config(shipped_config()).config.limit_table()
-    safety = SafetyIndicators(img, SMALL, est.inputs)
+    safety = SafetyIndicators(img, SMALL, est.inputs, est.plating)
     hot = max(limits.cell_temperature_high_charge.msl, limits.cell_temperature_high_discharge.msl) - 1.0
     cold = min(limits.cell_temperature_low_charge.msl, limits.cell_temperature_low_discharge.msl) + 1.0
     feed(img, 100.0, temps=[[hot, 20.0], [cold, 20.0]])  # module means far from any limit
