@@ -113,8 +113,11 @@ def _cell_score(t: FloatArray, idx: NDArray[np.intp], v: FloatArray, bins: int, 
     n_b = count[have]
     tb = np.bincount(idx, weights=t, minlength=bins)[have] / n_b
     vb = np.bincount(idx, weights=v, minlength=bins)[have] / n_b
-    # Sample noise from successive differences (robust to the slow trend).
-    noise = max(float(np.median(np.abs(np.diff(v)))) / (0.6745 * math.sqrt(2.0)), noise_floor)
+    # Sample noise from the second differences (blind to the relaxation's slow trend). Their RMS,
+    # not their median: with voltages rounded to 1 mV most differences are 0, and a median then
+    # claims less noise than the samples carry, so rounding steps between bins read as bumps.
+    d2 = np.diff(v, 2)
+    noise = max(math.sqrt(float(np.mean(d2 * d2)) / 6.0) if d2.size else 0.0, noise_floor)
     dt = np.diff(tb)
     # After a charge the voltage falls: the relaxation rate is -dV/dt (> 0), in mV/min.
     rate = -np.diff(vb) / dt * 60e3

@@ -133,6 +133,18 @@ def test_quantised_quiet_voltages_are_not_read_as_plating() -> None:
         PlatingConfig(quantum_v=-0.001)
 
 
+@pytest.mark.parametrize(("noise_mv", "seed"), [(0.4, 1), (0.4, 4), (0.5, 0), (0.5, 1)])
+def test_rounded_voltages_with_a_little_noise_are_not_read_as_plating(noise_mv: float, seed: int) -> None:
+    """A site's 224 unplated cells after one rest, 1 mV rounding: a median-based noise estimate
+    flagged one of them in each of these draws."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(0.0, 3601.0, 5.0)
+    a1, a2 = rng.uniform(0.02, 0.04, 224), rng.uniform(0.01, 0.03, 224)
+    v = 4.0 + a1 * np.exp(-t[:, None] / 30.0) + a2 * np.exp(-t[:, None] / 600.0)
+    v = np.round((v + rng.normal(0.0, noise_mv * 1e-3, v.shape)) / 1e-3) * 1e-3
+    assert not (plating_score(t, v) > PlatingConfig().threshold_mv_per_min).any()
+
+
 def test_invalid_samples_do_not_blind_a_cell_and_too_few_are_unknown() -> None:
     """One NaN sample is left out; a cell with too few valid samples scores NaN, which is missing data (E3)."""
     t = np.arange(0.0, 3601.0, 5.0)
