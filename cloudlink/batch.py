@@ -218,8 +218,8 @@ def choose_specs(v: npt.NDArray[np.float64], hints: Sequence[Chain | None] = ())
         for chain, members in by_chain.items():
             sub = v[:, members]
             k = _invert(sub, chain)
-            ok = (np.abs(k) < EXACT_LIMIT).all(axis=0) & (forward(k, chain) == sub).all(axis=0)
-            for c, good in zip(members, ok, strict=True):
+            exact = (np.abs(k) < EXACT_LIMIT).all(axis=0) & _same_bits(forward(k, chain), sub).all(axis=0)
+            for c, good in zip(members, np.atleast_1d(exact).tolist(), strict=True):
                 if good:
                     specs[c] = Spec("lin", 0, chain)
         todo = np.array([s is None for s in specs], dtype=bool) & finite
@@ -228,8 +228,8 @@ def choose_specs(v: npt.NDArray[np.float64], hints: Sequence[Chain | None] = ())
                 break
             sub = v[:, todo]
             scale = 10.0**d
-            k = np.rint(sub * scale)
-            ok = (np.abs(k) < EXACT_LIMIT).all(axis=0) & (k / scale == sub).all(axis=0)
+            k = np.rint(sub * scale) + 0.0  # as the decoder sees it: an integer, so never -0.0
+            ok = (np.abs(k) < EXACT_LIMIT).all(axis=0) & _same_bits(k / scale, sub).all(axis=0)
             for c in np.flatnonzero(todo)[ok]:
                 specs[c] = Spec("dec", d)
             todo[np.flatnonzero(todo)[ok]] = False
@@ -240,7 +240,7 @@ def choose_specs(v: npt.NDArray[np.float64], hints: Sequence[Chain | None] = ())
             chain = ((float(f"1e-{d}"), 0.0),)
             sub = v[:, todo]
             k = _invert(sub, chain)
-            ok = (np.abs(k) < EXACT_LIMIT).all(axis=0) & (forward(k, chain) == sub).all(axis=0)
+            ok = (np.abs(k) < EXACT_LIMIT).all(axis=0) & _same_bits(forward(k, chain), sub).all(axis=0)
             for c in np.flatnonzero(todo)[ok]:
                 specs[c] = Spec("lin", 0, chain)
             todo[np.flatnonzero(todo)[ok]] = False
@@ -251,7 +251,13 @@ def _invert(col: npt.NDArray[np.float64], chain: Chain) -> npt.NDArray[np.float6
     y = col
     for s, o in reversed(chain):
         y = (y - o) / s
-    return np.rint(y)
+    return np.rint(y) + 0.0  # an integer has no sign of zero (the decoder starts from +0.0)
+
+
+def _same_bits(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Element-wise equality of float64 bit patterns: -0.0 is not 0.0 (the format promises bit for bit)."""
+    return np.asarray(np.ascontiguousarray(a, dtype=np.float64).view(np.uint64)
+                      == np.ascontiguousarray(b, dtype=np.float64).view(np.uint64))
 
 
 def encode_matrix(values: npt.NDArray[np.float64], flags: npt.NDArray[np.uint8] | None,
@@ -705,31 +711,39 @@ class Sealer:
         return (self._split_telemetry(stream, tel.columns(a), [hints[i] for i in a])
                 + self._split_telemetry(stream, tel.columns(b), [hints[i] for i in b]))
 
-    def records(self, stream: str, kind: str, records: Iterable[Mapping[str, Any]],
-                prio: int = PRIO_KEEP) -> list[Sealed]:
-        """Envelopes of plain records (events, EIS, gaps), packed greedily, oversize records split."""
+    def records(self, stream: str, kind: str, records: Iterable[Mapping[str, Any]], prio: int = PRIO_KEEP,
+                rejected: list[tuple[Any, str]] | None = None) -> list[Sealed]:
+        """Envelopes of plain records (events, EIS, gaps), packed greedily, oversize records split.
+
+        Every record is split (or found unsplittable) before any sequence number is taken, so a
+        failure leaves no hole in the stream's seqs.  A record that cannot be made to fit raises
+        ValueError, or, with ``rejected``, is appended there with the reason and the others are sealed.
+        """
         budget = self._budget(stream)
         raw_budget = budget - budget // 64 - 64  # zlib can expand incompressible input slightly
-        out: list[Sealed] = []
+        chunks: list[list[Any]] = []
         chunk: list[Any] = []
         size = 0
-
-        def flush() -> None:
-            nonlocal chunk, size
-            if chunk:
-                t0, t1 = _record_times(chunk)
-                out.append(self._seal(stream, kind, prio, compress({"records": chunk}), t0, t1, len(chunk)))
-            chunk, size = [], 0
-
         for rec in records:
-            for part in split_record(plain(rec), raw_budget - 16):
-                n = len(msgpack.packb(part, use_bin_type=True))
-                if size + n > raw_budget:
-                    flush()
+            p = plain(rec)
+            try:
+                parts = split_record(p, raw_budget - 16)
+            except ValueError as exc:
+                if rejected is None:
+                    raise
+                rejected.append((p, str(exc)))
+                continue
+            for part in parts:
+                n = _packed_len(part)
+                if size + n > raw_budget and chunk:
+                    chunks.append(chunk)
+                    chunk, size = [], 0
                 chunk.append(part)
                 size += n
-        flush()
-        return out
+        if chunk:
+            chunks.append(chunk)
+        bodies = [(compress({"records": c}), *_record_times(c), len(c)) for c in chunks]
+        return [self._seal(stream, kind, prio, comp, t0, t1, n) for comp, t0, t1, n in bodies]
 
     def flight(self, stream: str, fl: Flight) -> list[Sealed]:
         """Envelopes of a flight record, split by frames to fit."""
@@ -775,39 +789,61 @@ def _record_times(records: Sequence[Any]) -> tuple[int, int]:
     return min(ts), max(ts)
 
 
-def split_record(rec: Any, budget: int) -> list[Any]:
-    """A record too large for one message as parts: its longest equal-length list fields cut in halves.
+_PART_KEYS = ("split", "part", "parts", "record")
 
-    Each part carries ``part``, ``parts`` and ``split`` (the names of the fields that were cut); every
-    other field is repeated.
+
+def _packed_len(x: Any) -> int:
+    return len(msgpack.packb(x, use_bin_type=True))
+
+
+def split_record(rec: Any, budget: int) -> list[Any]:
+    """A record too large for one message as parts whose ``split`` fields concatenate back exactly.
+
+    The longest list fields of equal length are cut into ``parts`` consecutive slices; when even
+    single elements of them do not fit, the next longest list fields are cut along with them (each
+    into as many slices, some possibly empty).  Every other field is repeated.  Each part carries
+    ``part``, ``parts``, ``split`` (the names of the cut fields) and ``record`` (the original ``id``).
+    Raises ValueError when no cut makes the parts fit.
     """
-    if len(msgpack.packb(rec, use_bin_type=True)) <= budget:
+    size = _packed_len(rec)
+    if size <= budget:
         return [rec]
     if not isinstance(rec, dict):
-        raise ValueError(f"a record of {len(msgpack.packb(rec, use_bin_type=True))} bytes is not a map and cannot be split")
-    lengths: dict[int, list[str]] = {}
+        raise ValueError(f"a record of {size} bytes is not a map and cannot be split")
+    groups: dict[int, list[str]] = {}
     for k, v in rec.items():
-        if isinstance(v, list | bytes) and len(v) > 1 and k not in ("split",):
-            lengths.setdefault(len(v), []).append(k)
-    if not lengths:
-        raise ValueError(f"record of {len(msgpack.packb(rec, use_bin_type=True))} bytes has no list field to split")
-    n = max(lengths)
-    keys = lengths[n]
-    parts: list[Any] = []
-    for lo, hi in ((0, n // 2), (n // 2, n)):
-        sub = dict(rec)
-        for k in keys:
-            sub[k] = rec[k][lo:hi]
-        sub["split"] = sorted(set(keys) | set(rec.get("split", [])))
-        parts.extend(split_record(sub, budget))
-    base = {k: v for k, v in rec.items() if k not in ("part", "parts")}
-    total = len(parts)
+        if isinstance(v, list | bytes) and len(v) > 1 and k not in _PART_KEYS:
+            groups.setdefault(len(v), []).append(k)
+    if not groups:
+        raise ValueError(f"record of {size} bytes has no list field to split")
+    keys: list[str] = []
+    for n in sorted(groups, reverse=True):
+        keys += groups[n]
+        longest = max(len(rec[k]) for k in keys)
+        count = max(2, -(-size // budget))
+        while True:
+            count = min(count, longest)
+            parts = _cut(rec, keys, count)
+            if all(_packed_len(p) <= budget for p in parts):
+                return parts
+            if count == longest:
+                break
+            count += max(1, count // 8)
+    raise ValueError(f"record of {size} bytes does not fit in {budget} bytes even with its lists cut to single elements")
+
+
+def _cut(rec: dict[str, Any], keys: Sequence[str], count: int) -> list[dict[str, Any]]:
+    """``count`` parts of ``rec`` with each field of ``keys`` cut into consecutive slices (exact partition)."""
     out = []
-    for i, p in enumerate(parts):
-        q = dict(p)
-        q["part"], q["parts"] = i, total
-        if "record" not in q and "id" in base:
-            q["record"] = base["id"]
+    for i in range(count):
+        q = dict(rec)
+        for k in keys:
+            n = len(rec[k])
+            q[k] = rec[k][i * n // count:(i + 1) * n // count]
+        q["split"] = sorted(keys)
+        q["part"], q["parts"] = i, count
+        if "id" in rec:
+            q["record"] = rec["id"]
         out.append(q)
     return out
 

@@ -54,7 +54,16 @@ from cloudlink.batch import (
 )
 from cloudlink.commands import COMMANDS, CommandProcessor, Context, Result
 from cloudlink.config import CloudSection
-from cloudlink.mqtt import Backoff, Client, Pacer, PublishRefused, client_kwargs, historical_properties, tls_context
+from cloudlink.mqtt import (
+    Backoff,
+    Client,
+    Pacer,
+    PublishRefused,
+    client_kwargs,
+    historical_properties,
+    publish_packet_size,
+    tls_context,
+)
 from cloudlink.sampler import ClassSampler, Intake, resolve_signals
 from cloudlink.store import Row, Store
 from gateway import __version__
@@ -351,14 +360,15 @@ class CloudLink:
         if tel is not None:
             self._emit_telemetry(sampler.name, tel)
 
-    def _seal(self, item: tuple[Any, ...]) -> list[Sealed]:
+    def _seal(self, item: tuple[Any, ...], rejected: list[tuple[Any, str]]) -> list[Sealed]:
+        """Envelopes of one item; records that cannot be encoded are appended to ``rejected`` (the rest is sealed)."""
         kind = item[0]
         if kind == "tel":
             _, stream, tel = item
             return self.sealer.telemetry(stream, tel, self.hints(tel.signals))
         if kind == "rec":
             _, stream, rkind, records = item
-            return self.sealer.records(stream, rkind, records, PRIO_KEEP)
+            return self.sealer.records(stream, rkind, records, PRIO_KEEP, rejected=rejected)
         if kind == "flight":
             fr: FlightRecord = item[1]
             return self.sealer.flight("flight", Flight(fr.trip_event, fr.bus, fr.before_s, fr.after_s,
@@ -374,13 +384,19 @@ class CloudLink:
         rows: list[Row] = []
         error = ""
         for item in items:
+            stream = item[1] if item[0] != "flight" else "flight"
+            rejected: list[tuple[Any, str]] = []
             try:
-                sealed.extend(self._seal(item))
+                sealed.extend(self._seal(item, rejected))
             except Exception as exc:  # an item that cannot be encoded is a loss, not a crash
                 error = f"encode {item[0]}: {type(exc).__name__}: {exc}"
                 log.error("cloud: %s", error)
-                stream = item[1] if item[0] != "flight" else "flight"
                 rows += self.store.note_loss("encode_error", stream=stream, samples=_samples_of(item))
+            for rec, why in rejected:  # only that record is lost, with its own gap record (no seq was taken)
+                error = f"encode {item[0]}: {why}"
+                log.error("cloud: %s record: %s", stream, why)
+                t = _record_ms(rec)
+                rows += self.store.note_loss("encode_error", stream=stream, samples=1, t0=t, t1=t)
         if not sealed:
             return rows, error
         try:
@@ -675,6 +691,15 @@ class CloudLink:
     async def _publish(self, client: Client, row: Row, lane: str, slots: anyio.Semaphore, protocol: str) -> None:
         topic = self.cfg.topics.render("data" if lane == "live" else "hist", self.site, self.gateway, row.stream)
         props = historical_properties() if lane == "hist" and protocol == "5" else None
+        limit = client.max_packet_size
+        if limit and publish_packet_size(topic, row.payload, 1, props, protocol == "5") > limit:
+            try:
+                await self._too_big(row, limit)
+            finally:
+                slots.release()
+                if lane == "hist":
+                    self._backfill_inflight -= 1
+            return
         self.inflight += 1
         try:
             await client.publish_acked(topic, row.payload, qos=1, properties=props, timeout=self.cfg.ack_timeout_s)
@@ -702,6 +727,24 @@ class CloudLink:
         self.counters["published_bytes"] += row.size
         self._notify()
 
+    async def _too_big(self, row: Row, limit: int) -> None:
+        """A batch above the broker's Maximum Packet Size (CONNACK): the broker would end the session on
+        it, on every connection, so it can never be delivered.  It is dropped and reported (gap record,
+        reason ``refused_by_broker``) instead of blocking the link."""
+        text = (f"{row.stream}#{row.seq} ({row.size} bytes) exceeds the broker's maximum packet size ({limit}): "
+                "dropped and reported as refused_by_broker")
+        self.counters["refused"] += 1
+        self._error(text)
+        self.conn["last_refused"] = text
+        log.warning("cloud: %s", text)
+        try:
+            gaps = await anyio.to_thread.run_sync(self.store.discard, [row.id], "refused_by_broker")
+        except sqlite3.Error as exc:  # kept: tried again with the next page (no disconnect either way)
+            self._error(f"discard: {type(exc).__name__}: {exc}")
+            gaps = []
+        self._claimed.discard(row.id)
+        self._committed(gaps)
+
     def _ack_rate(self) -> float:
         now = time.monotonic()
         while self._ack_window and now - self._ack_window[0][0] > 30:
@@ -722,8 +765,12 @@ class CloudLink:
                            "session": session, "clean": clean, "time": time.time()},
                           separators=(",", ":")).encode()
 
-    def birth_payload(self, session: int | None) -> bytes:
-        """The retained birth message: version, DBC hash, streams and the signal catalogue."""
+    def birth_payload(self, session: int | None, max_packet: int | None = None) -> bytes:
+        """The retained birth message: version, DBC hash, streams and the signal catalogue.
+
+        Without per-signal details when it would exceed ``max_payload`` or the broker's Maximum Packet
+        Size (``max_packet``, from its CONNACK): a broker ends the session on a larger packet.
+        """
         classes: dict[str, dict[str, Any]] = {
             s.name: {"rate_hz": s.rate_hz, "batch_s": s.batch_s, "signals": s.signals} for s in self.samplers}
         signals: dict[str, dict[str, Any]] = {}
@@ -740,7 +787,8 @@ class CloudLink:
             "commands": sorted(self.processor.handlers) if self.processor is not None else [],
             "command_auth": self.cfg.commands.auth if self.cfg.commands.enabled else None}
         out = json.dumps(body, separators=(",", ":")).encode()
-        if len(out) > self.cfg.max_payload:  # too big for the broker: drop the per-signal details
+        if len(out) > self.cfg.max_payload or (max_packet and publish_packet_size(
+                self.topic_birth, out, 1, None, True) > max_packet):  # too big for the broker: no per-signal details
             body["signals"] = {}
             body["classes"] = {k: {**v, "signals": len(v["signals"])} for k, v in classes.items()}
             body["truncated"] = True
@@ -805,11 +853,12 @@ class CloudLink:
             self.conn["broker_max_packet"] = client.max_packet_size
             if client.max_packet_size and client.max_packet_size < self.cfg.max_payload + 512:
                 warning = (f"broker accepts packets up to {client.max_packet_size} bytes, max_payload is "
-                           f"{self.cfg.max_payload}: larger batches are refused (and kept)")
+                           f"{self.cfg.max_payload}: larger batches are dropped (gap records, refused_by_broker)")
                 if warning not in self.warnings:
                     self.warnings.append(warning)
             t = self.cfg.ack_timeout_s
-            await client.publish_acked(self.topic_birth, self.birth_payload(session), retain=True, timeout=t)
+            await client.publish_acked(self.topic_birth, self.birth_payload(session, client.max_packet_size),
+                                       retain=True, timeout=t)
             await client.publish_acked(self.topic_state, self._state_payload("online", session), retain=True,
                                        timeout=t)
             if self.processor is not None:
@@ -846,7 +895,8 @@ class CloudLink:
                 outcome = await self.processor.handle(topic[len(prefix):], bytes(payload))
             if self._birth_due:
                 self._birth_due = False
-                await client.publish_acked(self.topic_birth, self.birth_payload(session), retain=True,
+                await client.publish_acked(self.topic_birth, self.birth_payload(session, client.max_packet_size),
+                                           retain=True,
                                            timeout=self.cfg.ack_timeout_s)
             await client.publish_acked(self.topic_ack, outcome.ack, qos=1, timeout=self.cfg.ack_timeout_s)
 
@@ -903,6 +953,15 @@ def _samples_of(item: tuple[Any, ...]) -> int:
         return len(item[3])
     if item[0] == "flight":
         return len(item[1].timestamp)
+    return 0
+
+
+def _record_ms(rec: Any) -> int:
+    """A record's time in ms since the epoch (``time`` or ``timestamp``, in s), 0 when it has none."""
+    for key in ("time", "timestamp"):
+        t = rec.get(key) if isinstance(rec, dict) else None
+        if isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and 0 < t < 1e11:
+            return int(t * 1000)
     return 0
 
 

@@ -156,6 +156,13 @@ def client_kwargs(cfg: CloudSection, identifier: str, protocol: str, will_topic:
     return kw
 
 
+def publish_packet_size(topic: str, payload: bytes, qos: int, properties: Properties | None, v5: bool) -> int:
+    """Bytes of the PUBLISH packet, as a broker's Maximum Packet Size counts them (fixed header included)."""
+    props = len((properties or Properties(paho.PacketTypes.PUBLISH)).pack()) if v5 else 0
+    rest = 2 + len(topic.encode()) + (2 if qos else 0) + props + len(payload)
+    return 1 + (1 if rest < 1 << 7 else 2 if rest < 1 << 14 else 3 if rest < 1 << 21 else 4) + rest
+
+
 def historical_properties() -> Properties:
     """MQTT 5 user property that marks a backfill message (the topic marks it as well)."""
     p = Properties(paho.PacketTypes.PUBLISH)

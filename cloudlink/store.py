@@ -30,6 +30,15 @@ file is not even recognisable as SQLite, envelopes are carved out of its raw
 bytes, again verified by hash), and what is missing is reported: in
 :attr:`Store.recovery` and as gap records.  If no file can be written at all,
 the store runs in memory and says so.
+
+Recovery survives a crash of its own: the fresh database is built as
+``<name>.recovering``, synced, marked complete by ``<name>.corrupt.done`` and
+only then renamed to ``<name>``.  A damaged copy without that marker is an
+unfinished recovery and is salvaged again on the next open; a damaged copy is
+deleted only when it is complete (marker present) and a newer damage takes its
+place.  Seqs that left the store for good (acknowledged and deleted, or
+reported in a gap record) are remembered as ranges per (boot, stream), so a
+recovery reports as lost only seqs that were still stored.
 """
 
 from __future__ import annotations
@@ -94,6 +103,9 @@ CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, expires REAL NOT NULL,
 CREATE TABLE IF NOT EXISTS losses (
     reason TEXT NOT NULL, stream TEXT NOT NULL, batches INTEGER NOT NULL, samples INTEGER NOT NULL,
     bytes INTEGER NOT NULL, PRIMARY KEY (reason, stream));
+CREATE TABLE IF NOT EXISTS settled (
+    boot TEXT NOT NULL, stream TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (boot, stream, first));
 """
 
 _COLS = "id, stream, prio, kind, boot, seq, t0, t1, samples, created, size, payload"
@@ -205,6 +217,7 @@ class Store:
         self.commits_since_sync = 0
         self.last_sync = time.monotonic()
         self.last_error = ""
+        self._pending: dict[tuple[str, str, str], Gap] = {}  # losses whose gap record the disk refused so far
 
     # -- opening and recovery ------------------------------------------------------------------
 
@@ -212,35 +225,82 @@ class Store:
         """Open (creating, checking or recovering) the database; never raises for a damaged file."""
         with self.lock:
             salvaged: list[tuple[Row, bool]] = []
+            settled: list[tuple[str, str, int, int]] = []
             rec = Recovery()
             if self.path is None:
                 self._open_memory("no state directory")
                 rec.state, rec.detail = "memory", "no state directory: batches are kept in memory only"
                 self.recovery = rec
                 return rec
+            moved = self.path.with_name(self.path.name + ".corrupt")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                problem = self._check_existing()
+                marker = self._done_marker(moved)
+                completed = marker.exists() and self._recovering_path().exists() and not self.path.exists()
+                problem = self._unfinished_recovery(moved)
+                if problem is None:
+                    problem = self._check_existing()
+                    if problem is not None:
+                        self._move_aside(moved)
                 if problem is None:
                     rec.state = "ok" if self.path.exists() and self.path.stat().st_size > 0 else "new"
+                    if completed:  # the recovery was complete but not yet in place when the process died
+                        rec.state, rec.moved_to = "recovered", str(moved)
+                        rec.detail = marker.read_text(encoding="utf-8").strip() + " (completed on restart)"
                     self._connect(self.path)
+                    self._prune_settled()
                 else:
                     rec.state, rec.detail = "recovered", problem
-                    moved = self._move_aside()
                     rec.moved_to = str(moved)
                     rec.damaged_bytes = sum(p.stat().st_size for p in _family(moved) if p.exists())
-                    salvaged, rec = self._salvage(moved, rec)
-                    self._connect(self.path)
+                    salvaged, settled, rec = self._salvage(moved, rec)
+                    self._rebuild(salvaged, settled, rec)
+                    salvaged = []  # restored (into the file)
             except (OSError, sqlite3.Error) as exc:
                 log.error("cloud store %s unusable (%s); keeping batches in memory", self.path, exc)
+                if self.con is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.con.close()
+                    self.con = None
                 self._open_memory(str(exc))
                 rec.state, rec.detail = "memory", f"cannot use {self.path}: {exc}; batches are kept in memory only"
+                if salvaged:  # what was read from the damaged copy is kept in memory (the copy stays on disk)
+                    self._load_figures()
+                    self._restore(salvaged, settled, rec)
             self._load_figures()
-            if salvaged:
-                self._restore(salvaged, rec)
             self.recovery = rec
             return rec
 
+    def _recovering_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".recovering")
+
+    @staticmethod
+    def _done_marker(moved: Path) -> Path:
+        return moved.with_name(moved.name + ".done")
+
+    def _unfinished_recovery(self, moved: Path) -> str | None:
+        """Finish or undo what a crash interrupted in an earlier recovery; a reason to resume it, or None.
+
+        A complete rebuild (marker present) that was not yet renamed is renamed now; an incomplete
+        one is deleted.  A damaged copy without its marker while the store file is absent was not
+        fully salvaged yet: it is salvaged again (the rows are only in that copy).
+        """
+        assert self.path is not None
+        tmp, marker = self._recovering_path(), self._done_marker(moved)
+        if marker.exists() and tmp.exists() and not self.path.exists():
+            _rename_family(tmp, self.path)
+        for p in _family(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if moved.exists() and not marker.exists() and not self.path.exists():
+            # a move aside cut short leaves the WAL (moved after the main file) behind: it belongs to the copy
+            for src, dst in zip(_family(self.path)[1:], _family(moved)[1:], strict=True):
+                if src.exists() and not dst.exists():
+                    os.replace(src, dst)
+            _fsync_dir(self.path.parent)
+            return f"resumed the recovery of {moved.name}, interrupted before it was complete"
+        return None
     def _check_existing(self) -> str | None:
         """None when the file is absent or sound, else what is wrong with it."""
         assert self.path is not None
@@ -266,16 +326,42 @@ class Store:
         finally:
             con.close()
 
-    def _move_aside(self) -> Path:
+    def _move_aside(self, moved: Path) -> None:
+        """The damaged file (and its WAL) becomes the damaged copy; an older complete copy is dropped first.
+
+        The older copy goes before its marker, and the marker before the move: at no moment is the
+        new damaged copy paired with a marker that says it was salvaged.
+        """
         assert self.path is not None
-        moved = self.path.with_name(self.path.name + ".corrupt")
         for old in _family(moved):  # keep only the latest damaged copy
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
-        for src, dst in zip(_family(self.path), _family(moved), strict=True):
-            if src.exists():
-                os.replace(src, dst)
-        return moved
+        with contextlib.suppress(FileNotFoundError):
+            self._done_marker(moved).unlink()
+        _fsync_dir(self.path.parent)
+        _rename_family(self.path, moved)
+
+    def _rebuild(self, salvaged: list[tuple[Row, bool]], settled: list[tuple[str, str, int, int]],
+                 rec: Recovery) -> None:
+        """Build the fresh database beside the store, sync it, mark the recovery complete, then rename it."""
+        assert self.path is not None
+        tmp = self._recovering_path()
+        self._connect(tmp)
+        self._load_figures()
+        self._restore(salvaged, settled, rec)
+        assert self.con is not None
+        self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self.con.close()
+        self.con = None
+        _fsync_file(tmp)
+        marker = self._done_marker(Path(rec.moved_to))
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(f"{rec.detail}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.path.parent)
+        _rename_family(tmp, self.path)
+        self._connect(self.path)
 
     def _connect(self, path: Path | str) -> None:
         con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -297,9 +383,12 @@ class Store:
         self.last_error = reason
         self._connect(":memory:")
 
-    def _salvage(self, moved: Path, rec: Recovery) -> tuple[list[tuple[Row, bool]], Recovery]:
-        """Rows that can still be read from a damaged file; each with whether its hash verified."""
+    def _salvage(self, moved: Path, rec: Recovery) -> tuple[list[tuple[Row, bool]], list[tuple[str, str, int, int]],
+                                                            Recovery]:
+        """Rows that can still be read from a damaged file, each with whether its hash verified, and the
+        settled seq ranges (empty when that table cannot be read: every gap is then reported)."""
         found: list[tuple[Row, bool]] = []
+        settled: list[tuple[str, str, int, int]] = []
         readable = True
         try:
             con = sqlite3.connect(moved, isolation_level=None, check_same_thread=False)
@@ -335,6 +424,11 @@ class Store:
                         continue
                     found.append((row, ok))
                 pos = int(rows[-1][0]) + 1
+            try:
+                settled = [(str(b), str(st), int(f), int(la)) for b, st, f, la in
+                           con.execute("SELECT boot, stream, first, last FROM settled").fetchall()]
+            except (sqlite3.Error, TypeError, ValueError):
+                settled = []
             with contextlib.suppress(sqlite3.Error):
                 con.close()
         if not readable or not found:
@@ -342,7 +436,7 @@ class Store:
             if carved:
                 rec.unknown_tail = True
                 found = carved
-        return found, rec
+        return found, settled, rec
 
     @staticmethod
     def _max_id(con: sqlite3.Connection) -> int:
@@ -352,8 +446,13 @@ class Store:
         except sqlite3.Error:
             return 0
 
-    def _restore(self, salvaged: list[tuple[Row, bool]], rec: Recovery) -> None:
-        """Copy verified rows into the fresh database; report the rest as gap records."""
+    def _restore(self, salvaged: list[tuple[Row, bool]], settled: Sequence[tuple[str, str, int, int]],
+                 rec: Recovery) -> None:
+        """Copy verified rows into the fresh database; report the rest as gap records.
+
+        A seq missing between salvaged ones is lost only if it had not left the store before the
+        damage (``settled``: acknowledged and deleted, or already reported in a gap record).
+        """
         assert self.con is not None
         good = [r for r, ok in salvaged if ok]
         bad = [r for r, ok in salvaged if not ok]
@@ -366,13 +465,26 @@ class Store:
         for r in bad:
             g = gaps.setdefault((r.boot, r.stream), Gap("corrupt", r.stream, r.boot))
             g.add(r.seq, r.samples, r.size, r.t0, r.t1)
+        spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for boot, stream, first, last in settled:
+            spans.setdefault((boot, stream), []).append((first, last))
         for (boot, stream), seqs in kept.items():
             missing = set(range(min(seqs), max(seqs) + 1)) - seqs
             known_bad = set(gaps[(boot, stream)].seqs) if (boot, stream) in gaps else set()
+            gone = spans.get((boot, stream), [])
             for seq in sorted(missing - known_bad):
-                gaps.setdefault((boot, stream), Gap("corrupt", stream, boot)).add(seq, 0, 0, 0, 0)
+                if not any(f <= seq <= la for f, la in gone):
+                    gaps.setdefault((boot, stream), Gap("corrupt", stream, boot)).add(seq, 0, 0, 0, 0)
         rec.lost_seqs = sum(len(g.seqs) for g in gaps.values())
         with self._transaction():
+            carried: dict[tuple[str, str], list[int]] = {}
+            for key, rs in spans.items():
+                if key in kept:  # only boots with rows left need them (the rest is pruned anyway)
+                    for first, last in rs:
+                        self._settle(key, first, last)
+            for g in gaps.values():
+                carried.setdefault((g.boot, g.stream), []).extend(g.seqs)
+            self._mark_settled(carried)
             for r in sorted(good, key=lambda r: r.id):
                 self._insert_row(r.stream, r.prio, r.kind, r.boot, r.seq, r.t0, r.t1, r.samples, r.created,
                                  r.payload, thinned=r.kind == KIND_THINNED)
@@ -468,6 +580,34 @@ class Store:
         t["samples"] += samples
         t["bytes"] += size
 
+    def _settle(self, key: tuple[str, str], first: int, last: int) -> None:
+        """Add one range to the settled seqs of (boot, stream), merged with overlapping or adjacent ones."""
+        assert self.con is not None
+        boot, stream = key
+        where = "boot = ? AND stream = ? AND first <= ? AND last >= ?"
+        args = (boot, stream, last + 1, first - 1)
+        for f, la in self.con.execute(f"SELECT first, last FROM settled WHERE {where}", args).fetchall():
+            first, last = min(first, int(f)), max(last, int(la))
+        self.con.execute(f"DELETE FROM settled WHERE {where}", args)
+        self.con.execute("INSERT INTO settled (boot, stream, first, last) VALUES (?, ?, ?, ?)",
+                         (boot, stream, first, last))
+
+    def _mark_settled(self, seqs: dict[tuple[str, str], list[int]]) -> None:
+        """Seqs that left the store for good (acknowledged, or reported lost) as compact ranges.
+
+        The ranges of one (boot, stream) stay few: a hole between two of them is a batch still
+        stored, so they are bounded by the stored rows; boots without rows are pruned on open.
+        """
+        for key, xs in seqs.items():
+            for first, last in ranges(xs):
+                self._settle(key, first, last)
+
+    def _prune_settled(self) -> None:
+        """Forget the settled seqs of boots with no row left (a recovery only looks between stored seqs)."""
+        assert self.con is not None
+        with contextlib.suppress(sqlite3.Error), self._transaction():
+            self.con.execute("DELETE FROM settled WHERE boot NOT IN (SELECT DISTINCT boot FROM batches)")
+
     # -- the data path -------------------------------------------------------------------------
 
     def put(self, sealed: Sequence[Sealed]) -> list[Row]:
@@ -479,17 +619,23 @@ class Store:
         with self.lock:
             assert self.con is not None
             with self._transaction():
-                gaps: dict[tuple[str, str, str], Gap] = {}
+                gaps = self._pending_copy()
                 accepted = self._relieve(list(sealed), gaps)
                 rows = [self._insert_sealed(s) for s in accepted]
                 rows += self._write_gaps(gaps)
+            self._pending.clear()  # written by this transaction
             if self.fsync_window_s <= 0:
                 self.commits_since_sync = 0
             return rows
 
     def note_loss(self, reason: str, items: Sequence[Sealed] = (), stream: str = "", samples: int = 0,
                   t0: int = 0, t1: int = 0) -> list[Row]:
-        """Count a loss that happened outside the store (and write its gap record when possible)."""
+        """Count a loss that happened outside the store and write its gap record.
+
+        When the disk refuses that too, the loss is kept as pending: it counts in :meth:`stats` and is
+        written with the next transaction that succeeds (a put, a loss or a relief), never forgotten
+        by a rollback.
+        """
         gaps: dict[tuple[str, str, str], Gap] = {}
         for s in items:
             gaps.setdefault((reason, s.stream, s.boot), Gap(reason, s.stream, s.boot)).add(
@@ -500,20 +646,28 @@ class Store:
         with self.lock:
             try:
                 with self._transaction():
-                    return self._write_gaps(gaps)
+                    rows = self._write_gaps(_merged(self._pending_copy(), gaps.values()))
             except sqlite3.Error:
-                for g in gaps.values():  # at least in memory
-                    t = self.loss_totals.setdefault(g.reason, {"batches": 0, "samples": 0, "bytes": 0})
-                    t["batches"] += len(g.seqs)
-                    t["samples"] += g.samples
-                    t["bytes"] += g.bytes
+                self._pending = _merged(self._pending, gaps.values())
                 return []
+            self._pending.clear()
+            return rows
+
+    def _pending_copy(self) -> dict[tuple[str, str, str], Gap]:
+        """The pending losses as a new dict of copies (a rollback must leave the pending ones unchanged)."""
+        return _merged({}, self._pending.values())
 
     def _write_gaps(self, gaps: dict[tuple[str, str, str], Gap]) -> list[Row]:
         if not gaps:
             return []
         for g in gaps.values():
             self._count_loss(g.reason, g.stream, len(g.seqs), g.samples, g.bytes)
+        # thinned batches are still stored; every other reason lists seqs that are gone for good
+        settled: dict[tuple[str, str], list[int]] = {}
+        for g in gaps.values():
+            if g.reason != "thinned" and g.seqs:
+                settled.setdefault((g.boot, g.stream), []).extend(g.seqs)
+        self._mark_settled(settled)
         return [self._insert_sealed(s)
                 for s in self.sealer.records(GAP_STREAM, KIND_GAP, [g.record() for g in gaps.values()], PRIO_KEEP)]
 
@@ -556,7 +710,13 @@ class Store:
                 items = [s for s in items if s.prio != PRIO_TELEMETRY]
                 need = sum(len(s.payload) + 64 for s in items)
                 continue
-            if why == "disk":  # the last resort, and only at the free-disk floor: the oldest kept records
+            if why == "disk":
+                # telemetry being published goes before any kept record (its PUBACK then deletes nothing)
+                rows = self._oldest(PRIO_TELEMETRY, False, 16, set())
+                if rows:
+                    self._drop(self._enough(rows, need + _gap_reserve(gaps) + 512), "dropped", gaps)
+                    continue
+                # the last resort, and only at the free-disk floor: the oldest kept records
                 rows = [r for r in self._oldest(PRIO_KEEP, False, 16, busy) if r.stream != GAP_STREAM]
                 if rows:
                     self._drop(self._enough(rows, need + _gap_reserve(gaps) + 512), "dropped_kept", gaps)
@@ -624,15 +784,17 @@ class Store:
         """Check the quota and free-disk floor without a put (the disk may fill from elsewhere)."""
         with self.lock:
             assert self.con is not None
-            if not self._over(0):
+            if not self._pending and not self._over(0):
                 return []
             try:
                 with self._transaction():
-                    gaps: dict[tuple[str, str, str], Gap] = {}
+                    gaps = self._pending_copy()  # losses the disk refused earlier, written now if it can
                     self._relieve([], gaps)
-                    return self._write_gaps(gaps)
+                    rows = self._write_gaps(gaps)
             except sqlite3.Error:
                 return []
+            self._pending.clear()
+            return rows
 
     def fetch(self, prio: int, after_id: int, limit: int = 64, max_bytes: int = 4 << 20) -> list[Row]:
         """Oldest rows of one priority with id > after_id (the backfill lane's page).
@@ -670,12 +832,27 @@ class Store:
             with self._transaction():
                 for chunk in _chunks(list(ids), 500):
                     q = ",".join("?" * len(chunk))
-                    for kind, n, b in self.con.execute(
-                            f"SELECT kind, count(*), coalesce(sum(size), 0) FROM batches WHERE id IN ({q}) GROUP BY kind",
-                            chunk).fetchall():
-                        self._account(kind, -int(n), -int(b))
+                    settled: dict[tuple[str, str], list[int]] = {}
+                    for kind, boot, stream, seq, size in self.con.execute(
+                            f"SELECT kind, boot, stream, seq, size FROM batches WHERE id IN ({q})", chunk).fetchall():
+                        self._account(kind, -1, -int(size))
+                        settled.setdefault((boot, stream), []).append(int(seq))
+                    self._mark_settled(settled)  # delivered: a later recovery must not call them lost
                     self.con.execute(f"DELETE FROM batches WHERE id IN ({q})", chunk)
             self._update_oldest()
+
+    def discard(self, ids: Sequence[int], reason: str) -> list[Row]:
+        """Remove rows that can never be delivered and report them lost; returns the gap record rows."""
+        with self.lock:
+            assert self.con is not None
+            with self._transaction():
+                q = ",".join("?" * len(ids))
+                rows = [Row(*r) for r in self.con.execute(f"SELECT {_COLS} FROM batches WHERE id IN ({q})", list(ids))]
+                gaps = self._pending_copy()
+                self._drop(rows, reason, gaps)
+                out = self._write_gaps(gaps)
+            self._pending.clear()
+            return out
 
     def sync(self, force: bool = False) -> bool:
         """Checkpoint the WAL (an fsync) when commits are pending and the window has passed."""
@@ -742,16 +919,26 @@ class Store:
 
     def stats(self) -> dict[str, Any]:
         """Cached figures (no database access)."""
-        losses = dict(self.loss_totals)  # a C-level copy: safe while a worker thread adds a reason
+        losses = {k: dict(v) for k, v in dict(self.loss_totals).items()}  # C-level copies: safe while a worker adds
+        for g in list(self._pending.values()):  # refused by the disk so far, counted all the same
+            t = losses.setdefault(g.reason, {"batches": 0, "samples": 0, "bytes": 0})
+            t["batches"] += len(g.seqs)
+            t["samples"] += g.samples
+            t["bytes"] += g.bytes
         return {"rows": dict(self.rows_by_kind), "bytes": dict(self.bytes_by_kind), "total_bytes": self.total_bytes,
                 "quota_bytes": self.quota_bytes, "oldest_created": self.oldest_created,
-                "losses": {k: dict(v) for k, v in losses.items()}, "memory_only": self.memory,
+                "losses": losses, "memory_only": self.memory,
                 "path": str(self.path) if self.path else None, "last_error": self.last_error,
                 "recovery": self.recovery.as_dict()}
 
     def close(self) -> None:
         with self.lock:
             if self.con is not None:
+                if self._pending:  # a last try: stored, they go to the cloud after the next start
+                    with contextlib.suppress(sqlite3.Error):
+                        with self._transaction():
+                            self._write_gaps(self._pending_copy())
+                        self._pending.clear()
                 with contextlib.suppress(sqlite3.Error):
                     if not self.memory:
                         self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -768,6 +955,50 @@ def _gap_reserve(gaps: dict[tuple[str, str, str], Gap]) -> int:
 
 def _family(p: Path) -> list[Path]:
     return [p, p.with_name(p.name + "-wal"), p.with_name(p.name + "-shm")]
+
+
+def _merged(into: dict[tuple[str, str, str], Gap], gaps: Iterable[Gap]) -> dict[tuple[str, str, str], Gap]:
+    """``into`` with copies of ``gaps`` added (same reason, stream and boot: one gap)."""
+    for g in gaps:
+        key = (g.reason, g.stream, g.boot)
+        if key not in into:
+            into[key] = Gap(g.reason, g.stream, g.boot)
+        t = into[key]
+        t.seqs.extend(g.seqs)
+        t.samples += g.samples
+        t.bytes += g.bytes
+        t.t0 = g.t0 if not t.t0 else min(t.t0, g.t0) if g.t0 else t.t0
+        t.t1 = max(t.t1, g.t1)
+    return into
+
+
+def _rename_family(src: Path, dst: Path) -> None:
+    """Rename a database with its WAL and shared-memory files (the main file first), then sync the directory."""
+    for a, b in zip(_family(src), _family(dst), strict=True):
+        if a.exists():
+            os.replace(a, b)
+    _fsync_dir(dst.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and unlinks in ``path`` durable (not every platform can sync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _chunks(xs: list[int], n: int) -> Iterable[list[int]]:

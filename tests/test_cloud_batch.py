@@ -384,3 +384,58 @@ def test_section_loads_with_the_gateway_loader() -> None:
     typo = CLOUD_TOML.replace("backfill_share", "backfil_share")
     with pytest.raises(ConfigError, match="did you mean 'backfill_share'"):
         Loader("cfg.toml", typo).load(Wrapper, tomllib.loads(typo))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.1, -0.1, 1.5, -2.25, 3.0, 1e-3]), min_size=1, max_size=30),
+       st.sampled_from([None, ((0.1, 0.0),), ((0.0625, -40.0),), ((-0.5, 0.0),)]))
+def test_signed_zero_is_kept_bit_for_bit(col: list[float], hint: Any) -> None:
+    """-0.0 passes a == check against 0.0; the exactness check must compare bits (the docs promise them)."""
+    values = np.array(col, dtype=np.float64)[:, None]
+    sealed = Sealer("gw", "boot", 128 * 1024).telemetry("s", tel_of(values), [hint])
+    b = decode(sealed[0].payload)
+    assert b.telemetry is not None and same_bits(b.telemetry.values, values)
+
+
+def _reassembled(parts: list[dict[str, Any]], key: str) -> list[Any]:
+    """The documented reassembly: concatenate a split field over parts 0 .. parts-1 (else it is repeated)."""
+    assert [p["part"] for p in parts] == list(range(parts[0]["parts"]))
+    if key in parts[0]["split"]:
+        return [x for p in parts for x in p[key]]
+    assert all(p[key] == parts[0][key] for p in parts)
+    return list(parts[0][key])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(2, 400), min_size=1, max_size=4), st.sampled_from([1536, 4096, 16384]))
+def test_split_records_reassemble_exactly_with_lists_of_any_lengths(lengths: list[int], limit: int) -> None:
+    rng = np.random.default_rng(sum(lengths))
+    rec: dict[str, Any] = {"id": "sweep-7", "kind": "eis", "time": 1.7e9, "valid": True,
+                           "fit": {"params": {"R0": 1e-3, "C1": 2.0}, "tau_s": [0.1, 1.0]}}
+    for i, n in enumerate(lengths):
+        rec[f"list{i}"] = rng.random(n).tolist()
+    sealed = Sealer("gw", "b", limit).records("eis", KIND_EIS, [rec])
+    assert all(len(s.payload) <= limit for s in sealed)
+    parts = [r for s in sealed for r in decode(s.payload).records]
+    if len(parts) == 1:
+        assert parts == [rec]
+        return
+    for key, value in rec.items():
+        if isinstance(value, list):
+            assert _reassembled(parts, key) == value, key
+        else:
+            assert all(p[key] == value for p in parts)
+
+
+def test_a_record_that_cannot_fit_takes_no_seq_and_spares_the_others() -> None:
+    sealer = Sealer("gw", "b", 1024)
+    small = [{"kind": "eis", "sweep_id": f"s{i}", "time": 1.7e9 + i, "reason": "x" * 200} for i in range(6)]
+    big = {"kind": "eis", "sweep_id": "s9", "time": 1.7e9, "fit": {"params": {f"p{i}": 0.1 * i for i in range(200)}}}
+    with pytest.raises(ValueError, match="split"):  # after more small records than one message holds
+        sealer.records("eis", KIND_EIS, small + [big])
+    assert sealer.last_seq() == {}  # refused before any envelope was sealed: no hole
+    rejected: list[tuple[Any, str]] = []
+    sealed = sealer.records("eis", KIND_EIS, [small[0], big, *small[1:]], rejected=rejected)
+    assert [s.seq for s in sealed] == list(range(len(sealed))) and sealer.last_seq() == {"eis": len(sealed) - 1}
+    assert [r for s in sealed for r in decode(s.payload).records] == small
+    assert [r["sweep_id"] for r, _ in rejected] == ["s9"]

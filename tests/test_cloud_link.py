@@ -24,7 +24,7 @@ import pytest
 from mqtt_broker import Broker, Consumer, Feeder, Gate, V311Gate, make_image
 
 import cloudlink.link
-from cloudlink.batch import KIND_EVENTS, KIND_THINNED, Sealer, Telemetry, decode
+from cloudlink.batch import KIND_EIS, KIND_EVENTS, KIND_THINNED, Sealer, Telemetry, decode
 from cloudlink.commands import make_command
 from cloudlink.config import CloudSection, CommandSettings, SignalClass
 from cloudlink.link import CloudLink
@@ -234,23 +234,38 @@ def test_payload_limit_is_respected_and_a_smaller_broker_limit_loses_nothing(tmp
         rig.run(scenario)
     finally:
         consumer.stop()
-    # the same broker, a gateway configured for bigger messages: the broker refuses them, nothing is deleted
+    # the same broker, a gateway configured for bigger messages: a batch above the broker's Maximum Packet
+    # Size (CONNACK) would end every session, on every retry, and block the link; it is dropped and reported
+    consumer2 = Consumer(broker.port)
     rig2 = Rig(tmp_path, config(broker.port, max_payload=16384, telemetry=[cells]), state=tmp_path / "state2",
                cells=64, noisy=True)
 
+    def reported() -> set[tuple[str, str, str, int]]:
+        return {(GW, g["boot"], g["stream"], q) for g in consumer2.gaps() if g["reason"] == "refused_by_broker"
+                for a, b in g["seqs"] for q in range(a, b + 1)}
+
     async def scenario2() -> None:
         await until(lambda: any(r.size > 1400 for r in rig2.rows), what="a batch above the broker's limit")
-        await until(lambda: rig2.link.conn["attempts"] >= 3, what="the broker refusing")
-        big = [r for r in rig2.rows if r.size > 1400]
+        await until(lambda: "refused_by_broker" in rig2.link.status()["losses"], what="oversized batches dropped")
+        rig2.event()  # something small after them
+        await until(lambda: rig2.accepted("events"), what="the event committed")
+        snapshot = rig2.accepted()
+        await until(lambda: not [k for k in snapshot if k not in consumer2.keys() and k not in reported()],
+                    what="every batch delivered or reported refused_by_broker")
+        big = {(GW, r.boot, r.stream, r.seq) for r in rig2.rows if r.size > 1400}
+        assert big and not big & consumer2.keys()  # never sent
         stored = {r.id for r in await anyio.to_thread.run_sync(rig2.link.store.all_rows)}
-        assert all(r.id in stored for r in big)  # refused, so still buffered
+        assert not [r for r in rig2.rows if r.size > 1400 and r.id in stored and (GW, r.boot, r.stream, r.seq)
+                    in reported()]
         st = rig2.link.status()
+        assert st["connection"]["connections"] == 1  # no session ended on them
         assert st["connection"]["broker_max_packet"] == 1400
         assert any("1400" in w for w in st["warnings"])
 
     try:
         rig2.run(scenario2)
     finally:
+        consumer2.stop()
         broker.stop()
 
 
@@ -636,3 +651,26 @@ def test_an_old_sampler_error_does_not_veto_a_rate_change(tmp_path: Path) -> Non
         rig.run(scenario)
     finally:
         gate.close()
+
+
+def test_an_unencodable_record_loses_only_itself_and_leaves_no_seq_hole(tmp_path: Path) -> None:
+    """One record that cannot be split must not take the records drained with it, nor leave seqs unaccounted."""
+    cfg = CloudSection(enabled=True, host="127.0.0.1", port=1, max_payload=1024,
+                       commands=CommandSettings(enabled=False))
+    link = CloudLink(cfg, make_image(4), None, {}, tmp_path / "state", GW, "site")
+    link.store.open()
+    try:
+        small = [{"kind": "eis", "target": f"cell[{i}]", "timestamp": 1.7e9 + i, "sweep_id": f"s{i}",
+                  "valid": False, "reason": "x" * 200} for i in range(3)]
+        big = {"kind": "eis", "target": "cell[9]", "timestamp": 1.7e9, "sweep_id": "s9", "valid": True,
+               "fit": {"params": {f"p{i}": 0.1 * i for i in range(200)}}}  # a map larger than a message
+        rows, error = link._seal_and_put([("rec", "eis", KIND_EIS, [small[0], big, *small[1:]])])
+        assert "split" in error
+        eis = [r for r in link.store.all_rows() if r.stream == "eis"]
+        assert sorted(r.seq for r in eis) == list(range(link.sealer.last_seq()["eis"] + 1))  # no hole
+        assert [x for r in eis for x in decode(r.payload).records] == small
+        gaps = [g for r in link.store.all_rows() if r.stream == "gaps" for g in decode(r.payload).records]
+        assert [(g["reason"], g["stream"], g["seqs"], g["samples"], g["t0"]) for g in gaps] == \
+            [("encode_error", "eis", [], 1, 1_700_000_000_000)]
+    finally:
+        link.store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -272,3 +273,116 @@ def test_cli_decode_and_status_text(tmp_path: Path) -> None:
     json.dumps(st)
     out = format_status(st)
     assert "cloud link of gw-1" in out and "buffer" in out and "lost        nothing" in out
+
+
+def _fill_to_page_limit(s: Store) -> Callable[[], None]:
+    """Cap the database at its present size and fill its pages: every new batch then fails with
+    SQLITE_FULL, as on a full disk.  Returns what undoes it (room again)."""
+    assert s.con is not None
+    con = s.con
+    con.execute(f"PRAGMA max_page_count = {con.execute('PRAGMA page_count').fetchone()[0]}")
+    for size in (4000, 1000, 200, 50, 10, 1):  # inert rows (a priority no relief looks at) in every gap
+        while True:
+            try:
+                con.execute("INSERT INTO batches (stream, prio, kind, boot, seq, t0, t1, samples, created, size, "
+                            "payload) VALUES ('filler', 9, 'filler', '', 0, 0, 0, 0, 0, 0, ?)", (b"x" * size,))
+            except sqlite3.OperationalError as exc:
+                assert "full" in str(exc)
+                break
+
+    def undo() -> None:
+        con.execute("DELETE FROM batches WHERE stream = 'filler'")
+        con.execute("PRAGMA max_page_count = 1073741823")
+
+    return undo
+
+
+def test_a_loss_the_full_disk_refused_is_written_later_and_survives_restart(tmp_path: Path) -> None:
+    """docs: every loss is written as a gap record (store_error) -- also when the disk refused even that."""
+    path = tmp_path / "cloud.db"
+    sealer = Sealer("gw", "b0", 128 * 1024)
+    s = make(path, sealer=sealer)
+    stored = [r for i in range(3) for r in s.put(sealer.telemetry("cells", tel(seed=i)))]
+    room = _fill_to_page_limit(s)
+    lost = []
+    for i in range(2):
+        batch = sealer.telemetry("cells", tel(seed=10 + i))
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            s.put(batch)
+        assert s.note_loss("store_error", batch) == []  # the gap record cannot be written either
+        lost += batch
+        # counted, and not forgotten by the rollback of the next failed transaction
+        assert s.stats()["losses"]["store_error"]["batches"] == len(lost)
+    room()
+    rows = s.put(sealer.telemetry("cells", tel(seed=20)))
+    gaps = [g for r in rows if r.kind == KIND_GAP for g in decode(r.payload).records]
+    assert [(g["reason"], g["seqs"], g["batches"]) for g in gaps] == \
+        [("store_error", [[lost[0].seq, lost[-1].seq]], len(lost))]
+    assert s.stats()["losses"]["store_error"]["batches"] == len(lost)  # once, not twice
+    s.close()
+    s = make(path)
+    assert s.stats()["losses"]["store_error"]["batches"] == len(lost)
+    cells = {r.seq for r in s.all_rows() if r.stream == "cells"}
+    assert cells | {b.seq for b in lost} == set(range(len(stored) + len(lost) + 1))
+
+
+def test_disk_floor_drops_telemetry_being_published_before_any_event(tmp_path: Path) -> None:
+    """docs: events are dropped only after all telemetry -- rows claimed by the link (in flight) included."""
+    sealer = Sealer("gw", "b0", 128 * 1024)
+    free = {"bytes": 100 << 20}
+    claimed: set[int] = set()
+    s = Store(tmp_path / "cloud.db", sealer, quota_bytes=1 << 30, min_free_bytes=1 << 20, fsync_window_s=0.5,
+              thin_window_ms=5000, free_bytes=lambda p: free["bytes"], busy=lambda: frozenset(claimed))
+    s.open()
+    for i in range(20):
+        s.put(sealer.records("events", KIND_EVENTS, [{"kind": "trip", "n": i, "time": 1.7e9 + i}]))
+    tele = [r for i in range(40) for r in s.put(sealer.telemetry("cells", tel(seed=i, t0=T0 + i * 5000)))]
+    claimed |= {r.id for r in tele}  # every telemetry row is in the link's lanes or awaiting its PUBACK
+    free["bytes"] = (1 << 20) - sum(r.size for r in tele) // 3  # at the floor; the telemetry is enough room
+    s.relieve()
+    left = s.all_rows()
+    assert sum(r.kind == KIND_EVENTS for r in left) == 20
+    assert sum(r.stream == "cells" for r in left) < len(tele)
+    assert "dropped_kept" not in s.stats()["losses"] and s.stats()["losses"]["dropped"]["batches"] >= 1
+    s.delete([r.id for r in tele])  # the PUBACKs of rows dropped meanwhile delete nothing
+    assert s.total_bytes == sum(r.size for r in s.all_rows())
+
+
+def test_recovery_does_not_call_delivered_batches_lost(tmp_path: Path) -> None:
+    """Seqs acknowledged and deleted long before the damage are not missing: only stored ones can be lost."""
+    path = tmp_path / "cloud.db"
+    sealer = Sealer("gw", "b0", 128 * 1024)
+    s = make(path, sealer=sealer)
+    rows = [r for i in range(10) for r in s.put(sealer.telemetry("cells", tel(seed=i, t0=T0 + i * 5000)))]
+    s.delete([r.id for r in rows if 5 <= r.seq <= 7])  # PUBACKs, out of order
+    s.delete([r.id for r in rows if 2 <= r.seq <= 4])
+    s.sync(force=True)
+    s.close()
+    con = sqlite3.connect(path)
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'batches_prio'").fetchone()[0]
+    con.close()
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * PAGE_SIZE:root * PAGE_SIZE] = b"\xff" * PAGE_SIZE  # the index page only
+    path.write_bytes(bytes(data))
+    s = make(path)
+    assert s.recovery.state == "recovered" and s.recovery.lost_seqs == 0
+    assert sorted(r.seq for r in s.all_rows() if r.stream == "cells") == [0, 1, 8, 9]
+    gaps = [g for r in s.all_rows() if r.kind == KIND_GAP for g in decode(r.payload).records]
+    assert all(g["stream"] == "*" and g["seqs"] == [] for g in gaps)  # the damage is reported, no false loss
+    assert "corrupt" not in s.stats()["losses"]
+    assert s.con is not None  # what is remembered stays compact: one range for seqs deleted out of order
+    assert s.con.execute("SELECT first, last FROM settled WHERE stream = 'cells'").fetchall() == [(2, 7)]
+    # a batch still stored when the damage struck is reported lost, as before
+    s.delete([r.id for r in s.all_rows() if r.stream == "cells" and r.seq == 0])
+    assert s.con is not None
+    s.con.execute("DELETE FROM batches WHERE stream = 'cells' AND seq = 8")  # vanished without a trace
+    s.close()
+    con = sqlite3.connect(path)
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'batches_prio'").fetchone()[0]
+    con.close()
+    data = bytearray(path.read_bytes())
+    data[(root - 1) * PAGE_SIZE:root * PAGE_SIZE] = b"\xff" * PAGE_SIZE
+    path.write_bytes(bytes(data))
+    s = make(path)
+    gaps = [g for r in s.all_rows() if r.kind == KIND_GAP for g in decode(r.payload).records]
+    assert [g["seqs"] for g in gaps if g["stream"] == "cells"] == [[[8, 8]]]
