@@ -190,6 +190,9 @@ class CloudLink:
             else:
                 self.empty_classes.append(cls.name)
         self.intake = Intake()
+        # From now on, not from run(): the events of start-up (a latched ERROR coming back, the first
+        # trips) happen while the store still opens, and they are the ones a fleet operator needs.
+        self._listen(backlog=True)
         path = cfg.store_path(state_dir) if state_dir is not None else None
         kw: dict[str, Any] = {"free_bytes": free_bytes} if free_bytes is not None else {}
         self.store = Store(path, self.sealer, quota_bytes=cfg.quota_bytes, min_free_bytes=cfg.min_free_bytes,
@@ -302,6 +305,21 @@ class CloudLink:
             "warnings": list(self.warnings),
         }
 
+    def _listen(self, backlog: bool = False) -> None:
+        """Take the recorder's new events and flight records (and, with ``backlog``, those it holds)."""
+        rec = self.recorder
+        if rec is None or self.intake.on_event in rec.subscribers:
+            return
+        rec.subscribers.append(self.intake.on_event)
+        rec.record_subscribers.append(self.intake.on_flight_record)
+        if not backlog:
+            return
+        # subscribed first, then the backlog: one recorded in between is not taken twice
+        queued = {id(e) for e in list(self.intake.events)}
+        self.intake.events.extendleft(reversed([e for e in list(rec.events) if id(e) not in queued]))
+        queued = {id(r) for r in list(self.intake.flights)}
+        self.intake.flights.extendleft(reversed([r for r in list(rec.flight_records) if id(r) not in queued]))
+
     async def run(self) -> None:
         """Run until cancelled; on the way out, what was sampled is stored and the database closed."""
         if self._running:
@@ -312,9 +330,7 @@ class CloudLink:
         if rec.state in ("recovered", "memory"):
             self.warnings.append(f"store {rec.state}: {rec.detail}")
             log.warning("cloud store %s: %s", rec.state, rec.detail)
-        if self.recorder is not None:
-            self.recorder.subscribers.append(self.intake.on_event)
-            self.recorder.record_subscribers.append(self.intake.on_flight_record)
+        self._listen()
         send, recv = anyio.create_memory_object_stream[tuple[Any, ...]](max_buffer_size=1024)
         self._items, self._recv = send, recv
         try:

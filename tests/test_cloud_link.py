@@ -674,3 +674,27 @@ def test_an_unencodable_record_loses_only_itself_and_leaves_no_seq_hole(tmp_path
             [("encode_error", "eis", [], 1, 1_700_000_000_000)]
     finally:
         link.store.close()
+
+
+def test_events_recorded_before_the_link_runs_reach_the_store(tmp_path: Path) -> None:
+    """The start-up events (a latched ERROR coming back) happen before the store is open."""
+    gate = offline_gate()
+    rig = Rig(tmp_path, config(gate.port, telemetry=[]))
+    early = Recorder()
+    early(Event(Kind.STATE, "INIT -> ERROR: ERROR before the restart", Level.MSL, index=1))
+    rig.recorder = early
+    rig.link = link = CloudLink(config(gate.port, telemetry=[]), rig.img, early, {}, tmp_path / "state2", GW, "site")
+    link.on_commit.append(rig.rows.append)
+    rig.events = 1
+    rig.event()  # after the link exists, before it runs
+
+    async def scenario() -> None:
+        await until(lambda: link.intake.pending() == 0 and rig.accepted("events"),
+                    what="the early events stored")
+
+    try:
+        rig.run(scenario)
+    finally:
+        gate.close()
+    assert link.store.path is not None
+    assert sorted(r["index"] for r in stored_records(link.store.path, "events")) == [1, 2]
