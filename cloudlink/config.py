@@ -8,9 +8,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import string
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+from gateway.schema import lookup_path
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -18,6 +21,51 @@ MiB = 1024 * KiB
 _STREAM = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 RESERVED_STREAMS = ("events", "flight", "eis", "gaps", "records")
 TOPIC_FIELDS = ("prefix", "site", "gateway", "stream")
+
+
+def _file(key: str, name: str, base: Path | None) -> Path | None:
+    """The existing file a path key names, a relative name against ``base`` (the config's folder).
+
+    With ``base`` None a relative name is not looked up yet (None): CloudSection.resolve does it
+    once the config's folder is known, never against the working directory. ValueError("key: reason")
+    for a missing file or a name that cannot be looked up (unknown ~user, no permission, too long).
+    """
+    try:
+        found = lookup_path(name, () if base is None else (base,))
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    if found is None and (base is not None or name.startswith("~") or Path(name).is_absolute()):
+        raise ValueError(f"{key}: file '{name}' not found" + (f" (looked in {base})" if base is not None else ""))
+    return found
+
+
+def _read(key: str, path: Path) -> bytes:
+    """A file's bytes; ValueError("key: reason") when it cannot be read (so at config check, not at run time)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read '{path}': {exc.strerror or exc}") from None
+
+
+def _template_fields(tpl: str) -> set[str]:
+    """The fields of a topic template; ValueError(reason) unless it uses only plain ``{name}`` fields.
+
+    str.format would accept ``{prefix.x}``, ``{prefix[9]}``, conversions and format specs and fail only
+    when the link publishes (or crash on a stray brace): refused here so `config check` catches them.
+    """
+    names = set()
+    try:
+        parts = list(string.Formatter().parse(tpl))
+    except ValueError as exc:  # a single { or }
+        raise ValueError(f"'{tpl}': {exc} (write {{{{ or }}}} for a literal brace)") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in TOPIC_FIELDS or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"unknown field {{{shown}}} (known: {', '.join(TOPIC_FIELDS)}; plain {{name}} only)")
+        names.add(name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -71,12 +119,9 @@ class TlsSettings:
     key_file: str = ""  # the broker's certificate must name the configured host
 
     def check(self) -> None:
+        # the files themselves are checked by CloudSection (only when the link and TLS are on)
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("cert_file: a client certificate needs its key_file (and the other way round)")
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, key)
-            if path and not Path(path).expanduser().is_file():
-                raise ValueError(f"{key}: file '{path}' not found")
 
 
 @dataclass(frozen=True)
@@ -95,14 +140,6 @@ class CommandSettings:
     def check(self) -> None:
         if not self.enabled:
             return
-        if self.auth == "hmac":
-            if bool(self.hmac_secret) == bool(self.hmac_secret_file):
-                raise ValueError("hmac_secret: set exactly one of hmac_secret and hmac_secret_file (auth = 'hmac'), "
-                                 "or auth = 'tls_acl', or enabled = false")
-            if self.hmac_secret and len(self.hmac_secret.encode()) < 16:
-                raise ValueError("hmac_secret: must be at least 16 bytes")
-            if self.hmac_secret_file and not Path(self.hmac_secret_file).expanduser().is_file():
-                raise ValueError(f"hmac_secret_file: file '{self.hmac_secret_file}' not found")
         if not 1 <= self.max_ttl_s <= 7 * 86400:
             raise ValueError("max_ttl_s: must be 1 s .. 7 days")
         if not 0 <= self.clock_skew_s <= 3600:
@@ -111,6 +148,25 @@ class CommandSettings:
             raise ValueError("health_check_s: must be 0..60 s")
         if self.remember_s < 0:
             raise ValueError("remember_s: must be >= 0")
+
+    def check_auth(self, base: Path | None) -> None:
+        """The HMAC key is configured and usable, its file read now (ValueError "key: reason").
+
+        Checked by CloudSection only while the cloud link is on (an unused secret is no error).
+        ``base``: the config's folder for a relative hmac_secret_file; None leaves relative names to
+        CloudSection.resolve.
+        """
+        if not self.enabled or self.auth != "hmac":
+            return
+        if bool(self.hmac_secret) == bool(self.hmac_secret_file):
+            raise ValueError("hmac_secret: set exactly one of hmac_secret and hmac_secret_file (auth = 'hmac'), "
+                             "or auth = 'tls_acl', or enabled = false")
+        if self.hmac_secret and len(self.hmac_secret.encode()) < 16:
+            raise ValueError("hmac_secret: must be at least 16 bytes")
+        if self.hmac_secret_file:
+            path = _file("hmac_secret_file", self.hmac_secret_file, base)
+            if path is not None and len(_read("hmac_secret_file", path).strip()) < 16:
+                raise ValueError(f"hmac_secret_file: '{self.hmac_secret_file}' holds fewer than 16 bytes")
 
     def secret(self) -> bytes:
         """The HMAC key (from the file when configured; surrounding whitespace stripped)."""
@@ -137,10 +193,11 @@ class Topics:
     def check(self) -> None:
         for key in ("data", "hist", "birth", "state", "cmd", "cmd_ack"):
             tpl = getattr(self, key)
-            names = set(re.findall(r"{(\w*)}", tpl))
-            unknown = names - set(TOPIC_FIELDS)
-            if unknown:
-                raise ValueError(f"{key}: unknown field {{{sorted(unknown)[0]}}} (known: {', '.join(TOPIC_FIELDS)})")
+            try:
+                names = _template_fields(tpl)
+                self.render(key, "site", "gateway", "stream")  # what the link will do, with dummy values
+            except (ValueError, KeyError, IndexError, AttributeError) as exc:
+                raise ValueError(f"{key}: {exc}") from None
             if key in ("data", "hist") and "stream" not in names:
                 raise ValueError(f"{key}: must contain {{stream}}")
             if key not in ("data", "hist") and "stream" in names:
@@ -153,6 +210,32 @@ class Topics:
             raise ValueError("hist: must differ from data (the cloud tells live from historical data by topic)")
         if any(c in self.prefix for c in "#+"):
             raise ValueError("prefix: wildcards (# +) are not allowed")
+
+    def check_rendered(self, site: str, gateway: str, streams: list[str]) -> None:
+        """Every topic as the link will publish or subscribe it, with this gateway's site and id.
+
+        A wildcard (# +), a NUL, an empty topic level or a leading $ in a topic name makes the broker
+        refuse the PUBLISH (and end the connection) every time, so the link would never deliver.
+        ValueError names the key to change: gateway.site, gateway.id, or cloud.topics.KEY / prefix.
+        """
+        values = {"prefix": ("cloud.topics.prefix", self.prefix), "site": ("gateway.site", site),
+                  "gateway": ("gateway.id", gateway)}
+        for key in ("data", "hist", "birth", "state", "cmd", "cmd_ack"):
+            names = _template_fields(getattr(self, key))
+            for name in sorted(names - {"stream"}):
+                vkey, value = values[name]
+                bad = sorted({c for c in value if c in "#+\0"})
+                if bad:
+                    shown = ", ".join("NUL" if c == "\0" else c for c in bad)
+                    raise ValueError(f"{vkey}: '{value}' is used in MQTT topics ({key}) and must not contain {shown}")
+                if "" in value.split("/"):
+                    raise ValueError(f"{vkey}: '{value}' makes an empty level in the MQTT topic {key} "
+                                     "(empty, or a leading, trailing or double /)")
+            for stream in streams if "stream" in names else [""]:
+                topic = self.render(key, site, gateway, stream)
+                if "" in topic.split("/") or topic.startswith("$") or len(topic.encode()) > 65535:
+                    raise ValueError(f"cloud.topics.{key}: '{topic}' is not a topic a broker accepts "
+                                     "(an empty level, a leading $, or longer than 65535 bytes)")
 
     def render(self, key: str, site: str, gateway: str, stream: str = "") -> str:
         tpl: str = getattr(self, key)
@@ -199,8 +282,6 @@ class CloudSection:
             raise ValueError("port: must be 0..65535")
         if self.password and self.password_file:
             raise ValueError("password: set password or password_file, not both")
-        if self.password_file and not Path(self.password_file).expanduser().is_file():
-            raise ValueError(f"password_file: file '{self.password_file}' not found")
         if (self.password or self.password_file) and not self.username:
             raise ValueError("username: a password needs a username")
         if not 1 <= self.keepalive_s <= 65535:
@@ -241,8 +322,9 @@ class CloudSection:
             raise ValueError("client_id: at most 128 characters, no # + /")
         if not self.store_file.strip():
             raise ValueError("store_file: must not be empty")
-        # nested tables are checked by the loader when present; defaults are checked here
-        for key in ("tls", "topics", "commands"):
+        # nested tables are checked by the loader when present; defaults are checked here. With the
+        # link off, its commands, TLS and files are never used: `enabled = false` must not need them
+        for key in ("tls", "topics", "commands") if self.enabled else ("topics",):
             try:
                 getattr(self, key).check()
             except ValueError as exc:
@@ -252,6 +334,57 @@ class CloudSection:
                 cls.check()
             except ValueError as exc:
                 raise ValueError(f"telemetry[{i}].{exc}") from None
+        if self.enabled:
+            self._check_files(None)
+
+    def _check_files(self, base: Path | None) -> dict[str, str]:
+        """Look up (and read) every file the link will use; the resolved path of each, by key.
+
+        ``base``: the config's folder for relative names (None: they are left to resolve()).
+        ValueError("key: reason"), so a file the link could not use stops `config check`, not the run.
+        """
+        out: dict[str, str] = {}
+        if self.password_file:
+            path = _file("password_file", self.password_file, base)
+            if path is not None:
+                try:
+                    _read("password_file", path).decode("utf-8")
+                except UnicodeError as exc:
+                    raise ValueError(f"password_file: '{path}' is not UTF-8 text ({exc})") from None
+                out["password_file"] = str(path)
+        for key in ("ca_file", "cert_file", "key_file") if self.tls.enabled else ():
+            name = getattr(self.tls, key)
+            if name and (path := _file(f"tls.{key}", name, base)) is not None:
+                _read(f"tls.{key}", path)
+                out[f"tls.{key}"] = str(path)
+        try:
+            self.commands.check_auth(base)
+        except ValueError as exc:
+            raise ValueError(f"commands.{exc}") from None
+        if self.commands.enabled and self.commands.auth == "hmac" and self.commands.hmac_secret_file:
+            path = _file("commands.hmac_secret_file", self.commands.hmac_secret_file, base)
+            if path is not None:
+                out["commands.hmac_secret_file"] = str(path)
+        try:
+            lookup_path(self.store_file)  # store_path() expands ~user: an unknown one must fail here
+        except ValueError as exc:
+            raise ValueError(f"store_file: {exc}") from None
+        return out
+
+    def resolve(self, base: Path) -> CloudSection:
+        """Relative file names made absolute against the config's folder (as for DBCs, maps and OPC UA
+        certificates), every file checked and read; ValueError("key: reason").
+
+        load_config calls it, so the link never looks in the working directory (systemd's is /).
+        """
+        found = self._check_files(base)
+        tls = replace(self.tls, ca_file=found.get("tls.ca_file", self.tls.ca_file),
+                      cert_file=found.get("tls.cert_file", self.tls.cert_file),
+                      key_file=found.get("tls.key_file", self.tls.key_file))
+        commands = replace(self.commands, hmac_secret_file=found.get("commands.hmac_secret_file",
+                                                                     self.commands.hmac_secret_file))
+        return replace(self, password_file=found.get("password_file", self.password_file), tls=tls,
+                       commands=commands)
 
     def broker_port(self) -> int:
         return self.port or (8883 if self.tls.enabled else 1883)

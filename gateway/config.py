@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -40,10 +40,11 @@ from gateway.opcua_config import OpcuaSection
 from gateway.pipeline import BusSource, Layout, build
 from gateway.protection import PlausibleRanges, Protection
 from gateway.safety import safety_families, safety_slots
-from gateway.schema import ConfigError, Loader, read_toml
+from gateway.schema import ConfigError, Loader, lookup_path, read_toml
 from gateway.signalmap import resolve
 
 Chemistry = Literal["NMC", "LFP", "LTO"]
+MAX_DEBOUNCE_MS = 10_000.0  # see ProtectionSection.check
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,15 @@ class ProtectionSection:
     realtime_priority: int = 20  # SCHED_FIFO priority of the P0 process; 0 = normal scheduling
 
     def check(self) -> None:
+        # A debounce delay postpones every trip of its checks by that long; beyond MAX_DEBOUNCE_MS a
+        # persistent MSL violation would stay unhandled far past the field's reaction norm ("a few
+        # hundred ms"; the slowest default, temperature, is 1 s of 1 Hz sensors)
+        d = self.debounce
+        delays = [(f.name, getattr(d, f.name)) for f in fields(d) if f.name != "per_check"]
+        for name, ms in [*delays, *((f"per_check.{k}", v) for k, v in d.per_check.items())]:
+            if ms > MAX_DEBOUNCE_MS:
+                raise ValueError(f"debounce.{name}: {ms:g} ms would hold off its trips that long; at most "
+                                 f"{MAX_DEBOUNCE_MS:g} ms (10 x the slowest default, temperature's 1 s)")
         if not 0.05 <= self.switch_interval_ms <= 5:
             raise ValueError("switch_interval_ms: must be 0.05..5")
         if not 0 <= self.main_process_nice <= 19:
@@ -193,6 +203,8 @@ class Config:
             raise ValueError(f"eis.bus: no [[bus]] named '{self.eis.bus}'")
         if self.protection.contactor_bus and self.protection.contactor_bus not in names:
             raise ValueError(f"protection.contactor_bus: no [[bus]] named '{self.protection.contactor_bus}'")
+        if self.cloud.enabled:  # the topics with this gateway's site and id (the broker refuses wildcards)
+            self.cloud.topics.check_rendered(self.gateway.site, self.gateway.id, [c.name for c in self.cloud.telemetry])
         try:
             table = self.limit_table()
         except ValueError as exc:
@@ -234,14 +246,8 @@ def shipped_config(name: str = "sim.toml") -> Path:
 
 
 def find_file(name: str, base: Path, sub: str = "") -> Path | None:
-    """A file next to the config, else among the shipped DBCs/maps."""
-    p = Path(name).expanduser()
-    if p.is_absolute():
-        return p if p.is_file() else None
-    for cand in (base / p, shipped_dbc_dir() / sub / p):
-        if cand.is_file():
-            return cand.resolve()
-    return None
+    """A file next to the config, else among the shipped DBCs/maps (ValueError: see lookup_path)."""
+    return lookup_path(name, (base, shipped_dbc_dir() / sub))
 
 
 def load_config(path: str | Path) -> Loaded:
@@ -256,15 +262,22 @@ def load_config(path: str | Path) -> Loaded:
     except ValueError as exc:
         key, _, reason = str(exc).partition(": ")
         raise loader.error(f"opcua.{key}", reason) from None
-    if cfg.eis.sot_calibration:
-        cfg = replace(cfg, eis=replace(cfg.eis, sot_calibration=str(base / Path(cfg.eis.sot_calibration).expanduser())))
+    if cfg.eis.enabled and cfg.eis.sot_calibration:  # unused (and not looked up) while the module is off
+        cfg = replace(cfg, eis=replace(cfg.eis, sot_calibration=str(_path(loader, "eis.sot_calibration",
+                                                                          cfg.eis.sot_calibration, base))))
+    if cfg.cloud.enabled:
+        try:
+            cfg = replace(cfg, cloud=cfg.cloud.resolve(base))
+        except ValueError as exc:
+            key, _, reason = str(exc).partition(": ")
+            raise loader.error(f"cloud.{key}", reason) from None
     warnings: list[str] = []
     dbcs: dict[str, list[LoadedDbc]] = {}
     sources = []
     for i, bus in enumerate(cfg.bus):
         loaded = []
         for j, name in enumerate(bus.dbc):
-            found = find_file(name, base)
+            found = _found(loader, f"bus[{i}].dbc[{j}]", name, base)
             if found is None:
                 raise loader.error(f"bus[{i}].dbc[{j}]", f"DBC file '{name}' not found (looked in {base} and {shipped_dbc_dir()})")
             try:
@@ -278,7 +291,7 @@ def load_config(path: str | Path) -> Loaded:
         messages = merge(loaded, f"bus[{i}].dbc")
         if not bus.map:
             raise loader.error(f"bus[{i}].map", "a signal map is needed (see dbc/maps/)")
-        map_path = find_file(bus.map, base, "maps")
+        map_path = _found(loader, f"bus[{i}].map", bus.map, base, "maps")
         if map_path is None:
             raise loader.error(f"bus[{i}].map", f"map file '{bus.map}' not found (looked in {base} and {shipped_dbc_dir() / 'maps'})")
         sources.append(BusSource(bus.name, messages, resolve(map_path, messages)))
@@ -296,6 +309,25 @@ def load_config(path: str | Path) -> Loaded:
     if cfg.protection.enabled:
         _check_protection(cfg, image, sources, dbcs, loader)
     return Loaded(path, cfg, dbcs, sources, warnings, image, ingests)
+
+
+def _found(loader: Loader, key: str, name: str, base: Path, sub: str = "") -> Path | None:
+    """find_file for a path key: a name that cannot be looked up is that key's ConfigError."""
+    try:
+        return find_file(name, base, sub)
+    except ValueError as exc:
+        raise loader.error(key, str(exc)) from None
+
+
+def _path(loader: Loader, key: str, name: str, base: Path) -> Path:
+    """A path key's file, relative names against the config's folder (ConfigError: missing, unusable name)."""
+    try:
+        found = lookup_path(name, (base,))
+    except ValueError as exc:
+        raise loader.error(key, str(exc)) from None
+    if found is None:
+        raise loader.error(key, f"file '{name}' not found (looked in {base})")
+    return found
 
 
 def _check_eis(cfg: Config, sources: list[BusSource], loader: Loader) -> None:

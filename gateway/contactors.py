@@ -76,6 +76,10 @@ class ContactorSettings:
                 raise ValueError(f"{name}: must be > 0")
         if self.precharge_retries < 0:
             raise ValueError("precharge_retries: must be >= 0")
+        if self.open_current_a < 0:  # |I| below a negative current never holds: every open would time out
+            raise ValueError("open_current_a: must be >= 0")
+        if self.min_close_interval_s < 0:
+            raise ValueError("min_close_interval_s: must be >= 0")
         if self.max_closes_per_hour < 1:
             raise ValueError("max_closes_per_hour: must be >= 1")
 

@@ -31,8 +31,15 @@ FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
 
 
 def wire_length(length: int) -> int:
-    """Length of the frame that carries a ``length``-byte message (FD padding)."""
-    return next(n for n in FD_LENGTHS if n >= length)
+    """Length of the frame that carries a ``length``-byte message (FD padding).
+
+    ValueError for more than 64 bytes: no CAN frame carries that (a DBC's DLC typo, which
+    load_dbc refuses with its line; this keeps any other caller from a bare StopIteration).
+    """
+    for n in FD_LENGTHS:
+        if n >= length:
+            return n
+    raise ValueError(f"a {length}-byte message fits no CAN frame (at most {FD_LENGTHS[-1]} bytes)")
 
 
 class MuxError(ValueError):

@@ -59,6 +59,8 @@ class EstimatorSection:
                 raise ValueError(f"{name}: must be 10..10000")
         if not 0 <= self.rsl_derate <= 1:
             raise ValueError("rsl_derate: must be 0..1")
+        if self.persist_s <= 0:  # the learnt state would be written in a busy loop (or never)
+            raise ValueError("persist_s: must be > 0")
         for name, hw_name in (("max_charge_c", "pack_current_charge_max"),
                               ("max_discharge_c", "pack_current_discharge_max")):
             c, pack_ah = getattr(self, name), self.capacity_ah * strings

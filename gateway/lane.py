@@ -35,6 +35,16 @@ from gateway.protection import Protection
 log = logging.getLogger(__name__)
 
 
+# A stalled or late lane must force the safe state within protection's reaction time: the field's
+# norm is "a few hundred ms" (the default 3 x 50 ms is 150 ms; the PCU's own timeout is 300 ms).
+MAX_STALL_MS = 500.0
+# The flight ring is allocated in full at start-up, per bus: 8 + 4 + 1 bytes plus the payload width
+# (8, or 64 with CAN FD) per frame. 500,000 frames are 10 MiB (classic) or 37 MiB (FD) per bus, on a
+# 1 GB edge box; they hold 24 s of the fastest 1 Mbit/s bus (about 21,000 empty frames/s) or 55 s of
+# the saturated reference bus (about 9,000 frames/s).
+MAX_RING_FRAMES = 500_000
+
+
 @dataclass(frozen=True)
 class LaneSettings:
     """Timing of the protection lane."""
@@ -53,6 +63,23 @@ class LaneSettings:
             raise ValueError("deadline_ms: must be longer than tick_ms")
         if self.max_missed < 1:
             raise ValueError("max_missed: must be >= 1")
+        # the safe state must follow missed deadlines within protection's reaction time ("a few hundred
+        # ms" is the field's norm): more than MAX_STALL_MS of missed ticks would let a stalled lane run on
+        if self.max_missed * self.deadline_ms > MAX_STALL_MS:
+            raise ValueError(f"max_missed: {self.max_missed} missed deadlines of {self.deadline_ms:g} ms leave the "
+                             f"contactors closed for {self.max_missed * self.deadline_ms:g} ms with a stalled lane; "
+                             f"max_missed x deadline_ms must be <= {MAX_STALL_MS} ms")
+        for key in ("flight_before_s", "flight_after_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0")
+        if self.flight_max_frames_per_s < 1:
+            # the frame ring is sized from it: an empty ring fails on every frame of the receive path
+            raise ValueError("flight_max_frames_per_s: must be >= 1")
+        frames = self.flight_max_frames_per_s * (self.flight_before_s + self.flight_after_s + 1.0)
+        if frames > MAX_RING_FRAMES:
+            raise ValueError(f"flight_max_frames_per_s: x (flight_before_s + flight_after_s + 1 s) is {frames:.0f} "
+                             f"frames per bus; the flight ring holds at most {MAX_RING_FRAMES} (it is allocated at "
+                             f"start-up: {MAX_RING_FRAMES * 77 // 2**20} MiB per CAN FD bus)")
 
 
 @dataclass

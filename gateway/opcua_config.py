@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from gateway.schema import lookup_path
+
 if TYPE_CHECKING:
     from cryptography import x509
 
@@ -212,6 +214,10 @@ class OpcuaSection:
             raise ValueError("max_monitored_items_per_session: must be 1..max_monitored_items")
         if not 1 <= self.cert_days <= 36500:
             raise ValueError("cert_days: must be 1..36500")
+        for i, h in enumerate(self.cert_hostnames):
+            # a DNS name or IP address; a blank or spaced one cannot be in a certificate's subjectAltName
+            if not h or any(c.isspace() for c in h):
+                raise ValueError(f"cert_hostnames[{i}]: '{h}' is not a host name or IP address (empty or has spaces)")
 
     @property
     def endpoint(self) -> str:
@@ -224,11 +230,13 @@ class OpcuaSection:
         Call it while loading the config, so a missing certificate stops the start-up with exit code 2.
         """
         def one(key: str, name: str, folders: bool) -> str:
-            p = Path(name).expanduser()
-            p = p if p.is_absolute() else base / p
-            if not (p.is_file() or (folders and p.is_dir())):
-                raise ValueError(f"{key}: '{name}' not found (looked at {p})")
-            return str(p.resolve())
+            try:
+                found = lookup_path(name, (base,), folders)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+            if found is None:
+                raise ValueError(f"{key}: '{name}' not found (looked at {base / Path(name)})")
+            return str(found)
 
         users = [replace(u, certificate=one(f"user[{i}].certificate", u.certificate, False)) if u.certificate else u
                  for i, u in enumerate(self.user)]
@@ -256,7 +264,11 @@ def user_certificates(users: Sequence[OpcuaUser]) -> dict[bytes, OpcuaUser]:
 def _parse(key: str, name: str) -> list[bytes]:
     """Every certificate of a file or folder as DER; ValueError("key: 'file' is not a certificate (why)")."""
     out = []
-    for f in certificate_files(Path(name)):
+    try:
+        files = certificate_files(Path(name))
+    except OSError as exc:  # a folder the gateway's user may look up but not list
+        raise ValueError(f"{key}: cannot list '{name}': {exc.strerror or exc}") from None
+    for f in files:
         try:
             out += [_der(c) for c in load_certificates([str(f)])]
         except (ValueError, OSError) as exc:

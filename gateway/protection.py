@@ -61,6 +61,8 @@ class PlausibleRanges:
             raise ValueError("cell_voltage_min: must be below cell_voltage_max")
         if not self.temperature_min < self.temperature_max:
             raise ValueError("temperature_min: must be below temperature_max")
+        if self.current_abs_max <= 0:  # |I| > a negative bound: every current sample would be bad data
+            raise ValueError("current_abs_max: must be > 0")
 
 
 def samples_for(delay_s: float, period_s: float) -> int:

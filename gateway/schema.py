@@ -13,10 +13,11 @@ import dataclasses
 import difflib
 import math
 import re
+import stat
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
@@ -38,7 +39,7 @@ class ConfigError(Exception):
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """Parse a TOML file; syntax errors become ConfigError with the line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -48,6 +49,41 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(path, "", f"TOML syntax: {exc}", int(m.group(1)) if m else None) from None
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, without the byte-order mark some Windows editors put first (it is no syntax error)."""
+    return path.read_text(encoding="utf-8-sig")
+
+
+def lookup_path(name: str, bases: Sequence[Path] = (), folders: bool = False) -> Path | None:
+    """The path of the existing file (with ``folders``: or folder) that a path key names.
+
+    ``~`` and ``~user`` are expanded; a relative name is tried against each of ``bases`` in turn
+    (the config's folder first), an absolute one as it is.  None when it exists in none of them.
+    ValueError(reason) when the name cannot be looked up at all (an unknown ``~user``, a NUL, a name
+    too long for the file system, a folder the gateway's user may not enter) or names something
+    that is not a file: every path key turns this into a ConfigError naming the key, instead of a
+    traceback (exit code 1) from deep in pathlib.
+    """
+    if "\0" in name:
+        raise ValueError(f"'{name}' contains a NUL character")
+    try:
+        p = Path(name).expanduser()
+    except RuntimeError:  # ~user of an unknown user, or ~ without a home directory
+        raise ValueError(f"'{name}': cannot expand '{name.split('/', 1)[0]}' (no such user, or no home "
+                         "directory)") from None
+    for cand in [p] if p.is_absolute() else [b / p for b in bases]:
+        try:
+            st = cand.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # EACCES on a folder on the way, ENAMETOOLONG, ELOOP, EIO
+            raise ValueError(f"cannot look up '{cand}': {exc.strerror or exc}") from None
+        if stat.S_ISREG(st.st_mode) or (folders and stat.S_ISDIR(st.st_mode)):
+            return cand if p.is_absolute() else cand.resolve()  # messages name an absolute path as given
+        raise ValueError(f"'{cand}' is not a file{' or folder' if folders else ''}")
+    return None
 
 
 def locate(text: str, key: str) -> int | None:

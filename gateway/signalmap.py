@@ -35,7 +35,7 @@ from cantools.database.can import Message, Signal
 
 from gateway.decode import page_tree, raw_expr, selector_expr, value_expr, walk_pages
 from gateway.image import family_of
-from gateway.schema import Loader, read_toml
+from gateway.schema import Loader, read_text, read_toml
 
 MuxPath = tuple[tuple[Signal, int], ...]
 
@@ -84,6 +84,10 @@ class MessageEntry:
     cycle_ms: float
 
     def check(self) -> None:
+        try:
+            re.compile(self.name)
+        except re.error as exc:
+            raise ValueError(f"name: bad regular expression: {exc}") from None
         if self.cycle_ms <= 0:
             raise ValueError("cycle_ms: must be > 0")
 
@@ -210,10 +214,17 @@ def load_map(path: Path) -> MapFile:
 
 
 def _choice_values(flag: Signal, when: Iterable[str | int]) -> frozenset[int]:
+    """The raw values of ``flag`` that mean valid; ValueError for a name or number it cannot hold."""
     choices = {str(v): int(k) for k, v in (flag.conversion.choices or {}).items()}
+    signed = flag.is_signed and not flag.is_float  # as raw_expr reads it
+    lo, hi = (-(1 << (flag.length - 1)), (1 << (flag.length - 1)) - 1) if signed else (0, (1 << flag.length) - 1)
     out = set()
     for w in when:
         if isinstance(w, int):
+            if not lo <= w <= hi:  # the flag never holds it: the value would never be valid
+                raise ValueError(f"{w} is not a raw value of {flag.name} ({flag.length} bit"
+                                 f"{'s' if flag.length != 1 else ''}, {'signed' if signed else 'unsigned'}: "
+                                 f"{lo}..{hi})")
             out.add(w)
         elif w in choices:
             out.add(choices[w])
@@ -226,7 +237,7 @@ def _choice_values(flag: Signal, when: Iterable[str | int]) -> frozenset[int]:
 def resolve(path: Path, messages: Iterable[Message]) -> SignalMap:
     """Resolve a map file against DBC messages into bindings; errors name the entry."""
     spec = load_map(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     loader = Loader(path, text)
     msgs = list(messages)
     cycle: dict[str, float] = {}

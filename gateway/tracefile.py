@@ -83,6 +83,8 @@ _SNIFF_LINES = 50
 _TEXT_LIMIT = 80
 _HEADER_LINES = 1000  # lines before the first frame kept to restart a python-can text reader after a bad line
 _BAD_IN_A_ROW = 100  # a python-can text reader failing on this many lines in a row cannot read the file
+_TRC_EVENTS = frozenset({"ST", "EC", "ER", "EV", "Warng", "Error"})  # TRC line types that are not frames
+_HEX_ID = re.compile(r"[0-9A-Fa-f]+x?")
 
 CAN_ERR_FLAG = 0x20000000
 _STD_MAX = 0x7FF
@@ -471,6 +473,17 @@ class Trace:
         log.warning("%s: %s", self.path, reason)
         self._problem(records + 1, reason, str(self.path), "record")
 
+    def _skipped(self, reader: str, lines: list[tuple[int, str]]) -> None:
+        """Count the damaged frame lines among those a python-can reader passed over without a frame.
+
+        python-can's ASC and TRC readers skip, without a word, every line they do not recognise:
+        headers, comments and events, but also a frame line with a damaged timestamp, a cut line or an
+        unknown frame type. Those are bad lines like any other; the legitimate kinds are not.
+        """
+        for lineno, line in lines:
+            if _damaged_frame_line(self.format, line):
+                self._problem(lineno, f"{reader} skipped it: not a frame line it can read", line, "line")
+
     def _iter_pycan_text(self) -> Iterator[can.Message]:
         """ASC, CSV, TRC through python-can's readers, restarted after a line they fail on.
 
@@ -491,6 +504,7 @@ class Trace:
                 try:
                     # python-can annotates only paths, but its file readers accept file objects
                     for msg in cls(lines):  # type: ignore[arg-type]
+                        self._skipped(cls.__name__, lines.skipped(current_too=False))
                         lines.frame_read()
                         records += 1
                         in_a_row = 0
@@ -500,6 +514,7 @@ class Trace:
                             continue
                         self.frames += 1
                         yield msg
+                    self._skipped(cls.__name__, lines.skipped(current_too=True))
                     break
                 except (OSError, EOFError, zlib.error) as exc:
                     raise TraceError(self.path, f"read failed: {exc}") from exc
@@ -507,6 +522,7 @@ class Trace:
                     if lines.lineno == failed_at:
                         break  # failed again before reading a new line: at the end of the file
                     failed_at = lines.lineno
+                    self._skipped(cls.__name__, lines.skipped(current_too=False))
                     reason = f"{type(exc).__name__}: {exc}"
                     self._problem(lines.lineno, f"{cls.__name__}: {reason}", lines.current, "line")
                     failure = f"{cls.__name__} failed after record {records} on line {lines.lineno}: {reason}"
@@ -519,6 +535,22 @@ class Trace:
             lines.close()
         if first_failure and not records:
             raise TraceError(self.path, first_failure)
+
+
+def _damaged_frame_line(fmt: str, line: str) -> bool:
+    """Whether a line a python-can text reader skipped is a damaged frame rather than a header,
+    comment or event line (ASC: the timestamp and CAN channel of a frame line; TRC: any line but a
+    ; comment or a status, error or event record)."""
+    tokens = line.split()
+    if fmt == "asc":
+        if line.startswith("//") or len(tokens) < 2:
+            return False
+        if tokens[1].isdigit() or tokens[1] == "CANFD":  # "<time> <channel>" starts only frames and events
+            return len(tokens) == 2 or bool(_HEX_ID.fullmatch(tokens[2]))  # events name themselves (Statistic:)
+        return len(tokens) > 4 and tokens[3] in ("Rx", "Tx") and tokens[4] in ("d", "r")  # a damaged channel
+    if fmt == "trc":
+        return not line.startswith(";") and not _TRC_EVENTS.intersection(tokens)
+    return False
 
 
 def _numbered_lines(f: IO[str]) -> Iterator[tuple[int, str]]:
@@ -543,6 +575,7 @@ class _ReplayableLines:
         self._head: list[str] | None = None  # fixed at the first frame or the first bad line
         self._seen: list[str] = []
         self._replay: list[str] = []
+        self._since_frame: list[tuple[int, str]] = []  # lines read from the file since the last frame
 
     def __iter__(self) -> _ReplayableLines:
         return self
@@ -551,9 +584,17 @@ class _ReplayableLines:
         if self._replay:
             return self._replay.pop(0)
         self.lineno, self.current = next(self._lines)
+        self._since_frame.append((self.lineno, self.current.rstrip("\n")))
         if self._head is None and len(self._seen) <= _HEADER_LINES:
             self._seen.append(self.current)
         return self.current
+
+    def skipped(self, current_too: bool) -> list[tuple[int, str]]:
+        """The lines read since the last frame that made none (the current one too, with current_too:
+        false when it made a frame or failed, which are counted on their own); then forgotten."""
+        out = self._since_frame if current_too else self._since_frame[:-1]
+        self._since_frame = []
+        return out
 
     def frame_read(self) -> None:
         """The reader yielded a frame from the current line: what came before is the header."""

@@ -415,3 +415,299 @@ def test_a_map_cycle_time_or_an_unwatched_message_or_no_protection_is_fine(tmp_p
     load_config(pack_copy(tmp_path, sim_text, 257, keep_map_cycle=True))
     # a read-only gateway watches nothing
     load_config(pack_copy(tmp_path, sim_text, 514, 581, 256, protection=False))
+
+
+# -- input that used to pass the check or crash it (audit: parsing of user input) ------------------------
+
+
+@pytest.mark.parametrize("table, value, key", [
+    ("protection.lane", "flight_max_frames_per_s = 0", "protection.lane.flight_max_frames_per_s"),
+    ("protection.lane", "flight_max_frames_per_s = -5", "protection.lane.flight_max_frames_per_s"),
+    ("protection.lane", "flight_before_s = -1.0", "protection.lane.flight_before_s"),
+    ("protection.lane", "flight_after_s = -0.5", "protection.lane.flight_after_s"),
+    ("protection.lane", "flight_max_frames_per_s = 100000", "protection.lane.flight_max_frames_per_s"),
+    ("protection.lane", "max_missed = 100", "protection.lane.max_missed"),
+    ("protection.debounce", "voltage_ms = 600000", "protection.debounce.voltage_ms"),
+    ("protection.debounce.per_check", "cell_voltage_high = 3600000", "protection.debounce.per_check.cell_voltage_high"),
+    ("protection.plausible", "current_abs_max = -1.0", "protection.plausible.current_abs_max"),
+    ("protection.contactors", "open_current_a = -1.0", "protection.contactors.open_current_a"),
+    ("protection.contactors", "min_close_interval_s = -10.0", "protection.contactors.min_close_interval_s"),
+    ("estimators", "persist_s = 0.0", "estimators.persist_s"),
+], ids=["flight-zero", "flight-negative", "before-negative", "after-negative", "ring-beyond-cap", "max-missed",
+        "debounce", "debounce-per-check", "current-abs-max", "open-current", "close-interval", "persist"])
+def test_physically_meaningless_values_are_refused(tmp_path: Path, sim_text: str, table: str, value: str,
+                                                   key: str) -> None:
+    """flight_max_frames_per_s = 0 used to pass and then fail every received frame in P0 (protection deaf);
+    the others would disable or stall what they configure."""
+    path = variant(tmp_path, sim_text, ("auto_close = true", "auto_close = true\n"),
+                   append=f"\n[{table}]\n{value}\n") if table != "protection.contactors" else \
+        variant(tmp_path, sim_text, ("auto_close = true", f"auto_close = true\n{value}"))
+    err = config_error(path)
+    assert_points(err, path, key, line_of(path, value))
+
+
+def test_limits_of_the_range_checks_are_accepted(tmp_path: Path, sim_text: str) -> None:
+    """The bounds themselves are good input: 5 x 100 ms missed, 10 s debounce, a 500,000-frame ring."""
+    path = variant(tmp_path, sim_text, ("auto_close = true", "auto_close = true\nopen_current_a = 0.0\n"
+                                        "min_close_interval_s = 0.0"),
+                   append="\n[protection.lane]\ndeadline_ms = 100.0\nmax_missed = 5\nflight_max_frames_per_s = 20000\n"
+                          "flight_before_s = 12.0\nflight_after_s = 12.0\n"
+                          "[protection.debounce]\ntemperature_ms = 10000.0\n")
+    lane = load_config(path).config.protection.lane
+    assert (lane.max_missed, lane.flight_max_frames_per_s) == (5, 20000)
+
+
+def test_the_ring_cap_and_stall_bound_say_why(tmp_path: Path, sim_text: str) -> None:
+    err = config_error(variant(tmp_path, sim_text, append="\n[protection.lane]\nflight_max_frames_per_s = 100000\n"))
+    assert "500000" in err.reason and "MiB" in err.reason
+    err = config_error(variant(tmp_path, sim_text, append="\n[protection.lane]\nmax_missed = 100\n"))
+    assert "stalled" in err.reason and "500" in err.reason
+
+
+NO_USER = "~no-such-user-bmsgw-test"
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ('dbc = ["bmsgw_pack.dbc"]', f'dbc = ["{NO_USER}/pack.dbc"]', "bus[0].dbc[0]"),
+    ('map = "bmsgw_pack.toml"', f'map = "{NO_USER}/pack.toml"', "bus[0].map"),
+    ('dbc = ["bmsgw_pack.dbc"]', f'dbc = ["{"a" * 300}.dbc"]', "bus[0].dbc[0]"),
+    ("period_s = 900", f'period_s = 900\nsot_calibration = "{NO_USER}/c.json"', "eis.sot_calibration"),
+    ("initial_soc = 0.5", f'initial_soc = 0.5\n[opcua]\ntrusted_client_certs = ["{NO_USER}/certs"]',
+     "opcua.trusted_client_certs[0]"),
+    ("initial_soc = 0.5", f'initial_soc = 0.5\n[cloud]\nenabled = true\nhost = "broker"\n[cloud.commands]\n'
+                          f'enabled = false\n[cloud.tls]\nenabled = true\nca_file = "{NO_USER}/ca.pem"', "cloud.tls.ca_file"),
+    ("initial_soc = 0.5", f'initial_soc = 0.5\n[cloud]\nenabled = true\nhost = "broker"\nusername = "u"\n'
+                          f'password_file = "{"p" * 300}"\n[cloud.commands]\nenabled = false', "cloud.password_file"),
+    ("initial_soc = 0.5", f'initial_soc = 0.5\n[cloud]\nenabled = true\nhost = "broker"\n'
+                          f'store_file = "{NO_USER}/cloud.db"\n[cloud.commands]\nenabled = false', "cloud.store_file"),
+], ids=["dbc-user", "map-user", "dbc-too-long", "sot-user", "opcua-user", "cloud-tls-user", "cloud-too-long",
+        "cloud-store-user"])
+def test_a_path_that_cannot_be_looked_up_is_the_keys_config_error(tmp_path: Path, sim_text: str, old: str, new: str,
+                                                                   key: str) -> None:
+    """An unknown ~user or a name too long for the file system was a RuntimeError/OSError traceback (exit 1)."""
+    path = variant(tmp_path, sim_text, (old, new))
+    err = config_error(path)
+    needle = next(line for line in new.splitlines() if NO_USER in line or "a" * 300 in line or "p" * 300 in line)
+    assert_points(err, path, key, line_of(path, needle))
+    assert "no such user" in err.reason or "too long" in err.reason
+
+
+def test_a_file_in_a_folder_the_user_may_not_enter_is_a_config_error(tmp_path: Path, sim_text: str,
+                                                                     repo: Path) -> None:
+    """The service user (not root) cannot look into a 0700 folder of another user: a ConfigError, exit 2."""
+    import os
+    import shutil
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() == 0 and setpriv is None:
+        pytest.skip("as root without setpriv no folder is closed to us")
+    top = Path(tempfile.mkdtemp(prefix="bmsgw-perm-", dir="/tmp"))  # tmp_path's parents are closed to others
+    try:
+        top.chmod(0o755)
+        (top / "private").mkdir()
+        shutil.copy(repo / "dbc" / "bmsgw_pack.dbc", top / "private" / "pack.dbc")
+        (top / "private").chmod(0o700)
+        cfg = variant(top, sim_text, ('dbc = ["bmsgw_pack.dbc"]', 'dbc = ["private/pack.dbc"]'))
+        cfg.chmod(0o644)
+        if os.geteuid() == 0:  # check as nobody, as the service user would
+            proc = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                   "-m", "gateway.cli", "config", "check", str(cfg)], capture_output=True, text=True,
+                                  timeout=60, cwd="/", env={**os.environ, "HOME": "/tmp", "PYTHONPATH": str(repo)})
+            assert proc.returncode == 2, proc.stderr
+            text = proc.stderr
+        else:
+            text = str(config_error(cfg))
+        assert "Traceback" not in text and "bus[0].dbc[0]" in text and "Permission denied" in text, text
+    finally:
+        (top / "private").chmod(0o755)
+        shutil.rmtree(top)
+
+
+def dbc_variant(tmp_path: Path, sim_text: str, repo: Path, old: str, new: str) -> tuple[Path, Path]:
+    text = (repo / "dbc" / "bmsgw_pack.dbc").read_text(encoding="cp1252")
+    assert text.count(old) == 1
+    dbc = tmp_path / "pack.dbc"
+    dbc.write_text(text.replace(old, new), encoding="cp1252")
+    return dbc, variant(tmp_path, sim_text, ('dbc = ["bmsgw_pack.dbc"]', 'dbc = ["pack.dbc"]'))
+
+
+@pytest.mark.parametrize("old, new", [
+    ("BO_ 288 BALANCING_Command: 8 GW", "BO_ 288 BALANCING_Command: 80 GW"),
+    ("BO_ 257 PACK_Temperatures: 8 PCU", "BO_ 257 PACK_Temperatures: 65 PCU"),
+], ids=["unmapped", "mapped"])
+def test_a_dbc_message_longer_than_64_bytes_is_refused_at_its_line(tmp_path: Path, sim_text: str, repo: Path,
+                                                                   old: str, new: str) -> None:
+    """A mistyped DLC: no CAN frame carries it (it was a StopIteration traceback in config check and replay)."""
+    dbc, path = dbc_variant(tmp_path, sim_text, repo, old, new)
+    err = config_error(path)
+    assert err.file == str(dbc) and err.line == line_of(dbc, new), str(err)
+    assert "at most 64" in err.reason and new.split()[2].rstrip(":") in err.reason
+    assert "bus[0].dbc[0]" in str(err)
+
+
+def test_a_corrupt_start_bit_is_refused_at_its_line(tmp_path: Path, sim_text: str, repo: Path) -> None:
+    """cantools builds bit tables as large as the start bit (1000000000: 16 s and 2.3 GB, then an empty
+    reason); the pre-check refuses it at once, at the SG_ line, with the reason."""
+    old = " SG_ VoltageValid : 57|1@1+"
+    for start in ("100000", "1000000000"):
+        dbc, path = dbc_variant(tmp_path, sim_text, repo, old, f" SG_ VoltageValid : {start}|1@1+")
+        with pytest.raises(ConfigError) as info:
+            load_dbc(dbc)
+        assert info.value.line == line_of(dbc, f"VoltageValid : {start}|"), str(info.value)
+        assert f"start bit {start}" in info.value.reason and "outside any CAN frame" in info.value.reason
+
+
+def test_a_signal_beyond_its_message_but_inside_a_frame_still_loads_leniently(tmp_path: Path, sim_text: str,
+                                                                              repo: Path) -> None:
+    """Real DBCs (Tesla's, the IVT-S's) have signals past their message's length: still good input."""
+    dbc, _ = dbc_variant(tmp_path, sim_text, repo, "BO_ 256 PACK_Measurement: 8 PCU", "BO_ 256 PACK_Measurement: 5 PCU")
+    loaded = load_dbc(dbc)  # CurrentValid (bit 56) and VoltageValid (bit 57) lie past byte 5
+    assert loaded.warnings and "loaded leniently" in loaded.warnings[0]
+    assert loaded.db.get_message_by_name("PACK_Measurement").length == 5
+
+
+def test_byte_order_marks_in_config_map_and_dbc_are_accepted(tmp_path: Path, sim_text: str, repo: Path) -> None:
+    """Windows editors save "UTF-8 with BOM": that is not a syntax error on line 1."""
+    (tmp_path / "map.toml").write_text("\ufeff" + (repo / "dbc" / "maps" / "bmsgw_pack.toml").read_text("utf-8"),
+                                       encoding="utf-8")
+    (tmp_path / "pack.dbc").write_bytes(b"\xef\xbb\xbf" + (repo / "dbc" / "bmsgw_pack.dbc").read_bytes())
+    path = variant(tmp_path, sim_text, ('dbc = ["bmsgw_pack.dbc"]', 'dbc = ["pack.dbc"]'),
+                   ('map = "bmsgw_pack.toml"', 'map = "map.toml"'))
+    path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    loaded = load_config(path)
+    assert loaded.warnings == [] and loaded.image.index("pack.current") >= 0
+    assert len(loaded.dbcs["pack"][0].db.messages) == len(load_dbc(repo / "dbc" / "bmsgw_pack.dbc").db.messages)
+
+
+CLOUD = '\n[cloud]\nenabled = true\nhost = "127.0.0.1"\n'
+
+
+@pytest.mark.parametrize("template, why", [
+    ('"{prefix}/{site}/{gateway}/state{"', "Single '{'"),
+    ('"{prefix}/{site}/{gateway}/state}"', "Single '}'"),
+    ('"{prefix.x}/{site}/{gateway}/state"', "{prefix.x}"),
+    ('"{prefix[9]}/{site}/{gateway}/state"', "{prefix[9]}"),
+    ('"{prefix!r}/{site}/{gateway}/state"', "{prefix!r}"),
+    ('"{prefix:>9}/{site}/{gateway}/state"', "{prefix:>9}"),
+], ids=["stray-open", "stray-close", "attribute", "index", "conversion", "format-spec"])
+def test_a_topic_template_the_link_could_not_render_is_refused(tmp_path: Path, sim_text: str, template: str,
+                                                               why: str) -> None:
+    """They passed the check and crashed `bmsgw run` (exit 1) when the link started."""
+    value = f"state = {template}"
+    path = variant(tmp_path, sim_text, append=CLOUD + f"[cloud.commands]\nenabled = false\n[cloud.topics]\n{value}\n")
+    err = config_error(path)
+    assert_points(err, path, "cloud.topics.state", line_of(path, value))
+    assert why in err.reason
+
+
+def test_literal_braces_in_a_topic_are_fine(tmp_path: Path, sim_text: str) -> None:
+    path = variant(tmp_path, sim_text,
+                   append=CLOUD + '[cloud.commands]\nenabled = false\n[cloud.topics]\nstate = "{prefix}/{{x}}/{gateway}/state"\n')
+    cloud = load_config(path).config.cloud
+    assert cloud.topics.render("state", "s", "gw") == "bmsgw/{x}/gw/state"
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"short\n", "fewer than 16 bytes"),
+    (None, "not a file"),  # a folder
+], ids=["short", "folder"])
+def test_the_hmac_secret_file_is_read_at_check_time(tmp_path: Path, sim_text: str, content: bytes | None,
+                                                    reason: str) -> None:
+    """A secret file shorter than 16 bytes passed `config check` and stopped `bmsgw run` after P0 started."""
+    secret = tmp_path / "secret"
+    if content is None:
+        secret.mkdir()
+    else:
+        secret.write_bytes(content)
+    value = f'hmac_secret_file = "{secret}"'
+    path = variant(tmp_path, sim_text, append=CLOUD + f"[cloud.commands]\n{value}\n")
+    err = config_error(path)
+    assert_points(err, path, "cloud.commands.hmac_secret_file", line_of(path, value))
+    assert reason in err.reason
+
+
+def test_a_password_file_that_is_not_text_is_refused_at_check_time(tmp_path: Path, sim_text: str) -> None:
+    (tmp_path / "pw").write_bytes(b"\xff\xfe\x00pw")
+    value = 'password_file = "pw"'
+    path = variant(tmp_path, sim_text, append=CLOUD + f'username = "gw"\n{value}\n[cloud.commands]\nenabled = false\n')
+    err = config_error(path)
+    assert_points(err, path, "cloud.password_file", line_of(path, value))
+    assert "UTF-8" in err.reason
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ('id = "bmsgw-sim"', 'id = "gw#1"', "gateway.id"),
+    ('id = "bmsgw-sim"', 'id = "gw+1"', "gateway.id"),
+    ('id = "bmsgw-sim"', 'id = "gw\\u00001"', "gateway.id"),
+    ('id = "bmsgw-sim"', 'id = "gw//1"', "gateway.id"),
+    ('site = "simulated-site"', 'site = "plant/#"', "gateway.site"),
+    ('site = "simulated-site"', 'site = ""', "gateway.site"),
+], ids=["id-hash", "id-plus", "id-nul", "id-empty-level", "site-hash", "site-empty"])
+def test_a_site_or_id_that_makes_a_topic_the_broker_refuses(tmp_path: Path, sim_text: str, old: str, new: str,
+                                                            key: str) -> None:
+    """With the link on, the broker would refuse every PUBLISH of these topics (and drop the connection) forever."""
+    path = variant(tmp_path, sim_text, (old, new), append=CLOUD + "[cloud.commands]\nenabled = false\n")
+    err = config_error(path)
+    assert_points(err, path, key, line_of(path, new))
+    # the link off: the same id is harmless
+    assert load_config(variant(tmp_path, sim_text, (old, new), name="off.toml"))
+
+
+@pytest.mark.parametrize("append", [
+    "\n[cloud]\nenabled = false\n",
+    '\n[cloud]\nenabled = false\nhost = "broker.example"\npassword_file = "absent.pw"\nusername = "u"\n',
+    '\n[cloud]\nenabled = false\n[cloud.commands]\nmax_ttl_s = 600.0\n[cloud.tls]\nca_file = "absent.pem"\n',
+], ids=["plain", "with-host-and-absent-password-file", "with-commands-and-tls-tables"])
+def test_cloud_disabled_needs_no_secret_tls_or_files(tmp_path: Path, sim_text: str, append: str) -> None:
+    """`enabled = false` was refused for a missing HMAC secret of the (unused) cloud commands."""
+    assert not load_config(variant(tmp_path, sim_text, append=append)).config.cloud.enabled
+
+
+def test_relative_cloud_files_are_next_to_the_config_not_in_the_working_directory(
+        tmp_path: Path, sim_text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like DBCs, maps and OPC UA certificates (systemd starts the daemon in /)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "mqtt.pw").write_text("mqtt-password\n")
+    (etc / "secret").write_text("0123456789abcdef0123\n")
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (etc / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    path = variant(etc, sim_text, append=CLOUD + 'username = "gw"\npassword_file = "mqtt.pw"\n'
+                   '[cloud.commands]\nhmac_secret_file = "secret"\n'
+                   '[cloud.tls]\nenabled = true\nca_file = "ca.pem"\ncert_file = "client.pem"\nkey_file = "client.key"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cloud = load_config(path).config.cloud
+    assert cloud.password_file == str(etc / "mqtt.pw") and cloud.read_password() == "mqtt-password"
+    assert cloud.commands.hmac_secret_file == str(etc / "secret")
+    assert cloud.commands.secret() == b"0123456789abcdef0123"
+    assert (cloud.tls.ca_file, cloud.tls.cert_file, cloud.tls.key_file) == (
+        str(etc / "ca.pem"), str(etc / "client.pem"), str(etc / "client.key"))
+    # and a file that is not next to the config is reported with where it was looked for
+    (etc / "mqtt.pw").rename(elsewhere / "mqtt.pw")
+    err = config_error(path)
+    assert_points(err, path, "cloud.password_file", line_of(path, 'password_file = "mqtt.pw"'))
+    assert str(etc) in err.reason
+
+
+def test_configuration_doc_states_the_cloud_defaults_of_the_code(repo: Path) -> None:
+    """docs/configuration.md section 15 said commands off, telemetry pack 10 Hz / cells 1 Hz, and that
+    [cloud.tls] enabled turns the cloud link on."""
+    import re
+
+    from cloudlink.config import CloudSection
+
+    doc = (repo / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = doc.split("## 15. `[cloud]`")[1].split("## 16")[0]
+    commands = section.split("`[cloud.commands]`:")[1]
+    m = re.search(r"\| `enabled` \| `(\w+)` \|", commands)
+    assert m is not None and m.group(1).lower() == str(CloudSection().commands.enabled).lower()
+    tel = re.search(r"\| `telemetry` \| ([^|]+)\|", section)
+    assert tel is not None
+    for c in CloudSection().telemetry:
+        assert f"{c.name} {c.rate_hz:g} Hz" in tel.group(1), (c.name, tel.group(1))
+    tls = section.split("`[cloud.tls]`:")[1].split("`[cloud.topics]`")[0]
+    m = re.search(r"\| `enabled` \| `\w+` \| ([^|]+)\|", tls)
+    assert m is not None and "TLS" in m.group(1) and "cloud link on" not in m.group(1)

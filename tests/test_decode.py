@@ -482,6 +482,13 @@ def test_wire_length_is_the_next_fd_length() -> None:
         assert not [x for x in FD_LENGTHS if n <= x < w]
 
 
+@pytest.mark.parametrize("n", [65, 80, 1000])
+def test_wire_length_of_a_message_no_frame_carries(n: int) -> None:
+    """More than 64 bytes (a DBC's mistyped length) is a ValueError that says so, not a bare StopIteration."""
+    with pytest.raises(ValueError, match=rf"{n}-byte message fits no CAN frame"):
+        wire_length(n)
+
+
 def test_bit_walk_helper_agrees_with_cantools(case: Case) -> None:
     """The steering helper writes where cantools reads (else the sweep would prove little)."""
     rng = random.Random(7)

@@ -183,3 +183,27 @@ def test_units_follow_the_unece_codes() -> None:
     assert (eu.UnitId, eu.DisplayName.Text) == (unit_id("AMP"), "A")
     assert camel("cell_voltage_high") == "CellVoltageHigh" and camel("module.temperature_bad_data") == \
         "ModuleTemperatureBadData"
+
+
+@pytest.mark.parametrize("names, key", [
+    ([""], "cert_hostnames[0]"),
+    (["gw.example", "gw example"], "cert_hostnames[1]"),
+    (["gw.example\t"], "cert_hostnames[0]"),
+], ids=["empty", "space", "tab"])
+def test_cert_hostnames_must_be_host_names(names: list[str], key: str) -> None:
+    """An empty or spaced name cannot be a subjectAltName of the server certificate."""
+    with pytest.raises(ValueError, match="^" + re.escape(key) + ": "):
+        OpcuaSection(cert_hostnames=names).check()
+    OpcuaSection(cert_hostnames=["gw.example", "192.0.2.7", "fe80::1"]).check()
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("~no-such-user-bmsgw-test/certs", "no such user"),
+    ("c" * 300, "too long"),
+], ids=["unknown-user", "too-long"])
+def test_resolve_turns_an_unusable_name_into_the_keys_error(tmp_path: Path, name: str, reason: str) -> None:
+    """These were a RuntimeError / OSError traceback from pathlib (exit code 1)."""
+    with pytest.raises(ValueError, match=r"^trusted_client_certs\[0\]: .*" + reason):
+        OpcuaSection(trusted_client_certs=[name]).resolve(tmp_path)
+    with pytest.raises(ValueError, match=r"^user\[0\]\.certificate: .*" + reason):
+        OpcuaSection(user=[OpcuaUser("x", certificate=name)]).resolve(tmp_path)

@@ -474,3 +474,38 @@ def test_random_frames_land_in_the_image_exactly_as_cantools_decodes_them(which:
                     assert bool(image.valid[i]) == (raw[flag.name] in ok), (name, b.target, data.hex())
                 checked += 1
     assert checked > 1000
+
+
+def test_bad_regex_in_a_message_entry(tmp_path: Path, pack_db: Database) -> None:
+    """A [[message]] name is a regular expression too: a bad one is the map's error, not a re.error traceback."""
+    path, err = map_error(tmp_path, pack_db.messages, "[[message]]\nname = 'MMU(\\d+_CellVoltages'\ncycle_ms = 100\n")
+    assert_points(path, err, "message[0].name")
+    assert "regular expression" in err.reason
+    assert err.line == 7
+
+
+@pytest.mark.parametrize("when", ["2", "-1", "1, 2"])
+def test_when_raw_value_the_flag_cannot_hold(tmp_path: Path, pack_db: Database, when: str) -> None:
+    """CurrentValid is 1 bit (0..1): 2 (or -1) would leave pack.current invalid forever."""
+    path, err = map_error(tmp_path, pack_db.messages,
+                          "[[signal]]\nmessage = 'PACK_Measurement'\nsignal = 'PackVoltage'\nto = 'pack.voltage'\n"
+                          f"valid = {{ signal = 'VoltageValid', when = [{when}] }}\n")
+    assert_points(path, err, "signal[1].valid.when")
+    assert "VoltageValid" in err.reason and "0..1" in err.reason
+
+
+def test_when_raw_values_the_flag_holds_are_fine(tmp_path: Path, pack_db: Database) -> None:
+    path = tmp_path / "site_map.toml"
+    path.write_text(FIRST + "[[signal]]\nmessage = 'PACK_Measurement'\nsignal = 'PackVoltage'\nto = 'pack.voltage'\n"
+                    "valid = { signal = 'VoltageValid', when = [0, 1] }\n", encoding="utf-8")
+    b = next(b for b in resolve(path, pack_db.messages).bindings if b.target == "pack.voltage")
+    assert b.valid is not None and b.valid[1] == frozenset({0, 1})
+
+
+def test_a_map_with_a_byte_order_mark_loads(tmp_path: Path, repo: Path, pack_db: Database) -> None:
+    """Windows Notepad saves "UTF-8 with BOM": that is no TOML syntax error on line 1."""
+    path = tmp_path / "bom_map.toml"
+    path.write_text("\ufeff" + (repo / "dbc" / "maps" / "bmsgw_pack.toml").read_text(encoding="utf-8"),
+                    encoding="utf-8")
+    assert len(resolve(path, pack_db.messages).bindings) == len(
+        resolve(repo / "dbc" / "maps" / "bmsgw_pack.toml", pack_db.messages).bindings)

@@ -158,3 +158,56 @@ def test_a_complete_blf_has_no_problem(tmp_path: Path) -> None:
     path.write_bytes(blf(tmp_path, 300))
     trace = read_trace(path)
     assert len(list(trace)) == 300 and trace.bad == 0
+
+
+ASC_FRAME = "1  100             Rx   d 8 1 2 3 4 5 6 7 8"
+
+
+@pytest.mark.parametrize("damaged", [
+    f"   2.0x0000 {ASC_FRAME}",  # a bit flip in the timestamp
+    "   2.000000 1",  # cut after the channel
+    "   2.000000 1  100             Rq   d 8 1 2 3 4 5 6 7 8",  # the direction damaged
+    "   2.000000 X  100             Rx   d 8 1 2 3 4 5 6 7 8",  # the channel damaged
+], ids=["timestamp", "cut", "direction", "channel"])
+def test_a_damaged_asc_frame_line_python_can_skips_is_counted(tmp_path: Path, damaged: str) -> None:
+    """python-can's ASCReader passes over lines it does not recognise without a word: a damaged frame
+    line among them is a bad line like any other (the module docstring promises it is counted)."""
+    path = tmp_path / "t.asc"
+    path.write_text(ASC_HEAD + f"   1.000000 {ASC_FRAME}\n{damaged}\n   3.000000 {ASC_FRAME}\nEnd TriggerBlock\n")
+    trace = read_trace(path)
+    assert len(list(trace)) == 2
+    assert (trace.frames, trace.bad) == (2, 1)
+    [problem] = trace.errors
+    assert (problem.unit, problem.location) == ("line", ASC_HEAD.count("\n") + 2)
+    assert "ASCReader skipped it" in problem.reason
+
+
+def test_asc_header_comment_and_event_lines_are_not_bad(tmp_path: Path) -> None:
+    """What ASC files legitimately hold besides frames stays uncounted (no false alarms)."""
+    path = tmp_path / "t.asc"
+    path.write_text("date Mon Jan 1 00:00:00.000 am 2024\nbase hex  timestamps absolute\n// a comment, Rx 100\n"
+                    "internal events logged\n// version 9.0.0\nBegin TriggerBlock Mon Jan 1 00:00:00.000 am 2024\n"
+                    "   0.000000 Start of measurement\n"
+                    f"   1.000000 {ASC_FRAME}\n"
+                    "   1.500000 1  Statistic: D 0 R 0 XD 0 XR 0 E 0 O 0 B 0.00%\n"
+                    "   1.600000 CAN 1 Status:chip status error active\n"
+                    "   1.700000 Li 1f Rx 8 1 2 3 4 5 6 7 8\n"
+                    "   1.800000 1  J1939TP FEE3p 6 0 0 - Rx d 23\n"
+                    "   1.900000 SV: 1 0 1 ::Var 1\n"
+                    f"   3.000000 {ASC_FRAME}\nEnd TriggerBlock\n")
+    trace = read_trace(path)
+    assert len(list(trace)) == 2
+    assert (trace.frames, trace.bad) == (2, 0), trace.errors
+
+
+def test_a_damaged_trc_frame_type_is_counted_and_status_records_are_not(tmp_path: Path) -> None:
+    path = tmp_path / "t.trc"
+    path.write_text(TRC_HEAD + trc_line(0, "100")
+                    + "      2        1001.000 DX 0100 Rx 8 00 01 02 03 04 05 06 07\n"  # DT damaged
+                    + "      3        1001.500 ST Rx 00000008\n"  # a status record: not a frame, not damage
+                    + "      4        1001.700 EC Rx 02 00\n"
+                    + trc_line(4, "104"))
+    trace = read_trace(path)
+    assert [m.arbitration_id for m in trace] == [0x100, 0x104]
+    assert (trace.frames, trace.bad) == (2, 1), trace.errors
+    assert trace.errors[0].location == TRC_HEAD.count("\n") + 2 and "DX" in trace.errors[0].text
