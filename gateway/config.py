@@ -401,6 +401,13 @@ def _some(names: list[str], shown: int = 2) -> str:
 SYSTEM_SOCKET = Path("/run/bmsgw/control.sock")
 
 
+def _service_socket_present() -> bool:
+    try:
+        return SYSTEM_SOCKET.exists()
+    except PermissionError:  # the service's own folder (0750): there, only not for us; connecting says so
+        return True
+
+
 def default_socket() -> Path:
     """Where the daemon listens and the CLI looks when the config does not say.
 
@@ -410,7 +417,7 @@ def default_socket() -> Path:
     env = os.environ.get("BMSGW_SOCKET")
     if env:
         return Path(env)
-    if SYSTEM_SOCKET.exists() or os.geteuid() == 0:
+    if _service_socket_present() or os.geteuid() == 0:
         return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "bmsgw" if runtime else Path(tempfile.gettempdir()) / f"bmsgw-{os.getuid()}"

@@ -8,8 +8,11 @@ Bad configs are variants of the shipped sim.toml written to tmp_path.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -711,3 +714,40 @@ def test_configuration_doc_states_the_cloud_defaults_of_the_code(repo: Path) -> 
     tls = section.split("`[cloud.tls]`:")[1].split("`[cloud.topics]`")[0]
     m = re.search(r"\| `enabled` \| `\w+` \| ([^|]+)\|", tls)
     assert m is not None and "TLS" in m.group(1) and "cloud link on" not in m.group(1)
+
+
+def test_a_technician_outside_the_service_group_is_sent_to_the_service_socket(tmp_path: Path) -> None:
+    """/run/bmsgw is 0750 under systemd: a user outside the group cannot even stat the socket there,
+    and the CLI must still pick it (to say "join its group"), not die with a traceback."""
+    import gateway.config as config
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become an unprivileged user")
+    top = Path(tempfile.mkdtemp(prefix="bmsgw-run-"))
+    try:
+        top.chmod(0o755)
+        run = top / "bmsgw"
+        run.mkdir(mode=0o750)
+        (run / "control.sock").touch()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                os.environ.pop("BMSGW_SOCKET", None)
+                config.SYSTEM_SOCKET = run / "control.sock"
+                try:
+                    os.write(w, str(config.default_socket()).encode())
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                    os.write(w, f"raised {exc!r}".encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            got = f.read()
+        os.waitpid(pid, 0)
+        assert got == str(run / "control.sock")
+    finally:
+        shutil.rmtree(top)
