@@ -626,6 +626,9 @@ def cmd_eis_cancel(args: argparse.Namespace) -> int:
     from gateway.control import request
 
     res = request(_socket(args), "eis.cancel")
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
     print("cancelled" if res["cancelled"] else "nothing to cancel")
     return EXIT_OK
 
@@ -633,7 +636,11 @@ def cmd_eis_cancel(args: argparse.Namespace) -> int:
 def cmd_sim_fault(args: argparse.Namespace) -> int:
     from gateway.control import request
 
-    print(request(_socket(args), "sim.fault", {"fault": args.fault, "target": args.target, "value": args.value}))
+    result = request(_socket(args), "sim.fault", {"fault": args.fault, "target": args.target, "value": args.value})
+    if args.json:
+        _print_json({"fault": args.fault, "target": args.target, "value": args.value, "result": result})
+        return EXIT_OK
+    print(result)
     return EXIT_OK
 
 
@@ -734,10 +741,9 @@ def parser() -> argparse.ArgumentParser:
             which.add_argument("--all", action="store_true", help="one line per target measured so far")
             p.add_argument("--png", metavar="FILE", help="also write the Nyquist plot as a PNG file")
     add("status", cmd_eis_status, "the module, the running sweep, the queue", daemon=True, parent=eis)
-    add("cancel", cmd_eis_cancel, "abort the running sweep and drop the queue", daemon=True, json_flag=False,
-        parent=eis)
+    add("cancel", cmd_eis_cancel, "abort the running sweep and drop the queue", daemon=True, parent=eis)
     sim = sub.add_parser("sim", help="the simulated battery").add_subparsers(dest="sub", required=True, metavar="SUB")
-    p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, json_flag=False, parent=sim)
+    p = add("fault", cmd_sim_fault, "inject a fault into the running simulator", daemon=True, parent=sim)
     p.add_argument("fault", help="cell_drift, heating, current_offset, stuck, silent, welded, precharge_open, "
                                  "stall_lane or clear")
     p.add_argument("--target", type=int, default=0, help="cell, module or contactor index")

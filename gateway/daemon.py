@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from drivers.eis_driver import load_eis_dbc
 from gateway import __version__
 from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine
-from gateway.control import ControlError, ControlServer, claim
+from gateway.control import ControlError, ControlServer, NotAnswered, arg_bool, arg_int, arg_str
 from gateway.decode import Decoder, frame_record
 from gateway.estimation import Estimation
 from gateway.events import Recorder
@@ -38,7 +39,7 @@ from gateway.limits import LevelOverride, LimitTable, validate, with_overrides
 from gateway.loops import LoopStats, run_periodic
 from gateway.metrics import serve as serve_metrics
 from gateway.notify import Notifier
-from gateway.p0 import P0Error, P0Process
+from gateway.p0 import P0Error, P0Process, P0Unavailable, sim_bus
 from gateway.protection import Protection
 from gateway.safety import PERIOD_S as SAFETY_PERIOD_S
 from gateway.safety import SafetyIndicators
@@ -54,12 +55,28 @@ RATE_PERIOD_S = 1.0
 # P0 answers a status every RATE_PERIOD_S; one older than this means P0 does not answer: the gateway is
 # unhealthy (no watchdog ping, well within WatchdogSec = 5) and OPC UA shows the states from it Uncertain
 P0_STATUS_MAX_AGE_S = 2.5
+# the simulated module's SoT calibration child takes about 2 s; one that runs this long is stuck
+SIM_CALIBRATION_TIMEOUT_S = 120.0
+# what the calibration child runs: it dies with the thread that started it (the event loop's, which lives
+# as long as this process), so a SIGKILLed gateway leaves no calibration behind; then gateway.eis's __main__
+_CALIBRATION_CHILD = """
+import ctypes, os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit("the gateway that started this calibration is gone")
+runpy.run_module("gateway.eis", run_name="__main__", alter_sys=True)
+"""
 
 
 class Gateway:
     """Everything the daemon runs, built from a validated config."""
 
     def __init__(self, loaded: Loaded, simulate: bool = False) -> None:
+        """ConfigError when ``simulate`` and the config cannot run the simulator (before any bus is opened)."""
+        if simulate:
+            sim_bus(loaded)
         self.loaded = loaded
         self.simulate = simulate
         self.image = loaded.image
@@ -89,6 +106,9 @@ class Gateway:
             self.safety = SafetyIndicators(self.image, cfg.site, self.estimation.inputs,
                                            self.estimation.plating)
         self._bleeding = False
+        self._scope: anyio.CancelScope | None = None  # the running task group's, once it runs
+        self._stopping = False  # shutdown began: P0 is stopped on purpose
+        self._p0_lost = False  # P0 ended without being asked: the daemon exits 1
         self._last_frames: dict[str, tuple[float, int]] = {}
         self._p0_status: dict[str, Any] = {}
         self._p0_status_mono = -math.inf  # monotonic time of the last status P0 answered
@@ -124,8 +144,10 @@ class Gateway:
 
     def _opcua_reset(self, clear_deep_discharge: bool) -> tuple[bool, str]:
         assert self.p0 is not None
+        if not isinstance(clear_deep_discharge, bool):  # the method's argument is a Boolean: anything else is refused
+            return False, "ClearDeepDischarge must be a Boolean"
         try:
-            res = self.p0.call("reset", {"clear_deep_discharge": bool(clear_deep_discharge)})
+            res = self.p0.call("reset", {"clear_deep_discharge": clear_deep_discharge})
         except P0Error as exc:
             return False, str(exc)
         return True, str(res.get("reason", "reset"))
@@ -224,8 +246,8 @@ class Gateway:
 
     async def _remote_reset(self, args: dict[str, Any]) -> tuple[bool, str]:
         try:
-            res = await self._p0("reset", {"clear_deep_discharge": bool(args.get("clear_deep_discharge"))})
-        except ControlError as exc:
+            res = await self._p0("reset", {"clear_deep_discharge": arg_bool(args, "clear_deep_discharge")})
+        except (ControlError, NotAnswered) as exc:
             return False, str(exc)
         return True, str(res["reason"])
 
@@ -275,8 +297,13 @@ class Gateway:
         self.loops.append(LoopStats("eis", TICK_S, "P2"))
 
     async def _simulated_eis_calibration(self) -> None:
-        """--sim without a calibration file: calibrate SoT on the simulated module, as its maker's lab would."""
-        from gateway.eis import simulated_calibration
+        """--sim without a calibration file: calibrate SoT on the simulated module, as its maker's lab would.
+
+        The calibration runs in a child process (``python -m gateway.eis``: the ~8 MB its spectra take go
+        back to the system with it), bounded by SIM_CALIBRATION_TIMEOUT_S, killed when the daemon stops
+        and when the daemon dies (PR_SET_PDEATHSIG).
+        """
+        from gateway.eis import load_calibration
 
         eis = self.eis
         cfg = self.loaded.config
@@ -285,10 +312,29 @@ class Gateway:
         e = cfg.eis
         cache = state_dir(cfg) / (f"sot_calibration_sim_{cfg.site.chemistry.lower()}_"
                                   f"{e.f_start_hz:g}-{e.f_stop_hz:g}-{e.points_per_decade}.json")
+        chemistry, sweep = cfg.site.chemistry, cfg.eis.sweep()
         try:
-            eis.calibration = await anyio.to_thread.run_sync(simulated_calibration, cfg.site.chemistry,
-                                                             cfg.eis.sweep(), cache)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            try:
+                cal = load_calibration(cache)
+            except ValueError:  # none yet (or unreadable): make it
+                cal = None
+            if cal is None or cal.chemistry != chemistry:
+                with anyio.fail_after(SIM_CALIBRATION_TIMEOUT_S):
+                    # run_process kills the child when this task is cancelled (shutdown) or times out
+                    await anyio.run_process([sys.executable, "-c", _CALIBRATION_CHILD, str(os.getpid()), chemistry,
+                                             str(sweep.f_start_hz), str(sweep.f_stop_hz),
+                                             str(sweep.points_per_decade), str(cache)])
+                cal = load_calibration(cache)
+            eis.calibration = cal
+        except TimeoutError:
+            log.warning("no SoT: the simulated module's calibration took longer than %.0f s", SIM_CALIBRATION_TIMEOUT_S)
+            return
+        except subprocess.CalledProcessError as exc:
+            why = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+            log.warning("no SoT: the simulated module's calibration failed (exit code %s%s)", exc.returncode,
+                        f": {why[-1]}" if why else "")
+            return
+        except (OSError, ValueError) as exc:
             log.warning("no SoT: the simulated module's calibration failed (%s)", exc)
             return
         log.info("SoT calibration of the simulated %s module: %s (cross-validated %.2f degC)", cfg.site.chemistry,
@@ -315,15 +361,23 @@ class Gateway:
             os.close(fd)
             raise ControlError(f"another gateway is running with the state directory {folder}") from None
         self._lock_fd = fd
-        claim(self.control.path)
+        # bound and listening from here on: a second gateway with another state directory but this socket
+        # is refused here too, before it forks P0 (ControlServer.serve accepts on this socket)
+        self.control.claim()
 
     def start_p0(self) -> P0Process:
         """Fork the P0 process: before any thread or event loop of this process exists."""
-        self.p0 = P0Process(self.loaded, self.simulate, self.recorder)
+        listener = self.control.fileno()
+        self.p0 = P0Process(self.loaded, self.simulate, self.recorder,
+                            close_in_child=() if listener is None else (listener,))
         return self.p0
 
     async def run(self) -> None:
-        """Run until SIGTERM/SIGINT or until the P0 process dies; everything is stopped on the way out."""
+        """Run until SIGTERM/SIGINT/SIGHUP or until the P0 process dies; everything is stopped on the way out.
+
+        On a signal P0 stops first (the contactors open), then the rest (the cloud link's final flush,
+        which then holds P0's stop events, the estimator state); SystemExit(1) when P0 ended by itself.
+        """
         p0 = self.p0 or self.start_p0()
         self.start_northbound()
         gc.collect()
@@ -331,6 +385,7 @@ class Gateway:
         try:
             await self._refresh()
             async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
                 await tg.start(self.control.serve)
                 if self.loaded.config.metrics.enabled:
                     await tg.start(serve_metrics, self.loaded.config.metrics, self.status_snapshot)
@@ -355,24 +410,45 @@ class Gateway:
                          len(self.rates), self.image.size, p0.pid, self.control.path)
                 self.notifier.send(READY=1, STATUS=self._status_line())
         finally:
+            self._stopping = True
             self.notifier.send(STOPPING=1)
+            with anyio.CancelScope(shield=True):
+                # P0 stops first on a signal (_wait_for_signal); here when anything else ended the group
+                await anyio.to_thread.run_sync(p0.stop)
             if self.estimation is not None:
                 self.estimation.persist()
-            await anyio.to_thread.run_sync(p0.stop)
+            self.control.release()  # claimed, but the group ended before serving (the socket file goes)
+        if self._p0_lost:
+            raise SystemExit(f"the P0 process ended unexpectedly (exit code {p0.exit_code}): the gateway stops")
         if p0.exit_code not in (0, None):
             raise SystemExit(f"the P0 process failed (exit code {p0.exit_code})")
 
     async def _wait_for_signal(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # SIGHUP: the SSH session of a foreground `bmsgw run` dropped; a clean stop, as for SIGTERM
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
+                self._stopping = True
+                self.notifier.send(STOPPING=1)
+                assert self.p0 is not None
+                # the contactors open before anything else stops (README); the trip's events reach the
+                # recorder (and the cloud link's queue) before the group's cancellation makes it flush
+                await anyio.to_thread.run_sync(self.p0.stop)
+                if self.p0.exit_code == 0:
+                    log.info("P0 stopped: contactors opened; stopping the rest")
+                else:
+                    log.warning("P0 ended with exit code %s while stopping; stopping the rest", self.p0.exit_code)
                 scope.cancel()
                 return
 
     async def _p0(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """A P0 request for a handler: ControlError when P0 refuses it, NotAnswered when P0 does not
+        answer in time or is gone (the CLI's exit 1, not "refused")."""
         assert self.p0 is not None
         try:
             return await anyio.to_thread.run_sync(self.p0.call, cmd, args)
+        except P0Unavailable as exc:
+            raise NotAnswered(str(exc)) from None
         except P0Error as exc:
             raise ControlError(str(exc)) from None
 
@@ -382,8 +458,16 @@ class Gateway:
         if self.cloud is not None:
             self._cloud_status = self.cloud.status()
         if not self.p0.alive:
-            log.critical("the P0 process exited (code %s): stopping", self.p0.exit_code)
-            raise SystemExit(1)
+            if self._stopping:
+                return  # stopped on purpose (shutdown)
+            if not self._p0_lost:
+                log.critical("the P0 process exited (code %s): stopping", self.p0.exit_code)
+            self._p0_lost = True
+            if self._scope is None:  # before the task group runs: nothing else to stop
+                raise SystemExit(f"the P0 process ended unexpectedly (exit code {self.p0.exit_code})")
+            # not SystemExit in here: the task group would end in an ExceptionGroup traceback; run() exits 1
+            self._scope.cancel()
+            return
         try:
             st = await anyio.to_thread.run_sync(self.p0.call, "status", None, 2.0)
         except P0Error as exc:
@@ -406,7 +490,7 @@ class Gateway:
         if prot.get("active_alarms"):
             try:
                 alarms = (await self._p0("alarms"))["active"]
-            except ControlError as exc:
+            except (ControlError, NotAnswered) as exc:
                 log.warning("safety levels: %s", exc)
         assert self.safety is not None
         self.safety.step(self.limits, alarms)
@@ -423,7 +507,7 @@ class Gateway:
                      for m in range(self.loaded.config.site.modules)]
             try:
                 await self._p0("balancing", {"masks": masks})
-            except ControlError as exc:
+            except (ControlError, NotAnswered) as exc:
                 log.warning("balancing: %s", exc)
         self._bleeding = bool(d.bleeding)
 
@@ -445,7 +529,7 @@ class Gateway:
 
     async def cmd_balance(self, args: dict[str, Any]) -> dict[str, Any]:
         """Request or cancel balancing; its status and progress."""
-        action = args.get("action")
+        action = arg_str(args, "action")
         if action in ("start", "stop"):
             ok, reason = self._balancing(action == "start")
             if not ok:
@@ -550,17 +634,19 @@ class Gateway:
 
     async def cmd_alarms(self, args: dict[str, Any]) -> dict[str, Any]:
         """Active conditions and recent events."""
+        n = arg_int(args, "recent", 50, 0, 100_000)
+        assert n is not None
         res = await self._p0("alarms")
-        n = int(args.get("recent", 50))
         return {**res, "recent": [e.as_dict() for e in self.recorder.recent(n)]}
 
     async def cmd_reset(self, args: dict[str, Any]) -> dict[str, Any]:
         """Request leaving ERROR; refused with the causes that remain."""
-        return dict(await self._p0("reset", {"clear_deep_discharge": bool(args.get("clear_deep_discharge"))}))
+        # only JSON true clears the latch: "false", 1 or "yes" are refused, never taken as true
+        return dict(await self._p0("reset", {"clear_deep_discharge": arg_bool(args, "clear_deep_discharge")}))
 
     async def cmd_contactors(self, args: dict[str, Any]) -> dict[str, Any]:
         """Contactor state, or an open/close request."""
-        res = await self._p0("contactors", {"action": args.get("action")})
+        res = await self._p0("contactors", {"action": arg_str(args, "action")})
         fb = {c: self.image.read(f"contactor.{c}").value if f"contactor.{c}" in self.image.scalars else None
               for c in ("main_positive", "main_negative", "precharge")}
         return {**res, "feedback": fb}
@@ -579,31 +665,36 @@ class Gateway:
     async def cmd_eis_sweep(self, args: dict[str, Any]) -> dict[str, Any]:
         """Queue an on-demand sweep of one target; its handle, to follow with eis.status."""
         settings = args.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise ControlError("'settings' must be an object")
         unknown = set(settings) - {"f_start_hz", "f_stop_hz", "points_per_decade"}
         if unknown:
             raise ControlError(f"unknown sweep settings: {', '.join(sorted(unknown))}")
-        ok, reason, handle = self._eis().request(str(args.get("target", "")), **settings)
+        for key, value in settings.items():
+            number = int if key == "points_per_decade" else int | float
+            if not isinstance(value, number) or isinstance(value, bool):
+                raise ControlError(f"settings.{key} must be a number, not {value!r:.40}")
+        ok, reason, handle = self._eis().request(arg_str(args, "target") or "", **settings)
         if not ok:
             raise ControlError(reason)
         return {"handle": handle, "reason": reason}
 
     async def cmd_eis_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """What the module and the driver do; with a handle, how that sweep ended."""
-        handle = args.get("handle")
-        return self._eis().status(int(handle) if handle is not None else None)
+        return self._eis().status(arg_int(args, "handle"))
 
     async def cmd_eis_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
-        handle = args.get("handle")
-        return {"cancelled": self._eis().cancel(int(handle) if handle is not None else None)}
+        """Abort the running sweep and drop the queue (or only the sweep ``handle``)."""
+        return {"cancelled": self._eis().cancel(arg_int(args, "handle"))}
 
     async def cmd_eis_show(self, args: dict[str, Any]) -> Any:
         """The last result of a target (spectrum, verdict, SoT, fit), or one line per target."""
         eis = self._eis()
-        target = args.get("target")
-        if args.get("all"):
+        target = arg_str(args, "target")
+        if arg_bool(args, "all"):
             return eis.targets()
         try:
-            return eis.show(str(target) if target else None)
+            return eis.show(target or None)
         except (KeyError, ValueError) as exc:
             raise ControlError(str(exc.args[0]) if exc.args else str(exc)) from None
 
@@ -612,22 +703,23 @@ class Gateway:
 
     async def cmd_signals(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """Every signal matching a glob with value, quality, age and timestamp."""
-        pattern = str(args.get("glob") or "*")
+        pattern = arg_str(args, "glob") or "*"
         img = self.image
-        now = time.monotonic()
         names = img.select(pattern)
         if not names:
             raise ControlError(f"no signal matches '{pattern}'")
-        s = img.snapshot(np.array([img.index(n) for n in names], dtype=np.intp), now)
-        return [{"name": n, "value": _num(v), "quality": Quality(int(q)).name.lower(), "age_s": _num(a),
+        # the time right before the snapshot (not before the glob's matching), and never a negative age:
+        # a frame P0 stores between this clock read and the snapshot is newer than "now"
+        s = img.snapshot(np.array([img.index(n) for n in names], dtype=np.intp), time.monotonic())
+        return [{"name": n, "value": _num(v), "quality": Quality(int(q)).name.lower(), "age_s": _num(max(a, 0.0)),
                  "timestamp": _num(t)} for n, v, q, a, t in zip(names, s.value, s.quality, s.age_s, s.timestamp,
                                                                  strict=True)]
 
     async def stream_candump(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Live frames of one or all buses, decoded on request; ``{"bus", "dropped"}`` items count the
         frames the tap lost because this reader fell behind."""
-        tap = await self._p0("tap_open", {"bus": args.get("bus")})
-        decode = bool(args.get("decode"))
+        bus, decode = arg_str(args, "bus"), arg_bool(args, "decode")
+        tap = await self._p0("tap_open", {"bus": bus})
         try:
             while True:
                 await anyio.sleep(0.05)
@@ -640,7 +732,7 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 try:
                     await self._p0("tap_close", {"id": tap})
-                except ControlError:
+                except (ControlError, NotAnswered):
                     pass
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 import sys
 import threading
 import time
@@ -135,23 +134,6 @@ def load_calibration(path: Path) -> SotCalibration:
         return SotCalibration.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a SoT calibration ({exc})") from None
-
-
-def simulated_calibration(chemistry: str, sweep: SweepSettings, cache: Path) -> SotCalibration:
-    """The simulated module's calibration, as its maker's lab would measure it; cached in ``cache``.
-
-    Made by a short-lived ``python -m gateway.eis`` (about 2 s): the ~8 MB its spectra take
-    go back to the system with that process instead of staying in the daemon's heap.
-    """
-    try:
-        cal = load_calibration(cache)
-        if cal.chemistry == chemistry:
-            return cal
-    except ValueError:
-        pass
-    subprocess.run([sys.executable, "-m", "gateway.eis", chemistry, str(sweep.f_start_hz), str(sweep.f_stop_hz),
-                    str(sweep.points_per_decade), str(cache)], check=True, timeout=300, capture_output=True)
-    return load_calibration(cache)
 
 
 def _write_simulated_calibration(chemistry: str, sweep: SweepSettings, cache: Path) -> None:
@@ -502,6 +484,6 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-if __name__ == "__main__":  # simulated_calibration's worker: CHEMISTRY F_START F_STOP POINTS_PER_DECADE CACHE
+if __name__ == "__main__":  # the daemon's simulated-calibration child: CHEMISTRY F_START F_STOP POINTS_PER_DECADE CACHE
     chem, f_start, f_stop, ppd, out = sys.argv[1:6]
     _write_simulated_calibration(chem, SweepSettings(float(f_start), float(f_stop), int(ppd)), Path(out))

@@ -39,7 +39,7 @@ import numpy as np
 from drivers.canbus import CanAdapter
 from drivers.sim_eis import SimConditions, SimEis
 from drivers.sim_pack import SimPack, SimRunner, virtual_bus_sim
-from gateway.config import Config, Loaded
+from gateway.config import BusSection, Config, Loaded
 from gateway.eis import module_frame_ids
 from gateway.events import Event, FlightRecord, Kind, Recorder
 from gateway.lane import ProtectionLane
@@ -56,6 +56,10 @@ class P0Error(Exception):
     """The P0 process refused a request (the reason is for the user) or does not answer."""
 
 
+class P0Unavailable(P0Error):
+    """The P0 process did not answer in time or is gone: nothing was decided (not a refusal)."""
+
+
 class Outbox:
     """P0's one-way stream of events, flight records and EIS frames to the main process.
 
@@ -68,6 +72,7 @@ class Outbox:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(size)
         self.dropped: dict[str, int] = {}
         self._reported = 0
+        self._gone = False  # the main process went away: nothing more can be sent
 
     def publish(self, kind: str, item: Any) -> None:
         try:
@@ -84,7 +89,20 @@ class Outbox:
                 if self._queue.empty():
                     self._report_loss(conn)
             except (OSError, EOFError):
+                self._gone = True
                 return
+            finally:
+                self._queue.task_done()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything published so far is sent (P0 is about to exit: the stop's trip events
+        must reach the main process); False when that took longer than ``timeout``."""
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and not self._gone:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.005)
+        return True
 
     def _report_loss(self, conn: Connection) -> None:
         total = sum(self.dropped.values())
@@ -155,13 +173,9 @@ class P0Core:
 
     def _make_sim(self) -> None:
         cfg = self.loaded.config
+        bus = sim_bus(self.loaded)
         sim = cfg.sim
-        if sim is None:
-            raise ConfigError(self.loaded.path, "sim", "--sim needs a [sim] section in the config")
-        bus = next(b for b in cfg.bus if b.name == sim.bus)
-        if bus.interface != "virtual":
-            raise ConfigError(self.loaded.path, "sim.bus",
-                              f"--sim runs the simulated pack on a 'virtual' bus; bus '{bus.name}' is '{bus.interface}'")
+        assert sim is not None
         dbc = self.loaded.dbcs[bus.name][0].path
         runner, notifier, vbus = virtual_bus_sim(
             bus.channel, str(dbc), modules=cfg.site.modules, cells_per_module=cfg.site.cells_per_module,
@@ -245,7 +259,10 @@ class P0Core:
         return {"active": lane.protection.active(), "contactors": lane.machine.status()}
 
     def req_reset(self, args: dict[str, Any]) -> dict[str, Any]:
-        ok, reason = self._lane().machine.reset(bool(args.get("clear_deep_discharge")))
+        clear = args.get("clear_deep_discharge", False)
+        if not isinstance(clear, bool):  # never bool(): "false" would clear the deep-discharge latch
+            raise P0Error(f"'clear_deep_discharge' must be true or false, not {clear!r:.40}")
+        ok, reason = self._lane().machine.reset(clear)
         if not ok:
             raise P0Error(reason)
         return {"ok": ok, "reason": reason}
@@ -300,7 +317,13 @@ class P0Core:
     def req_sim_fault(self, args: dict[str, Any]) -> str:
         if self.sim is None:
             raise P0Error("the gateway is not running the simulator (start it with --sim)")
-        fault = str(args.get("fault", ""))
+        fault, target, value = args.get("fault", ""), args.get("target", 0), args.get("value", 0.0)
+        if not isinstance(fault, str):
+            raise P0Error(f"'fault' must be a string, not {fault!r:.40}")
+        if not isinstance(target, int) or isinstance(target, bool):
+            raise P0Error(f"'target' must be an integer index, not {target!r:.40}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise P0Error(f"'value' must be a number, not {value!r:.40}")
         if fault == "stall_lane":
             # rehearse a hung protection lane: the watchdog stops, the PCU's heartbeat stops
             self._lane().stalled.set()
@@ -308,12 +331,14 @@ class P0Core:
         if fault == "clear" and self.lane is not None:
             self.lane.stalled.clear()
         try:
-            return self.sim.sim.inject(fault, int(args.get("target", 0)), float(args.get("value", 0.0)))
-        except (IndexError, ValueError) as exc:
+            return self.sim.sim.inject(fault, target, float(value))
+        except (IndexError, ValueError, OverflowError) as exc:
             raise P0Error(str(exc)) from None
 
     def req_tap_open(self, args: dict[str, Any]) -> int:
         wanted = args.get("bus")
+        if wanted is not None and not isinstance(wanted, str):
+            raise P0Error(f"'bus' must be a bus name, not {wanted!r:.40}")
         if wanted and wanted not in self.adapters:
             raise P0Error(f"no bus '{wanted}' (buses: {', '.join(self.adapters)})")
         tap_id = next(self._tap_ids)
@@ -401,14 +426,35 @@ def enter_realtime(priority: int) -> tuple[bool, str]:
     return True, f"P0 under SCHED_FIFO priority {priority}"
 
 
+def sim_bus(loaded: Loaded) -> BusSection:
+    """The bus ``--sim`` runs the simulated pack on; ConfigError when this config cannot run it.
+
+    Checked before the daemon claims its socket and forks P0 (a bad config: exit 2, no bus opened),
+    and again in P0.
+    """
+    cfg = loaded.config
+    sim = cfg.sim
+    if sim is None:
+        raise ConfigError(loaded.path, "sim", "--sim needs a [sim] section in the config")
+    bus = next(b for b in cfg.bus if b.name == sim.bus)
+    if bus.interface != "virtual":
+        raise ConfigError(loaded.path, "sim.bus",
+                          f"--sim runs the simulated pack on a 'virtual' bus; bus '{bus.name}' is '{bus.interface}'")
+    return bus
+
+
 def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) -> None:
     """The P0 process's main function (after fork); exits the process when done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    # the main process decides when to stop: Ctrl-C and a dropped SSH session (SIGHUP to the terminal's
+    # process group) reach it as well, and it stops P0 (contactors open first); dying here would skip the trip
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     outbox = Outbox(EVENT_QUEUE)
     code = 0
     core: P0Core | None = None
+    forwarding = False
     try:
         sys.setswitchinterval(loaded.config.protection.switch_interval_ms / 1000.0)
         ok, how = enter_realtime(loaded.config.protection.realtime_priority)
@@ -417,6 +463,7 @@ def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) 
         gc.collect()
         gc.freeze()  # start-up objects are never garbage: keep them out of every collection
         threading.Thread(target=outbox.forward, args=(events,), name="p0-events", daemon=True).start()
+        forwarding = True
         core.start()
         _serve_requests(core, rpc, stopping)
     except Exception:
@@ -430,6 +477,9 @@ def _child(loaded: Loaded, simulate: bool, rpc: Connection, events: Connection) 
             except Exception:
                 log.exception("P0 stop failed")
                 code = 1
+        # the trip's events go to the main process (its recorder, the cloud buffer) before this process ends
+        if forwarding and not outbox.drain(2.0):
+            log.warning("P0 stopped before the main process took all of its events")
         for h in logging.getLogger().handlers:
             h.flush()
         os._exit(code)
@@ -481,7 +531,7 @@ class RpcClient:
     def call(self, cmd: str, args: dict[str, Any] | None, timeout: float) -> Any:
         """Send one request and wait for its reply; P0Error when refused, late or gone."""
         end = time.monotonic() + timeout
-        late = P0Error(f"the P0 process did not answer '{cmd}' within {timeout} s")
+        late = P0Unavailable(f"the P0 process did not answer '{cmd}' within {timeout} s")
         if not self._lock.acquire(timeout=timeout):
             raise late
         try:
@@ -489,7 +539,7 @@ class RpcClient:
             try:
                 self._conn.send((req_id, cmd, args or {}, end))  # one CLOCK_MONOTONIC for both processes
             except (OSError, ValueError) as exc:
-                raise P0Error(f"the P0 process is gone ({exc})") from None
+                raise P0Unavailable(f"the P0 process is gone ({exc})") from None
             while True:
                 left = end - time.monotonic()
                 try:
@@ -497,7 +547,7 @@ class RpcClient:
                         raise late
                     got_id, ok, result = self._conn.recv()
                 except (EOFError, OSError) as exc:
-                    raise P0Error(f"the P0 process is gone ({exc or 'pipe closed'})") from None
+                    raise P0Unavailable(f"the P0 process is gone ({exc or 'pipe closed'})") from None
                 if got_id == req_id:
                     break  # older replies (after a timeout) are dropped
         finally:
@@ -513,13 +563,17 @@ class RpcClient:
 class P0Process:
     """The main process's handle on the P0 process: fork, requests, events, liveness."""
 
-    def __init__(self, loaded: Loaded, simulate: bool, recorder: Recorder) -> None:
+    def __init__(self, loaded: Loaded, simulate: bool, recorder: Recorder, close_in_child: tuple[int, ...] = ()) -> None:
+        """Fork P0; ``close_in_child``: descriptors of the main process P0 must not keep (the control socket)."""
         rpc_here, rpc_there = Pipe(duplex=True)
         ev_here, ev_there = Pipe(duplex=False)
         self.pid = os.fork()
         if self.pid == 0:
             rpc_here.close()
             ev_here.close()
+            for fd in close_in_child:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             _child(loaded, simulate, rpc_there, ev_there)
         rpc_there.close()
         ev_there.close()
@@ -531,6 +585,7 @@ class P0Process:
         self.recorder = recorder
         self.on_eis_frame: Callable[[can.Message], None] | None = None  # the EIS coordinator's, once it exists
         self.exit_code: int | None = None
+        self._reap_lock = threading.Lock()  # alive is asked from the event loop and from stop() in a thread
         self._reader = threading.Thread(target=self._read_events, name="p0-events-in", daemon=True)
         self._reader.start()
 
@@ -552,13 +607,14 @@ class P0Process:
 
     @property
     def alive(self) -> bool:
-        if self.exit_code is not None:
+        with self._reap_lock:
+            if self.exit_code is not None:
+                return False
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                return True
+            self.exit_code = os.waitstatus_to_exitcode(status)
             return False
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid == 0:
-            return True
-        self.exit_code = os.waitstatus_to_exitcode(status)
-        return False
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> Any:
         """A request to the P0 process; P0Error when refused or when it does not answer in time."""
@@ -575,6 +631,10 @@ class P0Process:
             if self.alive:
                 log.error("P0 process did not stop: killing it")
                 os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                while self.alive:
+                    time.sleep(0.01)
+        # P0 has ended: what it sent last (the trip's events) is still in the pipe; the reader
+        # hands it to the recorder and ends at the pipe's end
+        self._reader.join(5.0)
         self._rpc.close()
         self._events.close()

@@ -120,3 +120,106 @@ def test_a_frame_tap_counts_what_it_dropped_once_per_read() -> None:
     assert tap.take() == ([], 0)
     tap(can.Message(arbitration_id=1))
     assert len(tap.take()[0]) == 1
+
+
+def test_no_answer_is_told_apart_from_a_refusal() -> None:
+    """The daemon maps P0Unavailable to "did not answer" (CLI exit 1) and P0Error to "refused" (exit 4)."""
+    from gateway.p0 import P0Unavailable
+
+    here, there = Pipe(duplex=True)
+    rpc = RpcClient(here)
+    with pytest.raises(P0Unavailable, match="did not answer 'alarms' within 0.05 s"):
+        rpc.call("alarms", None, 0.05)
+    there.recv()
+
+    def refuse() -> None:
+        req_id, *_ = there.recv()
+        there.send((req_id, False, "deep discharge latched"))
+
+    replier = threading.Thread(target=refuse)
+    replier.start()
+    with pytest.raises(P0Error, match="latched") as refused:
+        rpc.call("reset", None, 10.0)
+    assert not isinstance(refused.value, P0Unavailable)
+    replier.join(10)
+    there.close()
+    with pytest.raises(P0Unavailable, match="gone"):
+        rpc.call("status", None, 10.0)
+
+
+class _Machine:
+    def __init__(self) -> None:
+        self.resets: list[bool] = []
+
+    def reset(self, clear_deep_discharge: bool) -> tuple[bool, str]:
+        self.resets.append(clear_deep_discharge)
+        return True, "reset: STANDBY"
+
+
+class _Lane:
+    def __init__(self) -> None:
+        self.machine = _Machine()
+
+
+class _Adapter:
+    def __init__(self) -> None:
+        self.taps: list[Any] = []
+
+
+class _CoreParts:
+    """The parts of a P0Core its request methods use (a whole P0Core opens buses)."""
+
+    def __init__(self) -> None:
+        self.lane = _Lane()
+        self.adapters = {"pack": _Adapter()}
+        self.sim = object()
+
+    def _lane(self) -> _Lane:
+        return self.lane
+
+
+@pytest.mark.parametrize("bad", ["false", "no", 1, 0, [], None])
+def test_p0_reset_takes_only_true_or_false(bad: object) -> None:
+    """P0 is the last line: whatever the main process passes, "false" never clears the deep-discharge latch."""
+    from gateway.p0 import P0Core
+
+    core = _CoreParts()
+    if bad is None:  # absent: no clearing
+        assert P0Core.req_reset(core, {}) == {"ok": True, "reason": "reset: STANDBY"}  # type: ignore[arg-type]
+        assert core.lane.machine.resets == [False]
+        return
+    with pytest.raises(P0Error, match="'clear_deep_discharge' must be true or false"):
+        P0Core.req_reset(core, {"clear_deep_discharge": bad})  # type: ignore[arg-type]
+    assert core.lane.machine.resets == []
+    P0Core.req_reset(core, {"clear_deep_discharge": True})  # type: ignore[arg-type]
+    assert core.lane.machine.resets == [True]
+
+
+def test_p0_requests_refuse_arguments_of_the_wrong_type() -> None:
+    """A refusal (P0Error) with the reason, not an "internal error" traceback in P0's log."""
+    from gateway.p0 import P0Core
+
+    core = _CoreParts()
+    with pytest.raises(P0Error, match="'bus' must be a bus name"):
+        P0Core.req_tap_open(core, {"bus": ["pack"]})  # type: ignore[arg-type]
+    assert core.adapters["pack"].taps == []
+    for args, what in (({"fault": "silent", "target": 1e30}, "'target' must be an integer"),
+                       ({"fault": "silent", "target": "5"}, "'target' must be an integer"),
+                       ({"fault": "heating", "value": "hot"}, "'value' must be a number"),
+                       ({"fault": ["silent"]}, "'fault' must be a string")):
+        with pytest.raises(P0Error, match=what):
+            P0Core.req_sim_fault(core, args)  # type: ignore[arg-type]
+
+
+def test_p0_hands_over_its_last_events_before_it_exits() -> None:
+    """The trip on stop publishes events; P0 waits (bounded) until they are sent before os._exit."""
+    outbox = Outbox(100)
+    for i in range(20):
+        outbox.publish("event", Event(Kind.INFO, "contactors_open", index=i))
+    here, there = Pipe(duplex=False)
+    threading.Thread(target=outbox.forward, args=(there,), daemon=True).start()
+    assert outbox.drain(10.0)
+    assert [here.recv()[1].index for _ in range(20)] == list(range(20))
+    here.close()
+    outbox.publish("event", Event(Kind.INFO, "late"))
+    assert outbox.drain(10.0)  # the main process is gone: nothing waits for it

@@ -176,3 +176,15 @@ def test_p0_takes_realtime_priority_only_when_the_unit_allows_it(rtprio: int) ->
     assert ("SCHED_FIFO priority 7" if rtprio else "LimitRTPRIO=7") in how
     unit = (ROOT / "systemd" / "bmsgw.service").read_text()
     assert "LimitRTPRIO=20" in unit and "RestrictRealtime=yes" not in unit
+
+
+def test_the_unit_says_which_devices_other_adapters_need() -> None:
+    """DevicePolicy=closed lets only the serial adapters through: the unit and the docs name the
+    DeviceAllow= groups character-device adapters need, and that SocketCAN needs none."""
+    unit = (ROOT / "systemd" / "bmsgw.service").read_text()
+    allowed = [line for line in unit.splitlines() if line.startswith("DeviceAllow=")]
+    assert "DevicePolicy=closed" in unit and allowed == ["DeviceAllow=char-ttyACM rw", "DeviceAllow=char-ttyUSB rw"]
+    comments = "\n".join(line for line in unit.splitlines() if line.startswith("#"))
+    assert "DeviceAllow=char-pcan rw" in comments and "/proc/devices" in comments and "SocketCAN" in comments
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    assert "DeviceAllow=char-pcan rw" in ops and "no `DeviceAllow=`" in ops
