@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CONTACTORS = ("main_positive", "main_negative", "precharge")
 GOOD = Quality.GOOD
 FB_OPEN, FB_CLOSED, FB_WELDED, FB_FAULT = 0, 1, 2, 3
+FB_VALUES = frozenset({FB_OPEN, FB_CLOSED, FB_WELDED, FB_FAULT})  # any other feedback value is invalid
 
 
 class State(Enum):
@@ -160,6 +161,9 @@ class ContactorMachine:
         self.error_latch = LatchFile(state_dir / "error.json")
         self.on_event = on_event
         self.trip_causes = trip_causes
+        #: why whatever supervises the machine cannot be trusted now (the lane sets it: late or failing tick);
+        #: each cause refuses a reset like an active MSL condition
+        self.health_causes: Callable[[], list[str]] = lambda: []
         self.lock = threading.RLock()
         self.clock: Callable[[], float] = time.monotonic  # tests drive their own clock
         self.state = State.INIT
@@ -173,7 +177,11 @@ class ContactorMachine:
         self.closes: deque[float] = deque()
         self.last_sent = 0.0
         self.trips = 0
+        # every trip() call counts, in ERROR too: reset() refuses when one came in while it asked for causes
+        self.trip_generation = 0
+        self._last_trip_cause = ""
         self.feedback_faults: dict[str, str] = {}
+        self._fb_invalid_since: dict[str, float] = {}  # contactor -> when its feedback left 0..3
         self._said_missing = False
         self._fb_index = {c: image.index(f"contactor.{c}") for c in CONTACTORS if f"contactor.{c}" in image.scalars}
         before = self.error_latch.read()
@@ -226,6 +234,8 @@ class ContactorMachine:
                 self._send(now)
             if cause not in self.error_causes:
                 self.error_causes.append(cause)
+            self.trip_generation += 1
+            self._last_trip_cause = cause
             if self.state is State.ERROR:
                 return False
             self.trips += 1
@@ -257,11 +267,16 @@ class ContactorMachine:
     def reset(self, clear_deep_discharge: bool = False, now: float | None = None) -> tuple[bool, str]:
         """Leave ERROR when every cause is gone; says which cause remains otherwise."""
         now = self.clock() if now is None else now
-        causes = self.trip_causes()  # before taking our lock (the lock order above)
+        # the causes are asked before taking our lock (the lock order above), so a trip can land between
+        # the question and the lock: its generation tells, and refuses this reset
+        generation = self.trip_generation
+        causes = self.trip_causes() + self.health_causes()
         with self.lock:
             if self.state is not State.ERROR:
                 return False, f"not in ERROR (state {self.state.value})"
             remaining = causes + [f"contactor {c}: {r}" for c, r in self.feedback_faults.items()]
+            if self.trip_generation != generation:
+                remaining.append(f"tripped again during the reset ({self._last_trip_cause}): reset again")
             latched = self.latch.read()
             if latched is not None and not clear_deep_discharge:
                 remaining.append("deep discharge latched: check the cells, then reset with --clear-deep-discharge")
@@ -309,8 +324,16 @@ class ContactorMachine:
         """(fault or "", whether the feedback matches the command) of one contactor."""
         quality = self.image.quality_of(i, now)
         if quality != GOOD:  # while all are commanded open, STANDBY only refuses to close
+            self._fb_invalid_since.pop(name, None)
             return (f"feedback {quality.name.lower()}" if any(self.commanded.values()) else ""), False
-        fb = int(self.image.w_value[i])
+        raw = self.image.w_value[i]
+        if raw not in FB_VALUES:  # none of the four states: as unusable as an invalid flag, once it persists
+            since = self._fb_invalid_since.setdefault(name, now)
+            if any(self.commanded.values()) and now - since > self.settings.feedback_timeout_s:
+                return f"feedback invalid (value {raw:g})", False
+            return "", False
+        self._fb_invalid_since.pop(name, None)
+        fb = int(raw)
         want = self.commanded[name]
         late = now - self.commanded_at[name] > self.settings.feedback_timeout_s
         if fb == FB_WELDED or (fb == FB_CLOSED and not want and late):
@@ -349,16 +372,22 @@ class ContactorMachine:
             elif st is State.NORMAL:
                 self._set(now, main_positive=True, main_negative=True, precharge=False)
             elif st is State.OPEN_REQUESTED:
-                current = abs(self.image.read("pack.current", now).value)
-                if current < s.open_current_a or now - self.since > s.open_timeout_s:
+                # only a good reading shows the current is low: an invalid or stale 0 A may hide a real
+                # current, so the open then waits out open_timeout_s as for a high one (bounded: it never traps)
+                reading = self.image.read("pack.current", now)
+                current = abs(reading.value)
+                known = reading.quality == GOOD
+                if (known and current < s.open_current_a) or now - self.since > s.open_timeout_s:
                     self._set(now, main_positive=False, main_negative=False, precharge=False)
-                    self._enter(State.STANDBY, now, f"opened at {current:.1f} A")
+                    self._enter(State.STANDBY, now, f"opened at {current:.1f} A" if known else
+                                f"opened after {s.open_timeout_s:g} s, current unknown ({reading.quality.name.lower()})")
             if now - self.last_sent >= s.command_period_s:
                 self._send(now)
 
     def _feedback_present(self, now: float) -> bool:
         """Every contactor's feedback is valid (else closing waits, and says why once)."""
-        missing = [n for n, i in self._fb_index.items() if self.image.quality_of(i, now) != GOOD]
+        missing = [n for n, i in self._fb_index.items()
+                   if self.image.quality_of(i, now) != GOOD or self.image.w_value[i] not in FB_VALUES]
         if missing and not self._said_missing:
             self.on_event(Event(Kind.STATE, "contactors", Level.RSL, True,
                                 message=f"not closing: no valid feedback from {', '.join(missing)}"))

@@ -49,6 +49,10 @@ class IdCounters:
         return {k: sum(v.values()) for k, v in vars(self).items() if k != "remote"}
 
 
+def _ignore(slot: int) -> None:
+    """The default of :attr:`Ingest.on_also`: nobody checks the extra slots."""
+
+
 def frame_key(frame_id: int, extended: bool) -> int:
     return frame_id | (1 << 31) if extended else frame_id
 
@@ -58,8 +62,13 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
     """Source of ``handle(data, ts, mono) -> int`` for one message.
 
     The top page's code is inlined in ``handle`` (its multiplexer pages are functions reached
-    through a dict), a page whose last multiplexer decides the result returns its page's result
+    through a dict), a page whose only multiplexer decides the result returns its page's result
     directly, and the big-endian integer is only computed when a signal needs it.
+
+    ``handle`` returns one refreshed slot (the deepest page's) or a negative code; a frame that
+    refreshes more than one slot (mapped signals on the top level and on a page, several
+    multiplexers, or top-level values stored before a bad page value) passes each other one to
+    ``E(slot)``, which is :attr:`Ingest.on_also`.
     """
     length = message.length
     by_path: dict[MuxPath, list[Binding]] = {}
@@ -98,18 +107,37 @@ def _handler_source(message: Message, bindings: list[Binding], image: ProcessIma
                             f"Q[{i}] = {raw} in {set(ok)!r}")
         if mine:
             body += [f"T[{slot}] = ts", f"M[{slot}] = mono", f"S[{slot}] = w"]
-        for n, (mux, children) in enumerate(page.muxes):
+        # one multiplexer and nothing of this page's own: the page's result decides (the common case, no extra)
+        direct = len(page.muxes) == 1 and ret == str(NOTHING_MAPPED)
+        if page.muxes and not direct:
+            # "got": the slot this page will return; a slot refreshed before it that is not returned goes to
+            # E (Ingest.on_also), so that every refreshed slot is reported, on a bad page value too
+            body.append(f"got = {ret}")
+        for mux, children in page.muxes:
             table = f"_c{next(names)}"
             child_fns = {v: page_fn(child, (*path, (mux, v))) for v, child in children.items()}
             blocks.append(f"{table} = {{{', '.join(f'{v}: {f}' for v, f in child_fns.items())}}}")
             sel = selector_expr(mux, length)
             exprs.append(sel)
-            body += [f"f = {table}.get({sel})", "if f is None:", f"    return {BAD_MUX}"]
-            if n == len(page.muxes) - 1 and ret == str(NOTHING_MAPPED):
-                body.append("return f(le, be, ts, mono)")  # nothing of this page's own after it
+            if direct:
+                body += [f"f = {table}.get({sel})", "if f is None:", f"    return {BAD_MUX}",
+                         "return f(le, be, ts, mono)"]
                 return body
-            body += ["r = f(le, be, ts, mono)", f"if r != {NOTHING_MAPPED}:", "    return r"]
-        body.append(f"return {ret}")
+            body += [f"f = {table}.get({sel})",
+                     "if f is None:",
+                     "    if got >= 0:",
+                     "        E(got)",
+                     f"    return {BAD_MUX}",
+                     "r = f(le, be, ts, mono)",
+                     "if r >= 0:",
+                     "    if got >= 0:",
+                     "        E(got)",
+                     "    got = r",
+                     f"elif r == {BAD_MUX}:",
+                     "    if got >= 0:",
+                     "        E(got)",
+                     f"    return {BAD_MUX}"]
+        body.append("return got" if page.muxes else f"return {ret}")
         return body
 
     def page_fn(page: Page, path: MuxPath) -> str:
@@ -150,6 +178,9 @@ class Ingest:
         self.image = image
         self.counters = IdCounters()
         self.clock: Callable[[], float] = time.monotonic  # replay substitutes the trace's clock
+        #: called (in the receiving thread, after the slot's stores) with every slot a frame refreshed
+        #: besides the one on_frame returns; protection's lane checks them too (see _handler_source)
+        self.on_also: Callable[[int], object] = _ignore
         self.handlers: dict[int, Handler] = {}
         by_msg: dict[int, list[Binding]] = {}
         for b in bindings:
@@ -163,11 +194,18 @@ class Ingest:
         """Generate the handlers; the image must be frozen."""
         img = self.image
         scope = {"V": img.w_value, "Q": img.w_valid, "T": img.w_rx_time, "M": img.w_rx_mono, "S": img.w_seq,
-                 "B": img.w_begun}
+                 "B": img.w_begun, "E": self._also}
         self.handlers = {key: compile_function(src, "handle", scope) for key, src in self._sources.items()}
 
+    def _also(self, slot: int) -> None:
+        # looked up on each call: the lane sets on_also after the handlers were compiled
+        self.on_also(slot)
+
     def on_frame(self, msg: can.Message) -> int:
-        """Handle one received frame; returns the refreshed slot or a negative code."""
+        """Handle one received frame; returns the refreshed slot or a negative code.
+
+        A frame that refreshed more than one slot has given every other one to :attr:`on_also` first.
+        """
         key = msg.arbitration_id | (1 << 31) if msg.is_extended_id else msg.arbitration_id
         if msg.is_remote_frame:  # no payload: neither a bad length nor a refresh of the message's values
             c = self.counters.remote

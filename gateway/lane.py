@@ -122,8 +122,10 @@ class ProtectionLane:
         self._thread: threading.Thread | None = None
         self.stalled = threading.Event()  # tests and the watchdog check set/see this
         self._ever_ready = False
+        self._last_tick = clock()
         protection.on_trip = self.trip
         protection.on_event = recorder
+        machine.health_causes = self.health_causes  # a reset must not trust a late or failing lane
 
     # -- receive path ---------------------------------------------------------------------
 
@@ -133,6 +135,13 @@ class ProtectionLane:
         ring = FrameRing(int(s.flight_max_frames_per_s * (s.flight_before_s + s.flight_after_s + 1)), 64 if fd else 8)
         self.rings[bus] = ring
         on_frame, on_sample, append, stats = ingest.on_frame, self.protection.on_sample, ring.append, self.stats
+
+        def also(slot: int) -> None:
+            on_sample(slot)
+            stats.samples_checked += 1
+
+        # the other slots a multiplexed frame refreshes (its top level besides its page, or on a bad page)
+        ingest.on_also = also
 
         def frame(msg: can.Message) -> None:
             append(msg)
@@ -172,6 +181,24 @@ class ProtectionLane:
         ok = self.stats.consecutive_missed == 0 and self.stats.consecutive_errors == 0
         return ok and age < self.settings.deadline_ms / 1000.0 * 2
 
+    def health_causes(self) -> list[str]:
+        """Why the lane cannot be trusted to protect now (each one refuses a reset); empty when it can.
+
+        A reset accepted while the tick is late or failing would close the contactors under a lane that
+        has already shown it cannot keep its deadline.
+        """
+        st, out = self.stats, []
+        if st.consecutive_missed:
+            out.append(f"protection lane late: {st.consecutive_missed} missed deadlines in a row")
+        if st.consecutive_errors:
+            out.append(f"protection tick failing: {st.consecutive_errors} times in a row ({self.loop.last_error})")
+        age = self.clock() - self._last_tick if st.ticks else 0.0
+        if age >= self.settings.deadline_ms / 1000.0 * 2:
+            out.append(f"protection tick not running: last one {age * 1000:.0f} ms ago")
+        if not self._ever_ready:
+            out.append("measurements not all valid yet: protection has not seen every watched signal good")
+        return out
+
     def _run(self) -> None:
         period = self.settings.tick_ms / 1000.0
         due = self.clock()
@@ -206,8 +233,11 @@ class ProtectionLane:
             self.loop.errors += 1
             self.loop.last_error = f"{type(exc).__name__}: {exc}"
             st.consecutive_errors += 1
-            if st.consecutive_errors == self.settings.max_missed:
-                st.forced_safe_state += 1
+            # >=, not ==: every failing tick from the max_missed-th on trips again (a reset in between must
+            # not leave a lane that keeps failing with closed contactors)
+            if st.consecutive_errors >= self.settings.max_missed:
+                if st.consecutive_errors == self.settings.max_missed:
+                    st.forced_safe_state += 1
                 self.trip(Event(Kind.DEADLINE, "protection_tick", Level.MSL, True,
                                 message=f"protection tick failed {st.consecutive_errors} times in a row: {exc!r}"))
         else:
@@ -222,16 +252,23 @@ class ProtectionLane:
         st.ticks += 1
         self._last_tick = now
         st.max_late_ms = max(st.max_late_ms, late * 1000)
-        if late * 1000 > self.settings.deadline_ms:
-            st.missed_deadlines += 1
-            st.consecutive_missed += 1
+        deadline, limit = self.settings.deadline_ms, self.settings.max_missed
+        if late * 1000 > deadline:
+            # a tick k deadlines late missed k of them (at least one): one long stall is as bad as k late
+            # ticks in a row, so max_missed x deadline_ms bounds a stall too (the config's promise)
+            missed = max(1, int(late * 1000 // deadline))
+            before = st.consecutive_missed
+            st.missed_deadlines += missed
+            st.consecutive_missed += missed
             self.recorder(Event(Kind.DEADLINE, "protection_tick", Level.RSL, True, value=late * 1000,
-                                limit=self.settings.deadline_ms, message=f"protection tick {late * 1000:.1f} ms late"))
-            if st.consecutive_missed == self.settings.max_missed:
-                st.forced_safe_state += 1
-                self.trip(Event(Kind.DEADLINE, "protection_tick", Level.MSL, True, value=late * 1000,
-                                limit=self.settings.deadline_ms,
-                                message=f"protection lane late {st.consecutive_missed} times in a row"))
+                                limit=deadline, message=f"protection tick {late * 1000:.1f} ms late"))
+            # >=, not ==: a lane still late after a reset trips again on its next late tick
+            if st.consecutive_missed >= limit:
+                if before < limit:
+                    st.forced_safe_state += 1
+                self.trip(Event(Kind.DEADLINE, "protection_tick", Level.MSL, True, value=late * 1000, limit=deadline,
+                                message=f"protection lane late: {st.consecutive_missed} missed deadlines in a row "
+                                        f"(this tick {late * 1000:.0f} ms late)"))
         else:
             st.consecutive_missed = 0
         self.protection.tick(now)

@@ -10,7 +10,9 @@ in samples of that element; it clears when the counter is back at 0.
 
 Missing and bad data are faults of their own (MSL, they open the contactors):
 a NaN, an invalid flag or a value outside the physical range on a new sample,
-and a signal that stops arriving (checked on the 10 ms tick).
+and a signal that stops arriving (checked on the 10 ms tick, by its age: whatever
+its last frame said). Temperatures are those of ``module[m].temperature[k]`` and
+``cell[i].temperature``, whichever the map binds (at least one must be).
 
 An MSL activation calls ``on_trip`` first, so the contactor-open frame is on
 the bus before the event is published to anyone else.
@@ -29,6 +31,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -39,6 +42,9 @@ from gateway.limits import CHECKS, Debounce, LimitTable
 
 UP, DOWN = 2, 1
 STALE = int(Quality.STALE)
+# the families protection judges as cell temperatures (docs/configuration.md section 11): a map binds the
+# sensors per module, per cell, or both; every bound element gets the same checks
+TEMPERATURE_FAMILIES = ("module.temperature", "cell.temperature")
 # sources that go stale within this many ticks are checked on every tick in plain Python; the others
 # through the earliest moment any of them could go stale (see Protection.tick)
 FAST_STALE_TICKS = 10
@@ -170,6 +176,7 @@ class Protection:
         self._msl_active = 0  # active MSL conditions over all checks: tripping() without a scan
         self.deep_discharge_cells: set[int] = set()
         self.on_deep_discharge: Callable[[int, float], None] | None = None
+        self._deep_pending: list[tuple[int, float]] = []  # (cell, value) deep discharges not latched yet
         self._exhaustive = False
         self._bind()
 
@@ -178,9 +185,14 @@ class Protection:
     def _bind(self) -> None:
         img = self.image
         self.cells = self._bound(img.span("cell.voltage"))
-        self.sensors = self._bound(img.span("module.temperature"))
+        # the temperature elements of every family, one numbering (k) for the temperature checks
+        self._temp_groups = [(fam, self._bound(img.span(fam))) for fam in TEMPERATURE_FAMILIES if fam in img.families]
+        self.sensors = np.concatenate([np.zeros(0, np.intp), *(idx for _, idx in self._temp_groups)]).astype(np.intp)
         if not self.cells.size:
             raise ValueError("protection needs cell voltages: the signal map binds no cell[i].voltage")
+        if not self.sensors.size:  # else no temperature limit would ever be checked, and nothing would say so
+            raise ValueError("protection needs temperatures: the signal map binds neither module[m].temperature[k] "
+                             "nor cell[i].temperature")
         if "pack.current" not in img.scalars or img.slot_of[img.index("pack.current")] < 0:
             raise ValueError("protection needs pack.current: the signal map does not bind it")
         self.current_index = img.index("pack.current")
@@ -207,22 +219,32 @@ class Protection:
         self.deep = LevelCounters("cell_deep_discharge", Kind.LIMIT, (lim.deep_discharge_v,), False,
                                   need(self.cells, "cell_voltage_low"))
         data_delay = db.delay_s("data")
-        self.bad_data = {
-            fam: LevelCounters(f"{fam}_bad_data", Kind.DATA, (0.5,), True,
-                               [samples_for(data_delay, img.period(int(img.slot_of[i]))) for i in idx])
-            for fam, idx in (("cell.voltage", self.cells), ("module.temperature", self.sensors),
-                             ("pack.current", np.array([self.current_index])))}
+
+        def bad_data(fam: str, idx: np.ndarray) -> LevelCounters:
+            return LevelCounters(f"{fam}_bad_data", Kind.DATA, (0.5,), True,
+                                 [samples_for(data_delay, img.period(int(img.slot_of[i]))) for i in idx])
+
+        # one bad-data check per temperature family that is bound (module.temperature always: its name is
+        # known to OPC UA), each over all temperature elements (k) so that the checks share one numbering
+        temp_bad = [fam for fam, idx in self._temp_groups if idx.size or fam == "module.temperature"]
+        self.bad_data = {"cell.voltage": bad_data("cell.voltage", self.cells),
+                         **{fam: bad_data(fam, self.sensors) for fam in temp_bad},
+                         "pack.current": bad_data("pack.current", np.array([self.current_index]))}
         #: every signal protection depends on (a stale one is a fault)
         self.watched = np.concatenate([self.cells, self.sensors, [self.current_index]]).astype(np.intp)
         self._watched_slots = img.slots(self.watched)
+        self._watched_stale_after = img.stale_after[self._watched_slots]
         self._cell_slots = np.unique(img.slots(self.cells))
         stale_ticks = max(1, math.ceil(data_delay / self.tick_s))
         self.stale = LevelCounters("stale_data", Kind.DATA, (0.5,), True, [stale_ticks] * len(self.watched))
         # per slot: which elements of which family it refreshes
         self.by_slot: dict[int, list[tuple[str, _ElementGroup]]] = {}
-        for fam, idx in (("cell.voltage", self.cells), ("module.temperature", self.sensors),
-                         ("pack.current", np.array([self.current_index]))):
-            for local, i in enumerate(idx):
+        first = np.cumsum([0, *(idx.size for _, idx in self._temp_groups)])  # each family's first k
+        families = [("cell.voltage", self.cells, 0),
+                    *((fam, idx, int(k0)) for (fam, idx), k0 in zip(self._temp_groups, first, strict=False)),
+                    ("pack.current", np.array([self.current_index]), 0)]
+        for fam, idx, k0 in families:
+            for local, i in enumerate(idx, start=k0):
                 slot = int(img.slot_of[i])
                 groups = self.by_slot.setdefault(slot, [])
                 grp = next((g for f, g in groups if f == fam), None)
@@ -232,7 +254,10 @@ class Protection:
                 grp.image_index.append(int(i))
                 grp.local.append(local)
         # what on_sample runs per slot: the family's check with its (image index, element) pairs
-        run = {"cell.voltage": self._cells, "module.temperature": self._temperatures, "pack.current": self._current}
+        run: dict[str, Callable[[list[tuple[int, int]]], None]] = {
+            "cell.voltage": self._cells, "pack.current": self._current,
+            **{fam: partial(self._temperatures, self.bad_data[fam], img.families[fam].start)
+               for fam, idx in self._temp_groups if idx.size}}
         self._on_slot: dict[int, list[tuple[Callable[[list[tuple[int, int]]], None], list[tuple[int, int]]]]] = {
             slot: [(run[fam], grp.pairs) for fam, grp in groups] for slot, groups in self.by_slot.items()}
         self._cell_checks = (self.checks["cell_voltage_high"], self.checks["cell_voltage_low"], self.deep,
@@ -313,8 +338,10 @@ class Protection:
         self.events_raised += 1
         if active and level == Level.MSL:
             self.on_trip(ev)  # the contactors open before anyone else hears of it
-            if check is self.deep and index is not None and self.on_deep_discharge is not None:
-                self.on_deep_discharge(index, value)
+            if check is self.deep and index is not None:
+                # the latch is written (fsynced) once the lock is released, by this same thread before it
+                # goes on (see _latch_deep_discharge): the other threads need not wait for the disk
+                self._deep_pending.append((index, value))
         self.on_event(ev)
 
     # -- per sample (receive threads) -----------------------------------------------------
@@ -327,6 +354,20 @@ class Protection:
         with self.lock:
             for run, pairs in work:
                 run(pairs)
+        if self._deep_pending:
+            self._latch_deep_discharge()
+
+    def _latch_deep_discharge(self) -> None:
+        """Hand the deep discharges found under the lock to ``on_deep_discharge`` (a disk write), outside it.
+
+        The contactors are already open, and a reset stays refused while the cell is below the limit (an
+        active MSL), so nothing can close them before the latch is on disk.
+        """
+        with self.lock:
+            pending, self._deep_pending = self._deep_pending, []
+        if self.on_deep_discharge is not None:
+            for cell, value in pending:
+                self.on_deep_discharge(cell, value)
 
     def _value(self, i: int, lo: float, hi: float) -> float | None:
         """The sample's value, or None when it is bad data (flag, NaN, implausible)."""
@@ -354,9 +395,12 @@ class Protection:
             lo.step(k, lo.severity(v), v, cell, self)
             deep.step(k, deep.severity(v), v, cell, self)
 
-    def _temperatures(self, pairs: list[tuple[int, int]]) -> None:
+    def _temperatures(self, bad: LevelCounters, first: int, pairs: list[tuple[int, int]]) -> None:
+        """Temperature elements of one family (``bad``: its bad-data check; ``first``: its image start).
+
+        Events name the element by its position in its family (sensor or cell number).
+        """
         p = self.plausible
-        bad = self.bad_data["module.temperature"]
         charging = self.charging
         modes = ((self.checks["cell_temperature_high_charge"], charging),
                  (self.checks["cell_temperature_low_charge"], charging),
@@ -369,7 +413,7 @@ class Protection:
             if valid[i] and qlo <= values[i] <= qhi and not any(k in s for s in pending):
                 continue
             v = self._value(i, p.temperature_min, p.temperature_max)
-            sensor = i - self.image.families["module.temperature"].start
+            sensor = i - first
             if v is None:
                 bad.step(k, 1, self.image.w_value[i], sensor, self)
                 continue
@@ -449,7 +493,10 @@ class Protection:
             stale = self.stale
             # a signal never received yet is not "stopped": the contactor machine stays in INIT instead
             received = snap.seq > 0
-            is_stale = snap.quality == STALE
+            # by age, not by quality alone: INVALID outranks STALE there, so a source whose last frames were
+            # flagged invalid and that then falls silent would read INVALID forever, and the bad-data check
+            # (moved by new samples only) would never see another one. Silence is a fault whatever came last.
+            is_stale = (snap.quality == STALE) | (snap.age_s > self._watched_stale_after)
             counts, need = stale.count[0], stale.need
             for k in np.flatnonzero(is_stale & received).tolist():
                 if counts[k] < need[k]:  # saturated and active: nothing changes

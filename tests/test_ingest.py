@@ -62,6 +62,58 @@ def test_a_float_multiplexer_value_without_a_page_is_counted_as_bad_mux(tmp_path
     assert image.read("fm.b", 0.0).value == 9.0
 
 
+# a frame with a mapped top-level signal (Top) and mapped signals on page 0 (P0) and on a page nested in page 2
+TOP_AND_PAGE_DBC = '''VERSION ""
+
+BU_: N
+
+BO_ 292 TP: 8 N
+ SG_ Top : 0|16@1+ (1,0) [0|65535] "" N
+ SG_ Page M : 16|8@1+ (1,0) [0|255] "" N
+ SG_ P0 m0 : 24|16@1+ (1,0) [0|65535] "" N
+ SG_ P1 m1 : 24|16@1+ (1,0) [0|65535] "" N
+ SG_ Sub m2M : 24|8@1+ (1,0) [0|255] "" N
+ SG_ S2 m2 : 40|16@1+ (1,0) [0|65535] "" N
+ SG_ Deep m5 : 32|8@1+ (1,0) [0|255] "" N
+
+SG_MUL_VAL_ 292 P0 Page 0-0;
+SG_MUL_VAL_ 292 P1 Page 1-1;
+SG_MUL_VAL_ 292 Sub Page 2-2;
+SG_MUL_VAL_ 292 S2 Page 2-2;
+SG_MUL_VAL_ 292 Deep Sub 5-5;
+'''
+
+
+def test_a_multiplexed_frame_reports_every_slot_it_refreshes(tmp_path: Path) -> None:
+    """Protection checks what on_frame returns and what on_also receives: together, every refreshed slot."""
+    db = cantools.database.load_string(TOP_AND_PAGE_DBC, database_format="dbc")
+    assert isinstance(db, Database)
+    path = tmp_path / "m.toml"
+    path.write_text("".join(f"[[signal]]\nmessage = 'TP'\nsignal = '{s}'\nto = 'tp.{s.lower()}'\n\n"
+                            for s in ("Top", "P0", "S2", "Deep")), encoding="utf-8")
+    sm = resolve(path, db.messages)
+    image, ingests = build(covering_families(sm.targets()), [BusSource("b", db.messages, sm)])
+    ing = ingests["b"]
+    also: list[int] = []
+    ing.on_also = also.append
+    slot = {s: int(image.slot_of[image.index(f"tp.{s}")]) for s in ("top", "p0", "s2", "deep")}
+    assert len(set(slot.values())) == 4
+
+    def frame(page: int, sub: int = 0) -> int:
+        also.clear()
+        data = struct.pack("<HBBBBH", 7, page, sub, 5, 0, 0)
+        return ing.on_frame(can.Message(arbitration_id=292, is_extended_id=False, data=data))
+
+    assert (frame(0), also) == (slot["p0"], [slot["top"]])
+    assert (frame(1), also) == (slot["top"], [])  # page 1 maps nothing: the top level's slot alone
+    assert (frame(2, 5), sorted(also)) == (slot["deep"], sorted([slot["top"], slot["s2"]]))
+    # both were stored before the bad nested page value
+    assert (frame(2, 9), sorted(also)) == (BAD_MUX, sorted([slot["top"], slot["s2"]]))
+    assert (frame(3), also) == (BAD_MUX, [slot["top"]])  # the top level was stored before the bad page value
+    assert image.read("tp.top", 0.0).value == 7.0
+    assert ing.counters.bad_mux == {292: 2}
+
+
 # -- a reader racing the writer --------------------------------------------------------------------------
 
 GOOD_A, BAD_A = 10.0, -8000.0  # the valid frame's current, and the one of a frame with CurrentValid = 0
