@@ -140,8 +140,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{_fmt(p.get('current_a'), '.2f')} A ({p.get('current_quality', 'n/a')})   {_fmt(p.get('power_w'), '.0f')} W",
         f"cell V   min {_fmt(cv['min'])} V (cell {cv['min_index']})   max {_fmt(cv['max'])} V (cell {cv['max_index']})"
         f"   spread {_fmt(cv.get('spread') and cv['spread'] * 1000, '.0f')} mV   not good {cv['not_good']}",
-        f"temp     min {_fmt(t['min'], '.1f')} C (module {t.get('min_module')})   "
-        f"max {_fmt(t['max'], '.1f')} C (module {t.get('max_module')})   not good {t['not_good']}",
+        f"temp     min {_fmt(t['min'], '.1f')} C ({t.get('min_at', 'n/a')})   "
+        f"max {_fmt(t['max'], '.1f')} C ({t.get('max_at', 'n/a')})   not good {t['not_good']}",
     ]
     est = st.get("estimates")
     if est and est["initialised"]:

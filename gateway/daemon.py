@@ -31,9 +31,9 @@ from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine
 from gateway.control import ControlError, ControlServer, NotAnswered, arg_bool, arg_int, arg_str
 from gateway.decode import Decoder, frame_record
-from gateway.estimation import Estimation
+from gateway.estimation import TEMPERATURE_FAMILIES, Estimation
 from gateway.events import Recorder
-from gateway.image import Quality
+from gateway.image import ProcessImage, Quality
 from gateway.lane import ProtectionLane
 from gateway.limits import LevelOverride, LimitTable, validate, with_overrides
 from gateway.loops import LoopStats, run_periodic
@@ -869,13 +869,28 @@ def pack_summary(gw: Gateway) -> dict[str, Any]:
             out[key.split("_")[0] + "_quality"] = r.quality.name.lower()
     if out.get("voltage_v") is not None and out.get("current_a") is not None:
         out["power_w"] = round(out["voltage_v"] * out["current_a"], 1)
-    for key, family in (("cell_voltage", "cell.voltage"), ("temperature", "module.temperature")):
-        s = img.snapshot(img.span(family), now)
-        out[key] = extremes(s.value, s.quality == Quality.GOOD)
-        if family == "module.temperature" and out[key]["min"] is not None:
-            per = max(1, img.families[family].shape[1])
-            for k in ("min", "max"):
-                out[key][f"{k}_module"] = out[key][f"{k}_index"] // per
+    s = img.snapshot(img.span("cell.voltage"), now)
+    out["cell_voltage"] = extremes(s.value, s.quality == Quality.GOOD)
+    out["temperature"] = temperature_extremes(img, now)
+    return out
+
+
+def temperature_extremes(img: ProcessImage, now: float) -> dict[str, Any]:
+    """:func:`extremes` over every bound temperature, module sensors and per-cell alike; ``min_at`` and
+    ``max_at`` say where (``module 3``, ``cell 17``)."""
+    where: list[str] = []  # per bound element: "module M" or "cell C"
+    values, good = [], []
+    for family in TEMPERATURE_FAMILIES:
+        span = img.span(family)
+        idx = np.arange(span.start, span.stop)[img.slot_of[span] >= 0]  # what the map binds
+        s = img.snapshot(idx, now)
+        values.append(s.value)
+        good.append(s.quality == Quality.GOOD)
+        per = img.families[family].shape[1] if family == "module.temperature" else 1
+        where += [f"{family.split('.')[0]} {(i - span.start) // per}" for i in idx.tolist()]
+    out = extremes(np.concatenate(values), np.concatenate(good))
+    if out["min"] is not None:
+        out["min_at"], out["max_at"] = where[out["min_index"]], where[out["max_index"]]
     return out
 
 

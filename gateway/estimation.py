@@ -73,6 +73,8 @@ class EstimatorSection:
 
 
 Inputs = tuple[np.ndarray, np.ndarray, np.ndarray, float, float]
+# where the temperatures of cells come from: their modules' sensors, their own sensors, or both
+TEMPERATURE_FAMILIES = ("module.temperature", "cell.temperature")
 
 
 class Estimation:
@@ -122,8 +124,8 @@ class Estimation:
         self._last_soc = self._last_limits = 0.0
         # the image's sources the inputs come from (cells, temperatures, current, pack voltage)
         wanted = [np.arange(self.cells.start, self.cells.stop)]
-        if "module.temperature" in image.families:
-            t = image.span("module.temperature")
+        for family in TEMPERATURE_FAMILIES:
+            t = image.span(family)
             wanted.append(np.arange(t.start, t.stop))
         wanted.append(np.array([image.index(n) for n in ("pack.current", "pack.voltage") if n in image.scalars], int))
         self._input_slots = np.unique(image.slots(np.concatenate(wanted).astype(np.intp)))
@@ -170,17 +172,30 @@ class Estimation:
         current = img.read("pack.current", now) if "pack.current" in img.scalars else None
         if current is None or current.quality != Quality.GOOD or not good.any():
             return None
-        t = img.family_snapshot("module.temperature", now)
-        temps, tq = t.value, t.quality == Quality.GOOD
-        # the limiter and the balancer judge the extremes: a module's mean would hide a hot sensor
-        lo = np.where(tq, temps, np.inf).min(axis=1, initial=np.inf)
-        hi = np.where(tq, temps, -np.inf).max(axis=1, initial=-np.inf)
-        per_module = np.where(tq.any(axis=1)[:, None], np.stack([lo, hi], axis=1), np.nan)
-        cell_t = np.repeat(per_module, self.cells_per_module, axis=0)[: self.n_cells]
+        cell_t = self._cell_temperatures(now)
         pv = img.read("pack.voltage", now) if "pack.voltage" in img.scalars else None
         # without a pack voltage: the cells' sum, one string's worth with parallel strings
         pack_v = pv.value if pv is not None and pv.quality == Quality.GOOD else float(np.sum(v[good])) / self.strings
         return v, good, cell_t, current.value, pack_v
+
+    def _cell_temperatures(self, now: float) -> np.ndarray:
+        """Per cell (cells x 2) the coldest and hottest good sensor that sees it: its module's sensors
+        (``module.temperature``) and its own (``cell.temperature``), whichever the map binds; NaN for none."""
+        img, n = self.image, self.n_cells
+        lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+        if (img.slot_of[img.span("module.temperature")] >= 0).any():
+            t = img.family_snapshot("module.temperature", now)
+            tq = t.quality == Quality.GOOD
+            # the limiter and the balancer judge the extremes: a module's mean would hide a hot sensor
+            m_lo = np.repeat(np.where(tq, t.value, np.inf).min(axis=1, initial=np.inf), self.cells_per_module)[:n]
+            m_hi = np.repeat(np.where(tq, t.value, -np.inf).max(axis=1, initial=-np.inf), self.cells_per_module)[:n]
+            lo[: m_lo.size], hi[: m_hi.size] = np.minimum(lo[: m_lo.size], m_lo), np.maximum(hi[: m_hi.size], m_hi)
+        if (img.slot_of[img.span("cell.temperature")] >= 0).any():
+            c = img.family_snapshot("cell.temperature", now)
+            own = np.where(c.quality == Quality.GOOD, c.value, np.nan).reshape(-1)[:n]
+            k = own.size
+            lo[:k], hi[:k] = np.fmin(lo[:k], own), np.fmax(hi[:k], own)
+        return np.where(np.isfinite(lo)[:, None], np.stack([lo, hi], axis=1), np.nan)
 
     def _cell_current(self, now: float, pack_current: float) -> float | np.ndarray:
         """Each cell's current: its string's measurement where good, else its string's share of the pack's."""

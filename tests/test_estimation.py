@@ -135,11 +135,12 @@ PERIODS = {"cell.voltage": 0.1, "module.temperature": 1.0, "string.current": 0.0
 
 
 def site(tmp: Path, layout: Layout = SMALL, section: EstimatorSection | None = None,
-         hardware: HardwareLimits = HARDWARE_DEFAULTS["NMC"]) -> tuple[Estimation, ProcessImage]:
+         hardware: HardwareLimits = HARDWARE_DEFAULTS["NMC"],
+         periods: dict[str, float] = PERIODS) -> tuple[Estimation, ProcessImage]:
     """An Estimation over an image of ``layout`` with the safety signals; inputs come through :func:`feed`."""
     img = ProcessImage(layout.families() | safety_families(layout), ["pack.current", "pack.voltage",
                                                                      "pack.safety_level"])
-    for name, period in PERIODS.items():
+    for name, period in periods.items():
         slot = img.add_slot(name, period)
         for k in _indices(img, name):
             img.bind(k, slot)
@@ -207,6 +208,30 @@ def test_unknown_temperatures_mean_zero_current_and_no_balancing(tmp_path: Path)
     assert np.isnan(cell_t[:14]).all() and (cell_t[14:] == 20.0).all()
     est.step_limits(False, t)
     assert est.limits is not None and est.limits.charge_current_a == 0.0 and est.limits.discharge_current_a == 0.0
+
+
+def test_per_cell_temperatures_feed_the_limits_and_the_status(tmp_path: Path) -> None:
+    """A map that binds cell[i].temperature instead of module sensors (protection checks them): the
+    estimators and `bmsgw status` read them too, instead of seeing no temperature at all."""
+    from gateway.daemon import temperature_extremes
+
+    periods = {("cell.temperature" if k == "module.temperature" else k): v for k, v in PERIODS.items()}
+    est, img = site(tmp_path, periods=periods)
+    temps = np.full(28, 25.0)
+    temps[17] = 2.0  # one cold cell: charging is limited by it
+    feed(img, 100.0, temps=None)
+    put(img, "cell.temperature", temps, 100.0)
+    cell_t = est.inputs(100.0)[2]
+    assert cell_t[17].tolist() == [2.0, 2.0] and (cell_t[:17] == 25.0).all()
+    est.step_soc(100.0)
+    est.step_limits(False, 100.0)
+    assert est.limits is not None and 0.0 < est.limits.charge_current_a < est.limits.discharge_current_a
+    t = temperature_extremes(img, 100.0)
+    assert (t["min"], t["min_at"], t["max"], t["not_good"]) == (2.0, "cell 17", 25.0, 0)  # unbound sensors not counted
+    est, img = site(tmp_path / "modules")  # the usual map: module sensors, named by module
+    feed(img, 100.0, temps=[[20.0, 21.0], [30.0, 19.0]])
+    t = temperature_extremes(img, 100.0)
+    assert (t["min_at"], t["max_at"], t["not_good"]) == ("module 1", "module 1", 0)
 
 
 @settings(max_examples=40, deadline=None)
