@@ -43,6 +43,18 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> int:
+    """SIGTERM (a clean stop), SIGKILL when that has not ended it within ``timeout``; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 class Daemon:
     """`bmsgw run` in a subprocess with its own control socket and state dir."""
 
@@ -71,15 +83,9 @@ class Daemon:
         return json.loads(r.stdout)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc, 15)
         self.log.close()
-        return self.proc.returncode
+        return code
 
     def output(self) -> str:
         return (self.socket.parent / "daemon.log").read_text()

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from gateway.control import ControlError, request
-from tests.procs import ROOT, bmsgw_cmd, free_port, wait_for
+from tests.procs import ROOT, bmsgw_cmd, free_port, terminate, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -83,15 +83,9 @@ class Gw:
         return self.proc.wait(timeout)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc, 30)
         self.log.close()
-        return self.proc.returncode
+        return code
 
     def output(self) -> str:
         return self.log_path.read_text()
