@@ -31,7 +31,7 @@ from gateway.config import Loaded, socket_path, state_dir
 from gateway.contactors import CanContactorDriver, ContactorMachine
 from gateway.control import ControlError, ControlServer, NotAnswered, arg_bool, arg_int, arg_str
 from gateway.decode import Decoder, frame_record
-from gateway.estimation import TEMPERATURE_FAMILIES, Estimation
+from gateway.estimation import Estimation
 from gateway.events import Recorder
 from gateway.image import ProcessImage, Quality
 from gateway.lane import ProtectionLane
@@ -40,6 +40,7 @@ from gateway.loops import LoopStats, run_periodic
 from gateway.metrics import serve as serve_metrics
 from gateway.notify import Notifier
 from gateway.p0 import P0Error, P0Process, P0Unavailable, sim_bus
+from gateway.pipeline import TEMPERATURE_FAMILIES
 from gateway.protection import Protection
 from gateway.safety import PERIOD_S as SAFETY_PERIOD_S
 from gateway.safety import SafetyIndicators

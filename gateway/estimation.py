@@ -28,6 +28,7 @@ from estimators.soc_ekf import SocEkf
 from estimators.sos import PlatingDetector
 from gateway.image import ProcessImage, Quality
 from gateway.limits import HardwareLimits
+from gateway.pipeline import TEMPERATURE_FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ class EstimatorSection:
 
 
 Inputs = tuple[np.ndarray, np.ndarray, np.ndarray, float, float]
-# where the temperatures of cells come from: their modules' sensors, their own sensors, or both
-TEMPERATURE_FAMILIES = ("module.temperature", "cell.temperature")
 
 
 class Estimation:
@@ -124,7 +123,9 @@ class Estimation:
         self._last_soc = self._last_limits = 0.0
         # the image's sources the inputs come from (cells, temperatures, current, pack voltage)
         wanted = [np.arange(self.cells.start, self.cells.stop)]
-        for family in TEMPERATURE_FAMILIES:
+        # the temperature families the map binds (either or both; none: unknown temperatures, zero current)
+        self._temp_families = [f for f in TEMPERATURE_FAMILIES if (image.slot_of[image.span(f)] >= 0).any()]
+        for family in self._temp_families:
             t = image.span(family)
             wanted.append(np.arange(t.start, t.stop))
         wanted.append(np.array([image.index(n) for n in ("pack.current", "pack.voltage") if n in image.scalars], int))
@@ -183,14 +184,14 @@ class Estimation:
         (``module.temperature``) and its own (``cell.temperature``), whichever the map binds; NaN for none."""
         img, n = self.image, self.n_cells
         lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
-        if (img.slot_of[img.span("module.temperature")] >= 0).any():
+        if "module.temperature" in self._temp_families:
             t = img.family_snapshot("module.temperature", now)
             tq = t.quality == Quality.GOOD
             # the limiter and the balancer judge the extremes: a module's mean would hide a hot sensor
             m_lo = np.repeat(np.where(tq, t.value, np.inf).min(axis=1, initial=np.inf), self.cells_per_module)[:n]
             m_hi = np.repeat(np.where(tq, t.value, -np.inf).max(axis=1, initial=-np.inf), self.cells_per_module)[:n]
             lo[: m_lo.size], hi[: m_hi.size] = np.minimum(lo[: m_lo.size], m_lo), np.maximum(hi[: m_hi.size], m_hi)
-        if (img.slot_of[img.span("cell.temperature")] >= 0).any():
+        if "cell.temperature" in self._temp_families:
             c = img.family_snapshot("cell.temperature", now)
             own = np.where(c.quality == Quality.GOOD, c.value, np.nan).reshape(-1)[:n]
             k = own.size

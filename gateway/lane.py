@@ -177,9 +177,7 @@ class ProtectionLane:
     @property
     def healthy(self) -> bool:
         """The tick runs and keeps its deadline (systemd's watchdog is fed only while this holds)."""
-        age = self.clock() - self._last_tick if self.stats.ticks else 0.0
-        ok = self.stats.consecutive_missed == 0 and self.stats.consecutive_errors == 0
-        return ok and age < self.settings.deadline_ms / 1000.0 * 2
+        return not self._tick_causes()
 
     def health_causes(self) -> list[str]:
         """Why the lane cannot be trusted to protect now (each one refuses a reset); empty when it can.
@@ -187,6 +185,13 @@ class ProtectionLane:
         A reset accepted while the tick is late or failing would close the contactors under a lane that
         has already shown it cannot keep its deadline.
         """
+        out = self._tick_causes()
+        if not self._ever_ready:
+            out.append("measurements not all valid yet: protection has not seen every watched signal good")
+        return out
+
+    def _tick_causes(self) -> list[str]:
+        """Late, failing or not running: what makes the lane unhealthy."""
         st, out = self.stats, []
         if st.consecutive_missed:
             out.append(f"protection lane late: {st.consecutive_missed} missed deadlines in a row")
@@ -195,8 +200,6 @@ class ProtectionLane:
         age = self.clock() - self._last_tick if st.ticks else 0.0
         if age >= self.settings.deadline_ms / 1000.0 * 2:
             out.append(f"protection tick not running: last one {age * 1000:.0f} ms ago")
-        if not self._ever_ready:
-            out.append("measurements not all valid yet: protection has not seen every watched signal good")
         return out
 
     def _run(self) -> None:

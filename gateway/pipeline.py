@@ -14,6 +14,11 @@ from gateway.signalmap import SignalMap
 MAX_CELLS = 20_000  # far beyond one edge box's CAN bandwidth (the reference site has 224)
 
 
+# where cell temperatures come from (docs/configuration.md section 11): a map binds the sensors per
+# module, per cell, or both; protection, the estimators and the status read whichever it binds
+TEMPERATURE_FAMILIES = ("module.temperature", "cell.temperature")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Site layout: strings of modules of cells in series, sensors per module."""

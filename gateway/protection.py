@@ -39,12 +39,10 @@ import numpy as np
 from gateway.events import Event, Kind, Level
 from gateway.image import ProcessImage, Quality
 from gateway.limits import CHECKS, Debounce, LimitTable
+from gateway.pipeline import TEMPERATURE_FAMILIES
 
 UP, DOWN = 2, 1
 STALE = int(Quality.STALE)
-# the families protection judges as cell temperatures (docs/configuration.md section 11): a map binds the
-# sensors per module, per cell, or both; every bound element gets the same checks
-TEMPERATURE_FAMILIES = ("module.temperature", "cell.temperature")
 # sources that go stale within this many ticks are checked on every tick in plain Python; the others
 # through the earliest moment any of them could go stale (see Protection.tick)
 FAST_STALE_TICKS = 10
