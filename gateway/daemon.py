@@ -878,20 +878,13 @@ def pack_summary(gw: Gateway) -> dict[str, Any]:
 
 def temperature_extremes(img: ProcessImage, now: float) -> dict[str, Any]:
     """:func:`extremes` over every bound temperature, module sensors and per-cell alike; ``min_at`` and
-    ``max_at`` say where (``module 3``, ``cell 17``)."""
-    where: list[str] = []  # per bound element: "module M" or "cell C"
-    values, good = [], []
-    for family in TEMPERATURE_FAMILIES:
-        span = img.span(family)
-        idx = np.arange(span.start, span.stop)[img.slot_of[span] >= 0]  # what the map binds
-        s = img.snapshot(idx, now)
-        values.append(s.value)
-        good.append(s.quality == Quality.GOOD)
-        per = img.families[family].shape[1] if family == "module.temperature" else 1
-        where += [f"{family.split('.')[0]} {(i - span.start) // per}" for i in idx.tolist()]
-    out = extremes(np.concatenate(values), np.concatenate(good))
+    ``max_at`` name the signal (``module[3].temperature[1]``, ``cell[17].temperature``)."""
+    spans = [img.span(f) for f in TEMPERATURE_FAMILIES]
+    idx = np.concatenate([np.arange(sp.start, sp.stop)[img.slot_of[sp] >= 0] for sp in spans])  # what is bound
+    s = img.snapshot(idx, now)
+    out = extremes(s.value, s.quality == Quality.GOOD)
     if out["min"] is not None:
-        out["min_at"], out["max_at"] = where[out["min_index"]], where[out["max_index"]]
+        out["min_at"], out["max_at"] = (img.name_of(int(idx[out[f"{k}_index"]])) for k in ("min", "max"))
     return out
 
 

@@ -227,11 +227,11 @@ def test_per_cell_temperatures_feed_the_limits_and_the_status(tmp_path: Path) ->
     est.step_limits(False, 100.0)
     assert est.limits is not None and 0.0 < est.limits.charge_current_a < est.limits.discharge_current_a
     t = temperature_extremes(img, 100.0)
-    assert (t["min"], t["min_at"], t["max"], t["not_good"]) == (2.0, "cell 17", 25.0, 0)  # unbound sensors not counted
+    assert (t["min"], t["min_at"], t["max"], t["not_good"]) == (2.0, "cell[17].temperature", 25.0, 0)  # unbound sensors not counted
     est, img = site(tmp_path / "modules")  # the usual map: module sensors, named by module
     feed(img, 100.0, temps=[[20.0, 21.0], [30.0, 19.0]])
     t = temperature_extremes(img, 100.0)
-    assert (t["min_at"], t["max_at"], t["not_good"]) == ("module 1", "module 1", 0)
+    assert (t["min_at"], t["max_at"], t["not_good"]) == ("module[1].temperature[1]", "module[1].temperature[0]", 0)
 
 
 @settings(max_examples=40, deadline=None)
